@@ -1,0 +1,6 @@
+"""qkcore: capture post-RoPE query/key vectors and publish them as a Parquet dataset."""
+
+__version__ = "0.1.0"
+
+#: Entry-point group through which model-family plugins register themselves.
+ENTRY_POINT_GROUP = "qkcore.plugins"
