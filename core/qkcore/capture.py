@@ -1,0 +1,188 @@
+"""Capturing sampled Q/K rows during the forward pass.
+
+The session sees each attention call (post-RoPE through the attention
+interface, or pre-RoPE through forward hooks at the RoPE site), gathers only
+the kept (example, position) rows of the selected heads on the device, and
+moves them to the host once per forward. Which rows are kept is decided before
+the forward by the sampler (see :func:`qkcore.samplers.keep_indices`).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from qkcore.errors import QkcoreError
+from qkcore.layers import AttentionLayer, RopeSite
+from qkcore.samplers import Sampler, keep_indices
+from qkcore.writer import CapturedChunk
+
+
+@dataclass
+class CapturePlan:
+    """What to capture: layers, heads per layer and kind, and the RoPE stage."""
+
+    layers: dict[int, AttentionLayer]
+    heads: dict[tuple[int, str], list[int]]  # (layer index, "q"|"k") -> head indices
+    pre_rope: bool = False
+    rope_sites: dict[int, RopeSite] = field(default_factory=dict)
+
+    def kinds(self, layer: int) -> list[str]:
+        return [kind for kind in ("q", "k") if (layer, kind) in self.heads]
+
+
+@dataclass
+class _Selection:
+    """Rows kept for one (layer, kind) in the current batch."""
+
+    batch_index: torch.Tensor  # (n,) int64, CPU
+    positions: torch.Tensor  # (n,) int64, CPU
+    buckets: np.ndarray
+    example_ids: np.ndarray
+    on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def indices(self, device: torch.device, heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if device not in self.on_device:
+            self.on_device[device] = (
+                self.batch_index.to(device, non_blocking=True),
+                self.positions.to(device, non_blocking=True),
+                heads.to(device, non_blocking=True),
+            )
+        return self.on_device[device]
+
+
+class CaptureSession:
+    """Receives Q/K tensors from the instrumented model and returns kept rows per batch."""
+
+    def __init__(
+        self,
+        plan: CapturePlan,
+        sampler: Sampler,
+        postprocess_query: Callable[..., Any] | None = None,
+    ) -> None:
+        self.plan = plan
+        self.sampler = sampler
+        self.postprocess_query = postprocess_query
+        self._layer_by_module = {id(layer.module): layer for layer in plan.layers.values()}
+        self._head_tensors = {key: torch.tensor(heads, dtype=torch.long) for key, heads in plan.heads.items()}
+        self._selections: dict[tuple[int, str], _Selection] = {}
+        self._pending: dict[tuple[int, str], torch.Tensor] = {}
+        self._active = False
+
+    # -- per batch -----------------------------------------------------
+    def begin_batch(self, example_ids: list[int], lengths: list[int]) -> None:
+        """Decide, before the forward, which positions each (layer, kind) keeps."""
+        self._selections.clear()
+        self._pending.clear()
+        for layer, kind in self.plan.heads:
+            batch_parts, pos_parts, id_parts = [], [], []
+            for b, (example_id, length) in enumerate(zip(example_ids, lengths)):
+                kept = keep_indices(self.sampler, length, example_id, layer, kind)
+                batch_parts.append(torch.full_like(kept, b))
+                pos_parts.append(kept)
+                id_parts.append(np.full(kept.numel(), example_id, dtype=np.int64))
+            positions = torch.cat(pos_parts) if pos_parts else torch.empty(0, dtype=torch.long)
+            self._selections[(layer, kind)] = _Selection(
+                batch_index=torch.cat(batch_parts) if batch_parts else torch.empty(0, dtype=torch.long),
+                positions=positions,
+                buckets=self.sampler.buckets(positions).numpy().astype(np.int64),
+                example_ids=np.concatenate(id_parts) if id_parts else np.empty(0, dtype=np.int64),
+            )
+        self._active = True
+
+    def end_batch(self) -> list[CapturedChunk]:
+        """Move this batch's rows to the host (one synchronisation) and return them."""
+        self._active = False
+        missing = sorted(set(self.plan.heads) - set(self._pending))
+        if missing:
+            layer, kind = missing[0]
+            raise QkcoreError(
+                f"layer {layer} ({kind}) was never seen by the capture during the forward pass: "
+                "its attention does not go through the instrumented path; the model's plugin must instrument it"
+            )
+        host: dict[tuple[int, str], torch.Tensor] = {}
+        for key, rows in self._pending.items():
+            pinned = rows.is_cuda
+            buffer = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=pinned)
+            buffer.copy_(rows, non_blocking=pinned)
+            host[key] = buffer
+        if any(rows.is_cuda for rows in self._pending.values()):
+            torch.cuda.synchronize()
+        chunks = []
+        for (layer, kind), rows in sorted(host.items()):
+            selection = self._selections[(layer, kind)]
+            chunks.append(
+                CapturedChunk(
+                    layer=layer,
+                    kind=kind,
+                    heads=list(self.plan.heads[(layer, kind)]),
+                    example_ids=selection.example_ids,
+                    positions=selection.positions.numpy().astype(np.int64),
+                    buckets=selection.buckets,
+                    vectors=rows.to(torch.float32).numpy(),
+                    sliding_window=self.plan.layers[layer].sliding_window,
+                )
+            )
+        self._pending.clear()
+        return chunks
+
+    # -- called from inside the forward -----------------------------------
+    def on_qk(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> None:
+        """Attention-interface callback: ``query``/``key`` are ``(batch, heads, seq, dim)``."""
+        layer = self._layer_by_module.get(id(module))
+        if layer is None or not self._active:
+            return
+        for kind, tensor in (("q", query), ("k", key)):
+            if (layer.index, kind) in self.plan.heads:
+                self._capture(layer, kind, tensor)
+
+    def _capture(self, layer: AttentionLayer, kind: str, tensor: torch.Tensor) -> None:
+        key = (layer.index, kind)
+        if key in self._pending:
+            raise QkcoreError(f"layer {layer.index} ({kind}) was captured twice in one forward pass")
+        selection = self._selections[key]
+        batch_index, positions, heads = selection.indices(tensor.device, self._head_tensors[key])
+        # Advanced indexing gathers only the kept rows: (n, heads, dim), no full-tensor copy.
+        rows = tensor.detach()[batch_index[:, None], heads[None, :], positions[:, None]].permute(1, 0, 2)
+        if kind == "q" and self.postprocess_query is not None:
+            rows = self.postprocess_query(layer=layer, query=rows, positions=positions)
+        self._pending[key] = rows
+
+    def _on_pre_rope(self, layer: AttentionLayer, kind: str, output: torch.Tensor) -> None:
+        if not self._active:
+            return
+        num_heads = layer.num_query_heads if kind == "q" else layer.num_key_value_heads
+        batch, seq = output.shape[0], output.shape[1]
+        # (batch, seq, heads*dim) or (batch, seq, heads, dim) -> (batch, heads, seq, dim), a view.
+        tensor = output.view(batch, seq, num_heads, layer.head_dim).transpose(1, 2)
+        self._capture(layer, kind, tensor)
+
+    # -- wiring -----------------------------------------------------------
+    @contextmanager
+    def attached(self, model: nn.Module, instrument: Callable[..., Any]) -> Iterator["CaptureSession"]:
+        """Instrument ``model`` for this session; restore it on exit."""
+        handles: list[Any] = []
+        try:
+            if self.plan.pre_rope:
+                for index, site in self.plan.rope_sites.items():
+                    layer = self.plan.layers[index]
+                    for kind, source in (("q", site.query_source), ("k", site.key_source)):
+                        if (index, kind) in self.plan.heads:
+                            handles.append(source.register_forward_hook(self._pre_rope_hook(layer, kind)))
+            else:
+                handles.append(instrument(model=model, layers=list(self.plan.layers.values()), on_qk=self.on_qk))
+            yield self
+        finally:
+            for handle in reversed(handles):
+                handle.remove()
+
+    def _pre_rope_hook(self, layer: AttentionLayer, kind: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+            self._on_pre_rope(layer, kind, output)
+
+        return hook

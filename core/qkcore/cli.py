@@ -1,0 +1,87 @@
+"""The ``qkcore`` command line: ``sniff``, ``plugins list`` and one subcommand per analysis."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from typing import Sequence
+
+from qkcore import ENTRY_POINT_GROUP, __version__
+from qkcore.config import ConfigError, QkcoreConfigWarning, load_config
+from qkcore.errors import QkcoreError
+from qkcore.logs import configure_logging
+from qkcore.plugins import list_plugins, make_plugin_manager
+
+
+def build_parser(analyses: dict) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qkcore", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"qkcore {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    sniff = commands.add_parser("sniff", help="capture sampled Q/K rows and write the dataset")
+    sniff.add_argument("--config", required=True, help="run configuration (YAML)")
+    sniff.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set capture.sampler.type=all (repeatable)",
+    )
+    sniff.add_argument("--debug", action="store_true", help="debug logging")
+
+    plugins = commands.add_parser("plugins", help="installed model-family plugins")
+    plugins_commands = plugins.add_subparsers(dest="plugins_command", required=True)
+    plugins_commands.add_parser("list", help="name, package, version and model types of each plugin")
+
+    for name, analysis in sorted(analyses.items()):
+        sub = commands.add_parser(name, help=analysis.help)
+        analysis.add_arguments(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``qkcore`` script; returns the exit status."""
+    pm = make_plugin_manager()
+    analyses: dict = {}
+    for provided in pm.hook.qkcore_analyses():
+        analyses.update(provided or {})
+    args = build_parser(analyses).parse_args(argv)
+    configure_logging(debug=getattr(args, "debug", False))
+    try:
+        if args.command == "sniff":
+            return _sniff(args, pm)
+        if args.command == "plugins":
+            return _plugins_list(pm)
+        return int(analyses[args.command].run(args) or 0)
+    except (ConfigError, QkcoreError) as exc:
+        print(f"qkcore: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _sniff(args: argparse.Namespace, pm) -> int:
+    from qkcore.sniff import run_sniff
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", QkcoreConfigWarning)
+        warnings.showwarning = _show_config_warning
+        cfg = load_config(args.config, overrides=args.overrides)
+    run_sniff(cfg, pm)
+    return 0
+
+
+def _show_config_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"qkcore: warning: {message}", file=sys.stderr)
+
+
+def _plugins_list(pm) -> int:
+    rows = [("NAME", "PACKAGE", "VERSION", "MODEL TYPES")]
+    for info in list_plugins(pm):
+        types = ", ".join(info.model_types) if info.model_types else ("(built-in)" if info.builtin else "-")
+        rows.append((info.name, info.package, info.version, types))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
+    print(f"\nPlugins register under the entry-point group '{ENTRY_POINT_GROUP}'.")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Generic defaults for every model hook.
+
+These answer for any model whose attention goes through transformers'
+``AttentionInterface`` and carries ``layer_idx`` (llama-like families). A
+family plugin overrides only what differs; all hooks here are ``trylast``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+from torch import nn
+
+from qkcore import hookimpl
+from qkcore.layers import AttentionLayer, RopeSite
+
+_LAYER_KINDS = {"full_attention": "full", "sliding_attention": "sliding", "chunked_attention": "sliding"}
+
+
+@hookimpl(trylast=True)
+def qkcore_backbone(model: nn.Module) -> nn.Module:
+    # *ForCausalLM keeps the decoder stack in `.model`; a bare backbone is itself.
+    return getattr(model, "model", model)
+
+
+@hookimpl(trylast=True)
+def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
+    config = model.config.get_text_config()
+    layer_types = getattr(config, "layer_types", None)
+    layers = []
+    for module in model.modules():
+        if not (hasattr(module, "layer_idx") and hasattr(module, "q_proj") and hasattr(module, "k_proj")):
+            continue
+        index = int(module.layer_idx)
+        window = getattr(module, "sliding_window", None)
+        if layer_types is not None and index < len(layer_types):
+            kind = _LAYER_KINDS.get(layer_types[index], "full")
+            if kind == "sliding":
+                window = window or getattr(config, "sliding_window", None)
+            else:
+                window = None
+        else:
+            # Older configs (e.g. mistral) have a model-wide window and no layer_types.
+            window = window or getattr(config, "sliding_window", None)
+            kind = "sliding" if window else "full"
+        num_q = int(getattr(config, "num_attention_heads"))
+        num_kv = int(getattr(config, "num_key_value_heads", None) or num_q)
+        head_dim = int(getattr(module, "head_dim", None) or config.hidden_size // num_q)
+        layers.append(AttentionLayer(index, module, kind, int(window) if window else None, num_q, num_kv, head_dim))
+    return sorted(layers, key=lambda layer: layer.index)
+
+
+@hookimpl(trylast=True)
+def qkcore_locate_rope(model: nn.Module, layer: AttentionLayer) -> RopeSite:
+    module = layer.module
+    # Per-head norms (q_norm/k_norm) run before RoPE: their output is the pre-RoPE tensor.
+    query_source = getattr(module, "q_norm", None) or module.q_proj
+    key_source = getattr(module, "k_norm", None) or module.k_proj
+    return RopeSite(applies_rope=bool(getattr(module, "use_rope", True)), query_source=query_source, key_source=key_source)
+
+
+@hookimpl(trylast=True)
+def qkcore_key_head(query_head: int, num_query_heads: int, num_key_value_heads: int) -> int:
+    from qkcore.heads import key_head_for
+
+    return key_head_for(query_head, num_query_heads, num_key_value_heads)
+
+
+@hookimpl(trylast=True)
+def qkcore_instrument(model: nn.Module, layers: list[AttentionLayer], on_qk: Callable) -> "AttentionInterfaceHandle":
+    return AttentionInterfaceHandle.install(model, on_qk)
+
+
+class AttentionInterfaceHandle:
+    """A capturing attention function registered with transformers.
+
+    It records the query/key the kernel receives, then calls the real kernel
+    (``sdpa``, ``flash_attention_*``, or the family's own eager function).
+    The matching mask function is registered too: without it transformers
+    hands ``attention_mask=None`` to every layer and sliding-window layers
+    would attend to the whole prefix.
+    """
+
+    PREFIX = "qkcore_"
+    _active: Callable | None = None  # one capture per process at a time
+
+    def __init__(self, model: nn.Module, previous: str) -> None:
+        self.model = model
+        self.previous = previous
+
+    @classmethod
+    def install(cls, model: nn.Module, on_qk: Callable) -> "AttentionInterfaceHandle":
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+        previous = model.config._attn_implementation or "sdpa"
+        base = previous.removeprefix(cls.PREFIX)
+        name = cls.PREFIX + base
+        AttentionInterface.register(name, _capturing_attention(base))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+        model.set_attn_implementation(name)
+        cls._active = on_qk
+        return cls(model, base)
+
+    def remove(self) -> None:
+        type(self)._active = None
+        self.model.set_attn_implementation(self.previous)
+
+
+def _capturing_attention(base: str) -> Callable:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    eager_by_class: dict[type, Callable] = {}
+
+    def kernel_for(module: nn.Module) -> Callable:
+        if base != "eager":
+            return ALL_ATTENTION_FUNCTIONS[base]
+        cls = type(module)
+        if cls not in eager_by_class:  # the family's own eager (softcapping, sinks...)
+            eager_by_class[cls] = getattr(sys.modules[cls.__module__], "eager_attention_forward")
+        return eager_by_class[cls]
+
+    def capturing_attention(module: nn.Module, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any):
+        on_qk = AttentionInterfaceHandle._active
+        if on_qk is not None:
+            on_qk(module, query, key)
+        return kernel_for(module)(module, query, key, value, attention_mask, **kwargs)
+
+    capturing_attention.__name__ = f"qkcore_capturing_{base}"
+    return capturing_attention

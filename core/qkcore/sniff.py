@@ -1,0 +1,255 @@
+"""One capture run: config → model/plugin → capture → sampler → writer → card.
+
+Everything that can be checked is checked before the first file is written,
+so a bad config, column or model fails with one message and writes nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pluggy
+import structlog
+import torch
+from tqdm.auto import tqdm
+
+from qkcore import __version__
+from qkcore.batching import tokenize_batches
+from qkcore.capture import CapturePlan, CaptureSession
+from qkcore.card import ModelEntry, write_card
+from qkcore.config import ConfigError, SniffConfig, config_to_dict, resolve_dtype
+from qkcore.errors import QkcoreError
+from qkcore.example_ids import find_int32_collisions
+from qkcore.heads import select_query_heads, validate_filters
+from qkcore.layers import AttentionLayer
+from qkcore.plugins import Family, installed_summary, make_plugin_manager, resolve_family
+from qkcore.samplers import Sampler
+from qkcore.sources.documents import check_columns, document_count, iter_documents, open_dataset
+from qkcore.sources.model import load_model, resolve_device
+from qkcore.sources.tokenizer import load_tokenizer
+from qkcore.writer import DatasetWriter
+
+log = structlog.get_logger(__name__)
+
+EXAMPLE_ID_RULE = (
+    "integers in the int64 range (and integral floats) are kept; anything else becomes "
+    "blake2b(str(v).encode('utf-8'), digest_size=8) read little-endian as a signed int64. "
+    "The 64-bit id seeds the sampler; the example_id column holds its low 32 bits as a signed int32."
+)
+
+
+@dataclass
+class SniffResult:
+    """What a run wrote."""
+
+    data_root: Path
+    rows: dict[str, int]
+    documents: int
+    tokens: int
+
+
+def build_sampler(pm: pluggy.PluginManager, cfg: SniffConfig) -> Sampler:
+    """The sampler named by ``capture.sampler.type``, from any plugin."""
+    factories: dict[str, Any] = {}
+    for provided in pm.hook.qkcore_samplers():
+        factories.update(provided or {})
+    name = cfg.capture.sampler.type
+    if name not in factories:
+        raise ConfigError(
+            f"{cfg.source or '<config>'}: capture.sampler.type: unknown sampler '{name}' "
+            f"(known: {', '.join(sorted(factories))})"
+        )
+    try:
+        return factories[name](base_rate=cfg.capture.sampler.base_rate, min_bucket_size=cfg.capture.min_bucket_size)
+    except ValueError as exc:
+        raise ConfigError(f"{cfg.source or '<config>'}: capture.sampler: {exc}") from exc
+
+
+def plan_capture(model: torch.nn.Module, family: Family, cfg: SniffConfig, installed: str = "") -> CapturePlan:
+    """Decide which layers and heads are captured (see :mod:`qkcore.heads`).
+
+    ``installed`` names the installed plugins, for the error when nothing can be instrumented.
+    """
+    layers: list[AttentionLayer] = family.hooks.qkcore_attention_layers(model=model) or []
+    if not layers:
+        raise QkcoreError(
+            f"model_type '{family.model_type}' cannot be instrumented: no attention layers found "
+            f"(installed plugins: {installed or 'none'})"
+        )
+    capture = cfg.capture
+    problems = validate_filters(layers, capture.layers, capture.heads)
+    if problems:
+        raise ConfigError(f"{cfg.source or '<config>'}: capture.layers/heads: {'; '.join(problems)}")
+    sampling = capture.head_sampling
+    query_heads = select_query_heads(
+        layers,
+        layer_filter=capture.layers,
+        head_filter=capture.heads,
+        full_attention_only=capture.full_attention_only,
+        count=sampling.count if sampling else None,
+        seed=sampling.seed if sampling else 0,
+    )
+    by_index = {layer.index: layer for layer in layers}
+    heads: dict[tuple[int, str], list[int]] = {}
+    for index, q_heads in query_heads.items():
+        layer = by_index[index]
+        if capture.capture_queries:
+            heads[(index, "q")] = list(q_heads)
+        if capture.capture_keys:
+            heads[(index, "k")] = sorted(
+                {
+                    family.hooks.qkcore_key_head(
+                        query_head=q, num_query_heads=layer.num_query_heads, num_key_value_heads=layer.num_key_value_heads
+                    )
+                    for q in q_heads
+                }
+            )
+    captured = {index: by_index[index] for index in query_heads}
+    rope_sites = {index: family.hooks.qkcore_locate_rope(model=model, layer=layer) for index, layer in by_index.items()}
+    return CapturePlan(layers=captured, heads=heads, pre_rope=capture.capture_pre_rope, rope_sites=rope_sites)
+
+
+
+def run_sniff(cfg: SniffConfig, pm: pluggy.PluginManager | None = None) -> SniffResult:
+    """Run one capture described by ``cfg`` and write the dataset and its card."""
+    pm = pm or make_plugin_manager()
+    sampler = build_sampler(pm, cfg)
+    device = resolve_device(cfg.model.device_map)
+    dtype = resolve_dtype(cfg.model.dtype)
+
+    data = open_dataset(cfg.dataset)
+    check_columns(data, cfg.dataset)
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
+    model = load_model(cfg.model, dtype, device)
+    model_type = model.config.model_type
+    family = resolve_family(pm, model_type)
+    plan = plan_capture(model, family, cfg, installed_summary(pm))
+    backbone = family.hooks.qkcore_backbone(model=model)
+    model_name = cfg.model.name or f"random-{model_type}"
+    log.info(
+        "capture planned",
+        model=model_name,
+        plugin=family.plugin_name,
+        layers=len(plan.layers),
+        query_heads=sum(len(h) for (l, k), h in plan.heads.items() if k == "q"),
+        key_heads=sum(len(h) for (l, k), h in plan.heads.items() if k == "k"),
+        sampler=sampler.name,
+        device=str(device),
+    )
+
+    def postprocess(layer: AttentionLayer, query: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        result = family.hooks.qkcore_postprocess_query(layer=layer, query=query, positions=positions)
+        return query if result is None else result
+
+    session = CaptureSession(plan, sampler, postprocess_query=postprocess)
+    data_root = Path(cfg.output.data_root)
+    writer = DatasetWriter(
+        data_root, flush_threshold_mb=cfg.output.flush_threshold_mb, row_group_size=cfg.output.write_batch_size
+    )
+    documents = tokens = 0
+    seen_ids: set[int] = set()
+    autocast = (
+        torch.autocast(device_type="cuda", dtype=resolve_dtype(cfg.inference.autocast_dtype))
+        if device.type == "cuda"
+        else None
+    )
+    progress = tqdm(total=document_count(data, cfg.dataset), desc="sniff", unit="doc", dynamic_ncols=True)
+    started = time.perf_counter()
+    try:
+        with session.attached(model, family.hooks.qkcore_instrument), torch.inference_mode():
+            batches = tokenize_batches(
+                iter_documents(data, cfg.dataset),
+                tokenizer,
+                max_length=cfg.tokenizer.max_length,
+                batch_size=cfg.inference.batch_size,
+            )
+            for batch in batches:
+                session.begin_batch(batch.example_ids, batch.lengths)
+                input_ids = batch.input_ids.to(device, non_blocking=True)
+                if autocast is not None:
+                    with autocast:
+                        backbone(input_ids=input_ids, use_cache=False)
+                else:
+                    backbone(input_ids=input_ids, use_cache=False)
+                for chunk in session.end_batch():
+                    writer.add(chunk)
+                documents += len(batch.lengths)
+                tokens += batch.tokens
+                seen_ids.update(batch.example_ids)
+                elapsed = max(time.perf_counter() - started, 1e-9)
+                progress.update(len(batch.lengths))
+                progress.set_postfix(tok_s=f"{tokens / elapsed:,.0f}", refresh=False)
+        rows = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        progress.close()
+
+    collisions = find_int32_collisions(seen_ids)
+    if collisions:
+        log.warning("example ids collide in the int32 column", collisions={k: v for k, v in list(collisions.items())[:5]})
+    entry = _model_entry(cfg, model, family, plan, sampler, model_name, documents, tokens, collisions)
+    write_card(data_root, cfg.output.readme_file, entry)
+    log.info("capture written", data_root=str(data_root), configs=len(rows), rows=sum(rows.values()),
+             documents=documents, tokens=tokens, seconds=round(time.perf_counter() - started, 2))
+    return SniffResult(data_root, rows, documents, tokens)
+
+
+def _model_entry(
+    cfg: SniffConfig,
+    model: torch.nn.Module,
+    family: Family,
+    plan: CapturePlan,
+    sampler: Sampler,
+    model_name: str,
+    documents: int,
+    tokens: int,
+    collisions: dict[int, list[int]],
+) -> ModelEntry:
+    layers: list[AttentionLayer] = family.hooks.qkcore_attention_layers(model=model)
+    any_layer = layers[0]
+    notes: list[str] = []
+    for provided in family.hooks.qkcore_card_notes(model=model, layers=layers):
+        notes.extend(provided or [])
+    if family.is_fallback:
+        notes.append(f"No plugin handles model_type '{family.model_type}': captured by the generic fallback.")
+    if collisions:
+        notes.append(f"{len(collisions)} int32 example_id value(s) are shared by distinct documents.")
+    notes.append(
+        "Captured " + ("pre-RoPE (after the per-head norm where the family has one)." if plan.pre_rope
+                       else "post-RoPE: the query/key the attention kernel receives, before repeat_kv.")
+    )
+    settings = config_to_dict(cfg)
+    return ModelEntry(
+        name=model_name,
+        revision=cfg.model.revision,
+        model_type=family.model_type,
+        plugin=f"{family.plugin_name} {family.plugin_version}",
+        num_layers=len(layers),
+        num_query_heads=any_layer.num_query_heads,
+        num_key_value_heads=any_layer.num_key_value_heads,
+        head_dim=any_layer.head_dim,
+        source_dataset=settings["dataset"],
+        sampler=sampler.describe(),
+        capture={
+            key: settings["capture"].get(key)
+            for key in ("capture_pre_rope", "full_attention_only", "layers", "heads", "head_sampling",
+                        "capture_queries", "capture_keys")
+        },
+        selected_heads={layer: heads for (layer, kind), heads in sorted(plan.heads.items()) if kind == "q"},
+        key_heads={layer: heads for (layer, kind), heads in sorted(plan.heads.items()) if kind == "k"},
+        layer_kinds={layer.index: layer.kind for layer in layers},
+        sliding_windows={layer.index: layer.sliding_window for layer in layers},
+        rope_layers={index: site.applies_rope for index, site in sorted(plan.rope_sites.items())},
+        notes=notes,
+        example_id_rule=EXAMPLE_ID_RULE,
+        documents=documents,
+        tokens=tokens,
+        qkcore_version=__version__,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )

@@ -1,0 +1,1 @@
+"""Where models, tokenizers and documents come from (hub, local files, or built offline)."""

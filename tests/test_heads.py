@@ -1,0 +1,177 @@
+"""Head selection and GQA mapping, which must match the original tool."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qkcore.heads import key_head_for, key_heads_for, select_query_heads, validate_filters
+
+
+@dataclass(frozen=True)
+class FakeLayer:
+    index: int
+    kind: str
+    num_query_heads: int
+
+
+LAYERS = [
+    FakeLayer(0, "full", 4),
+    FakeLayer(1, "sliding", 4),
+    FakeLayer(2, "cross", 4),
+    FakeLayer(3, "full", 4),
+    FakeLayer(4, "sliding", 4),
+]
+
+
+def _select(layers=LAYERS, **kw):  # type: ignore[no-untyped-def]
+    args = {"layer_filter": None, "head_filter": None, "full_attention_only": False, "count": None, "seed": 0}
+    args.update(kw)
+    return select_query_heads(layers, **args)
+
+
+# --- GQA mapping ----------------------------------------------------------------------
+
+
+def test_key_head_for_32q_8kv() -> None:
+    assert [key_head_for(q, 32, 8) for q in range(8)] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert key_head_for(31, 32, 8) == 7
+    assert [key_head_for(q, 8, 8) for q in range(8)] == list(range(8))  # MHA
+    assert {key_head_for(q, 8, 1) for q in range(8)} == {0}  # MQA
+
+
+@given(st.integers(1, 64), st.integers(1, 16), st.data())
+def test_key_head_for_any_valid(n_kv: int, group: int, data: st.DataObject) -> None:
+    n_q = n_kv * group
+    q = data.draw(st.integers(0, n_q - 1))
+    kv = key_head_for(q, n_q, n_kv)
+    assert 0 <= kv < n_kv
+    assert kv == q // group
+    assert [key_head_for(x, n_q, n_kv) for x in range(n_q)] == [h for h in range(n_kv) for _ in range(group)]
+
+
+@pytest.mark.parametrize(
+    ("q", "n_q", "n_kv"), [(0, 32, 6), (0, 0, 1), (0, 8, 0), (0, -8, -4), (-1, 8, 2), (8, 8, 2), (0, 4, 8)]
+)
+def test_key_head_for_invalid(q: int, n_q: int, n_kv: int) -> None:
+    with pytest.raises(ValueError):
+        key_head_for(q, n_q, n_kv)
+
+
+def test_key_heads_for() -> None:
+    assert key_heads_for([7, 0, 1, 5, 4], 32, 8) == [0, 1]
+    assert key_heads_for([], 32, 8) == []
+    assert key_heads_for([3, 1], 4, 4, mapper=lambda q, n_q, n_kv: n_kv - 1 - q) == [0, 2]
+
+
+# --- selection ------------------------------------------------------------------------
+
+
+def test_select_all_skips_cross() -> None:
+    assert _select() == {0: [0, 1, 2, 3], 1: [0, 1, 2, 3], 3: [0, 1, 2, 3], 4: [0, 1, 2, 3]}
+
+
+def test_select_full_only_and_filters() -> None:
+    assert _select(full_attention_only=True) == {0: [0, 1, 2, 3], 3: [0, 1, 2, 3]}
+    assert _select(layer_filter=[4, 2, 1], head_filter=[3, 1, 9]) == {1: [1, 3], 4: [1, 3]}
+    assert _select(layer_filter=[1, 4], full_attention_only=True) == {}
+
+
+def test_select_count_matches_random_sample_exactly() -> None:
+    candidates = [(layer, q) for layer in (0, 1, 3, 4) for q in (0, 2)]  # layer-major, heads ascending
+    for seed in range(20):
+        picked = random.Random(seed).sample(candidates, 3)
+        expected: dict[int, list[int]] = {}
+        for layer, q in picked:
+            expected.setdefault(layer, []).append(q)
+        expected = {k: sorted(v) for k, v in sorted(expected.items())}
+        got = _select(head_filter=[2, 0], count=3, seed=seed)
+        assert got == expected
+        assert list(got) == sorted(got)
+
+
+def test_select_count_not_exceeded_or_unused() -> None:
+    assert _select(count=100) == _select()  # fewer candidates than count: all, no sampling
+    assert _select(count=16) == _select()
+    assert _select(count=0) == {}
+    with pytest.raises(ValueError):
+        _select(count=-1)
+
+
+def test_select_respects_given_layer_order() -> None:
+    # Candidate order follows the given layer order, which changes what sample() picks.
+    reordered = list(reversed(LAYERS))
+    candidates = [(layer.index, q) for layer in reordered if layer.kind != "cross" for q in range(4)]
+    picked = random.Random(5).sample(candidates, 5)
+    got = _select(layers=reordered, count=5, seed=5)
+    assert sorted((k, q) for k, qs in got.items() for q in qs) == sorted(picked)
+
+
+layers_st = st.lists(
+    st.builds(FakeLayer, st.integers(0, 40), st.sampled_from(["full", "sliding", "cross"]), st.integers(1, 12)),
+    max_size=12,
+    unique_by=lambda layer: layer.index,
+)
+
+
+@given(
+    layers_st,
+    st.none() | st.lists(st.integers(0, 45), max_size=8),
+    st.none() | st.lists(st.integers(0, 14), max_size=8),
+    st.booleans(),
+    st.none() | st.integers(0, 60),
+    st.integers(0, 2**32),
+)
+def test_select_properties(  # type: ignore[no-untyped-def]
+    layers, layer_filter, head_filter, full_only, count, seed
+) -> None:
+    kw = {
+        "layer_filter": layer_filter,
+        "head_filter": head_filter,
+        "full_attention_only": full_only,
+        "count": count,
+        "seed": seed,
+    }
+    got = select_query_heads(layers, **kw)
+    assert got == select_query_heads(layers, **kw)  # reproducible
+    by_index = {layer.index: layer for layer in layers}
+    total = 0
+    for index, heads in got.items():
+        layer = by_index[index]
+        assert layer.kind != "cross"
+        if full_only:
+            assert layer.kind == "full"
+        if layer_filter is not None:
+            assert index in layer_filter
+        assert heads and heads == sorted(set(heads))
+        assert all(0 <= q < layer.num_query_heads for q in heads)
+        if head_filter is not None:
+            assert set(heads) <= set(head_filter)
+        total += len(heads)
+    assert list(got) == sorted(got)
+    if count is not None:
+        assert total <= count
+    uncapped = select_query_heads(layers, **{**kw, "count": None})
+    uncapped_total = sum(len(v) for v in uncapped.values())
+    assert total == (uncapped_total if count is None else min(count, uncapped_total))
+
+
+# --- filter validation ----------------------------------------------------------------
+
+
+def test_validate_filters() -> None:
+    assert validate_filters(LAYERS, None, None) == []
+    assert validate_filters(LAYERS, [0, 2, 4], [0, 3]) == []
+    problems = validate_filters(LAYERS, [5, 0, -1], [4, 1, -2])
+    assert len(problems) == 4
+    assert any("layer 5" in p and "0..4" in p for p in problems)
+    assert any("layer -1" in p for p in problems)
+    assert any("head 4" in p and "0..3" in p for p in problems)
+    assert any("head -2" in p for p in problems)
+    mixed = [FakeLayer(0, "full", 8), FakeLayer(1, "sliding", 4)]
+    assert validate_filters(mixed, None, [7]) == []
+    assert len(validate_filters(mixed, None, [8])) == 1
