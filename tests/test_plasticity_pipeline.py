@@ -235,3 +235,30 @@ def test_pair_sampler_without_pairs_is_empty() -> None:
     index = KeyIndex.build(np.array([0, 1]), np.array([0, 1]), np.array([0, 20]))
     assert sample_key_pairs(index, 2, 10, np.random.default_rng(0)).shape == (0, 2)
     assert sample_key_pairs(index, 0, 10, np.random.default_rng(0)).shape == (0, 2)
+
+
+def test_hub_repo_path_offline(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A non-directory argument goes through datasets/huggingface_hub (stubbed to the local copy)."""
+    import datasets
+    import huggingface_hub
+
+    calls: list[tuple[str, str, str | None]] = []
+
+    def fake_load_dataset(repo: str, name: str, revision: str | None = None, split: str | None = None) -> datasets.Dataset:
+        calls.append((repo, name, revision))
+        table = pq.read_table(dataset / name / "data.parquet")
+        # The Hub round trip turns fixed-size lists into plain lists.
+        return datasets.Dataset(table.set_column(3, "vector", table.column("vector").cast(pa.list_(pa.float32()))))
+
+    def fake_download(repo: str, filename: str, repo_type: str, revision: str | None = None) -> str:
+        return str(dataset / filename)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(datasets, "get_dataset_config_names", lambda repo, revision=None: sorted(p.name for p in dataset.iterdir() if p.is_dir() and p.name[0] == "l"))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.chdir(tmp_path)
+    assert _run(Path("someone/sniffed-qk"), None, "--revision", "tiny-branch") == 0
+    assert {c[2] for c in calls} == {"tiny-branch"}
+    hub_rows = (tmp_path / "plasticity" / "head_bucket_plasticity.csv").read_bytes()
+    assert _run(dataset, tmp_path / "local") == 0
+    assert hub_rows == (tmp_path / "local" / "head_bucket_plasticity.csv").read_bytes()

@@ -187,13 +187,10 @@ class HubSource:
     revision: str | None = None
 
     def configs(self) -> list[str]:
-        # The card's ``configs`` list mirrors the Parquet files; fall back to the Hub API.
-        listed = [c.get("config_name", "") for c in parse_card(self.card()).get("configs") or [] if isinstance(c, dict)]
-        if not listed:
-            from datasets import get_dataset_config_names
+        # Config names come from the card's ``configs`` list, which the capture keeps in sync.
+        from datasets import get_dataset_config_names
 
-            listed = list(get_dataset_config_names(self.repo, revision=self.revision))
-        return sorted(c for c in listed if _CONFIG_RE.match(c))
+        return sorted(c for c in get_dataset_config_names(self.repo, revision=self.revision) if _CONFIG_RE.match(c))
 
     def read(self, layer: int, head: int, kind: Kind) -> HeadData | None:
         from datasets import load_dataset

@@ -86,7 +86,8 @@ class KeyGroup:
 
 def _bucket_rng(config: PlasticityConfig, layer: int, k_head: int, bucket: int) -> np.random.Generator:
     # Keyed by (layer, key head, bucket): results do not depend on worker
-    # scheduling, and query heads sharing a key head see the same pairs.
+    # scheduling, and query heads sharing a key head draw the same pairs
+    # (unless a sliding window gives them different bucket starts).
     return np.random.default_rng([config.seed, layer, k_head, bucket])
 
 
@@ -251,6 +252,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text}")
+    return value
+
+
 class PlasticityAnalysis:
     """The ``plasticity`` analysis (see the module docstring)."""
 
@@ -265,7 +273,7 @@ class PlasticityAnalysis:
         parser.add_argument("--seed", type=_non_negative_int, default=0, help="pair-sampling seed (default: 0)")
         parser.add_argument("--pairs-per-bucket", type=_positive_int, default=2048, help="key pairs per query bucket (default: 2048)")
         parser.add_argument("--min-queries", type=_positive_int, default=2, help="fewest queries for a bucket's Gaussian (default: 2, at least 2 used)")
-        parser.add_argument("--locality", type=float, default=DEFAULT_LOCALITY, help="neighbour bound as a fraction of the example's captured length (default: 0.05)")
+        parser.add_argument("--locality", type=_fraction, default=DEFAULT_LOCALITY, help="neighbour bound as a fraction of the example's captured length (default: 0.05)")
         parser.add_argument("--workers", type=_positive_int, default=min(4, os.cpu_count() or 1), help="worker processes (default: min(4, cpus))")
         parser.add_argument("--num-q-heads", type=_positive_int, default=None, help="query heads per layer (overrides the card)")
         parser.add_argument("--num-kv-heads", type=_positive_int, default=None, help="key/value heads per layer (overrides the card)")

@@ -1,0 +1,92 @@
+"""The command line end to end: config file → qkcore sniff → Parquet + card → load_dataset."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from datasets import load_dataset
+
+from qkcore.card import read_front_matter
+from qkcore.cli import main
+from tests.conftest import REPO, TEXTS, TINY_LLAMA
+
+
+def test_sniff_cli_writes_a_dataset_that_load_dataset_reads(tiny_config, tmp_path) -> None:
+    config = tiny_config(capture={"head_sampling": {"count": 5, "seed": 0}, "sampler": {"type": "uniform", "base_rate": 8}})
+    done = subprocess.run(
+        [sys.executable, "-m", "qkcore", "sniff", "--config", str(config)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    root = tmp_path / "out"
+    front, body = read_front_matter(root / "README.md")
+    names = [entry["config_name"] for entry in front["configs"]]
+    assert len([n for n in names if n.endswith("q")]) == 5
+    assert all((root / name / "data.parquet").is_file() for name in names)
+    model = front["qkcore"]["models"][0]
+    assert model["name"] == "test/tiny" and model["documents"] == len(TEXTS)
+    total = 0
+    for name in names:
+        rows = load_dataset(str(root), name, cache_dir=str(tmp_path / "cache"))["train"]
+        assert rows.column_names == ["bucket", "example_id", "position", "vector", "sliding_window"]
+        assert all(len(v) == TINY_LLAMA["head_dim"] for v in rows["vector"])
+        total += len(rows)
+    assert total > 0
+    assert "load_dataset" in body
+
+
+def test_plugins_list_shows_the_llama_plugin(capsys) -> None:
+    assert main(["plugins", "list"]) == 0
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith("llama "))
+    assert "qk-plugin-llama" in line and "0.1.0" in line and line.rstrip().endswith("llama")
+    assert "qkcore.plugins" in out
+
+
+def _fails_cleanly(config: Path, capsys, *expected: str) -> None:
+    assert main(["sniff", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("qkcore: error:")]
+    assert len(errors) == 1, err
+    for text in expected:
+        assert text in errors[0], errors[0]
+    assert not (config.parent / "out").exists(), "a failed run must write nothing"
+
+
+def test_bad_key_fails_with_one_message_and_writes_nothing(tiny_config, capsys) -> None:
+    config = tiny_config()
+    raw = yaml.safe_load(config.read_text())
+    raw["capture"]["samplr"] = {"type": "uniform"}
+    config.write_text(yaml.safe_dump(raw))
+    _fails_cleanly(config, capsys, "run.yaml", "capture.samplr")
+
+
+def test_unknown_sampler_fails_with_one_message_and_writes_nothing(tiny_config, capsys) -> None:
+    _fails_cleanly(tiny_config(capture={"sampler": {"type": "zipf"}}), capsys, "capture.sampler.type", "zipf", "uniform")
+
+
+def test_unsupported_model_type_fails_with_one_message_and_writes_nothing(tiny_config, capsys) -> None:
+    architecture = {"model_type": "no-such-model", "hidden_size": 8}
+    _fails_cleanly(tiny_config(architecture=architecture), capsys, "no-such-model")
+
+
+def test_uninstrumentable_model_names_installed_plugins(tiny_config, capsys) -> None:
+    # GPT-2 attention has no q_proj/k_proj: no plugin and no generic route can capture it.
+    gpt2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "vocab_size": 259, "n_positions": 512}
+    _fails_cleanly(tiny_config(architecture=gpt2), capsys, "gpt2", "cannot be instrumented", "llama")
+
+
+def test_missing_text_column_names_the_column(tiny_config, capsys) -> None:
+    _fails_cleanly(tiny_config(dataset={"text_column": "body"}), capsys, "dataset.text_column", "body", "text")
+
+
+def test_demo_config_loads_from_the_repository_root(monkeypatch) -> None:
+    from qkcore.config import load_config
+
+    monkeypatch.chdir(REPO)
+    cfg = load_config(REPO / "configs" / "demo" / "llama-tiny.yaml")
+    assert cfg.capture.sampler.type == "uniform" and cfg.tokenizer.name == "qkcore:bytes"

@@ -1,0 +1,104 @@
+"""Correctness oracle: attention recomputed from the written rows equals the model's own.
+
+With sampler ``all`` every position of every head is written. Rebuilding the
+same random model in eager mode and asking for its attention probabilities
+gives an independent reference: if a head were mis-mapped, a RoPE stage
+wrong or a position shifted, softmax(q·kᵀ·scale + causal) would not match.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from qkcore.config import load_config
+from qkcore.example_ids import normalize_example_id, to_int32
+from qkcore.sniff import run_sniff
+from qkcore.sources.model import load_model
+from qkcore.sources.tokenizer import load_tokenizer
+from tests.conftest import TEXTS, TINY_LLAMA
+
+
+def _rows(root, layer: int, head: int, kind: str, example_id: int) -> tuple[np.ndarray, np.ndarray]:
+    table = pq.read_table(root / f"l{layer:02d}h{head:02d}{kind}" / "data.parquet").to_pydict()
+    keep = [i for i, e in enumerate(table["example_id"]) if e == to_int32(normalize_example_id(example_id))]
+    positions = np.array([table["position"][i] for i in keep])
+    vectors = np.array([table["vector"][i] for i in keep], dtype=np.float32)
+    order = np.argsort(positions)
+    return positions[order], vectors[order]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The tiny model in eager mode, its tokenizer, and per-document attention probabilities."""
+    from tests.conftest import make_config
+
+    cfg = load_config(make_config(tmp_path_factory.mktemp("ref")))
+    model = load_model(cfg.model, torch.float32, torch.device("cpu"))
+    model.set_attn_implementation("eager")
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
+    attentions, inputs = {}, {}
+    with torch.no_grad():
+        for example_id, text in TEXTS:
+            ids = torch.tensor([tokenizer(text)["input_ids"]])
+            out = model.model(input_ids=ids, use_cache=False, output_attentions=True)
+            attentions[example_id] = [a[0] for a in out.attentions]
+            inputs[example_id] = ids
+    return model, attentions, inputs
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_rows_reproduce_eager_attention_probabilities(tiny_config, reference, attn_implementation) -> None:
+    _, attentions, inputs = reference
+    cfg = load_config(tiny_config(model={"attn_implementation": attn_implementation}, inference={"batch_size": 3}))
+    result = run_sniff(cfg)
+    n_q, n_kv, head_dim = TINY_LLAMA["num_attention_heads"], TINY_LLAMA["num_key_value_heads"], TINY_LLAMA["head_dim"]
+    assert len(result.rows) == TINY_LLAMA["num_hidden_layers"] * (n_q + n_kv)
+    for example_id, _ in TEXTS:
+        length = inputs[example_id].shape[1]
+        causal = torch.triu(torch.full((length, length), float("-inf")), diagonal=1)
+        for layer in range(TINY_LLAMA["num_hidden_layers"]):
+            for q_head in range(n_q):
+                positions, q = _rows(result.data_root, layer, q_head, "q", example_id)
+                k_positions, k = _rows(result.data_root, layer, q_head // (n_q // n_kv), "k", example_id)
+                assert positions.tolist() == list(range(length)) == k_positions.tolist()
+                scores = torch.from_numpy(q) @ torch.from_numpy(k).T * head_dim**-0.5 + causal
+                probs = torch.softmax(scores, dim=-1)
+                expected = attentions[example_id][layer][q_head]
+                torch.testing.assert_close(probs, expected, atol=2e-6, rtol=1e-5,
+                                           msg=f"layer {layer} head {q_head} example {example_id}")
+
+
+def test_pre_rope_rows_rotate_into_post_rope_rows(tiny_config, reference, tmp_path) -> None:
+    model, _, inputs = reference
+    post = run_sniff(load_config(tiny_config()))
+    pre_cfg = load_config(tiny_config(capture={"capture_pre_rope": True}, output={"data_root": str(tmp_path / "pre")}))
+    pre = run_sniff(pre_cfg)
+    assert set(pre.rows) == set(post.rows)
+    example_id = TEXTS[1][0]
+    length = inputs[example_id].shape[1]
+    position_ids = torch.arange(length)[None]
+    cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), position_ids)
+    for layer in range(TINY_LLAMA["num_hidden_layers"]):
+        for kind, head in (("q", 5), ("k", 1)):
+            _, pre_rows = _rows(pre.data_root, layer, head, kind, example_id)
+            _, post_rows = _rows(post.data_root, layer, head, kind, example_id)
+            # Position 0 has a zero rotation; every later position is rotated.
+            np.testing.assert_array_equal(pre_rows[0], post_rows[0])
+            assert all(not np.allclose(pre_rows[i], post_rows[i]) for i in range(1, length))
+            rotated, _ = apply_rotary_pos_emb(
+                torch.from_numpy(pre_rows)[None, None], torch.from_numpy(pre_rows)[None, None], cos, sin
+            )
+            torch.testing.assert_close(rotated[0, 0], torch.from_numpy(post_rows), atol=1e-5, rtol=1e-5)
+
+
+def test_key_configs_follow_the_gqa_mapping_of_selected_query_heads(tiny_config) -> None:
+    # 8 query heads over 2 key heads: query heads 0-3 use key head 0, 4-7 key head 1.
+    cfg = load_config(tiny_config(capture={"layers": [0, 2], "heads": [0, 1, 3], "sampler": {"type": "uniform"}}))
+    result = run_sniff(cfg)
+    assert sorted(result.rows) == ["l00h00k", "l00h00q", "l00h01q", "l00h03q", "l02h00k", "l02h00q", "l02h01q", "l02h03q"]
+    cfg = load_config(tiny_config(capture={"layers": [1], "heads": [4, 7], "sampler": {"type": "uniform"}}))
+    assert sorted(run_sniff(cfg).rows) == ["l01h01k", "l01h04q", "l01h07q"]
