@@ -9,26 +9,21 @@ wrong or a position shifted, softmax(q·kᵀ·scale + causal) would not match.
 from __future__ import annotations
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from qkcore.config import load_config
-from qkcore.example_ids import normalize_example_id, to_int32
 from qkcore.sniff import run_sniff
 from qkcore.sources.model import load_model
 from qkcore.sources.tokenizer import load_tokenizer
 from tests.conftest import TEXTS, TINY_LLAMA
+from tests.oracle import assert_rows_match_eager, read_rows
 
 
 def _rows(root, layer: int, head: int, kind: str, example_id: int) -> tuple[np.ndarray, np.ndarray]:
-    table = pq.read_table(root / f"l{layer:02d}h{head:02d}{kind}" / "data.parquet").to_pydict()
-    keep = [i for i, e in enumerate(table["example_id"]) if e == to_int32(normalize_example_id(example_id))]
-    positions = np.array([table["position"][i] for i in keep])
-    vectors = np.array([table["vector"][i] for i in keep], dtype=np.float32)
-    order = np.argsort(positions)
-    return positions[order], vectors[order]
+    positions, vectors, _ = read_rows(root, f"l{layer:02d}h{head:02d}{kind}", example_id)
+    return positions, vectors
 
 
 @pytest.fixture(scope="module")
@@ -52,24 +47,15 @@ def reference(tmp_path_factory):
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 def test_rows_reproduce_eager_attention_probabilities(tiny_config, reference, attn_implementation) -> None:
-    _, attentions, inputs = reference
+    _, attentions, _ = reference
     cfg = load_config(tiny_config(model={"attn_implementation": attn_implementation}, inference={"batch_size": 3}))
     result = run_sniff(cfg)
     n_q, n_kv, head_dim = TINY_LLAMA["num_attention_heads"], TINY_LLAMA["num_key_value_heads"], TINY_LLAMA["head_dim"]
     assert len(result.rows) == TINY_LLAMA["num_hidden_layers"] * (n_q + n_kv)
-    for example_id, _ in TEXTS:
-        length = inputs[example_id].shape[1]
-        causal = torch.triu(torch.full((length, length), float("-inf")), diagonal=1)
-        for layer in range(TINY_LLAMA["num_hidden_layers"]):
-            for q_head in range(n_q):
-                positions, q = _rows(result.data_root, layer, q_head, "q", example_id)
-                k_positions, k = _rows(result.data_root, layer, q_head // (n_q // n_kv), "k", example_id)
-                assert positions.tolist() == list(range(length)) == k_positions.tolist()
-                scores = torch.from_numpy(q) @ torch.from_numpy(k).T * head_dim**-0.5 + causal
-                probs = torch.softmax(scores, dim=-1)
-                expected = attentions[example_id][layer][q_head]
-                torch.testing.assert_close(probs, expected, atol=2e-6, rtol=1e-5,
-                                           msg=f"layer {layer} head {q_head} example {example_id}")
+    checked = assert_rows_match_eager(
+        result.data_root, attentions, scaling=lambda layer: head_dim**-0.5, key_head=lambda q: q // (n_q // n_kv)
+    )
+    assert checked == TINY_LLAMA["num_hidden_layers"] * n_q * len(TEXTS)
 
 
 def test_pre_rope_rows_rotate_into_post_rope_rows(tiny_config, reference, tmp_path) -> None:
