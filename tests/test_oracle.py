@@ -11,11 +11,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from qkcore.config import load_config
 from qkcore.sniff import run_sniff
-from qkcore.sources.model import load_model
+from qkcore.sources.model import load_architecture, load_model
 from qkcore.sources.tokenizer import load_tokenizer
 from tests.conftest import TEXTS, TINY_LLAMA
 from tests.oracle import assert_rows_match_eager, read_rows
@@ -32,7 +33,8 @@ def reference(tmp_path_factory):
     from tests.conftest import make_config
 
     cfg = load_config(make_config(tmp_path_factory.mktemp("ref")))
-    model = load_model(cfg.model, torch.float32, torch.device("cpu"))
+    config = load_architecture(cfg.model)
+    model = load_model(cfg.model, config, AutoModelForCausalLM, torch.float32, torch.device("cpu"))
     model.set_attn_implementation("eager")
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
     attentions, inputs = {}, {}

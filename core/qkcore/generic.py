@@ -19,6 +19,13 @@ _LAYER_KINDS = {"full_attention": "full", "sliding_attention": "sliding", "chunk
 
 
 @hookimpl(trylast=True)
+def qkcore_model_class(config: Any) -> type:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM
+
+
+@hookimpl(trylast=True)
 def qkcore_backbone(model: nn.Module) -> nn.Module:
     # *ForCausalLM keeps the decoder stack in `.model`; a bare backbone is itself.
     return getattr(model, "model", model)

@@ -30,6 +30,15 @@ def qkcore_model_types() -> list[str]:
 
 
 @hookspec(firstresult=True)
+def qkcore_model_class(config: Any) -> type | None:
+    """Return the transformers class to load for this architecture config.
+
+    Generic default: ``AutoModelForCausalLM``'s choice. A family whose checkpoints
+    are not causal LMs (e.g. a vision-language model) names its own class here.
+    """
+
+
+@hookspec(firstresult=True)
 def qkcore_backbone(model: nn.Module) -> nn.Module | None:
     """Return the module to run for the capture forward pass (no LM head).
 

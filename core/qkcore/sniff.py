@@ -29,7 +29,7 @@ from qkcore.layers import AttentionLayer
 from qkcore.plugins import Family, installed_summary, make_plugin_manager, resolve_family
 from qkcore.samplers import Sampler
 from qkcore.sources.documents import check_columns, document_count, iter_documents, open_dataset
-from qkcore.sources.model import load_model, resolve_device
+from qkcore.sources.model import load_architecture, load_model, resolve_device
 from qkcore.sources.tokenizer import load_tokenizer
 from qkcore.writer import DatasetWriter
 
@@ -124,9 +124,10 @@ def run_sniff(cfg: SniffConfig, pm: pluggy.PluginManager | None = None) -> Sniff
     data = open_dataset(cfg.dataset)
     check_columns(data, cfg.dataset)
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
-    model = load_model(cfg.model, dtype, device)
-    model_type = model.config.model_type
-    family = resolve_family(pm, model_type)
+    config = load_architecture(cfg.model)
+    family = resolve_family(pm, config.model_type)
+    model = load_model(cfg.model, config, family.hooks.qkcore_model_class(config=config), dtype, device)
+    model_type = family.model_type
     plan = plan_capture(model, family, cfg, installed_summary(pm))
     backbone = family.hooks.qkcore_backbone(model=model)
     model_name = cfg.model.name or f"random-{model_type}"

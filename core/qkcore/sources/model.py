@@ -74,25 +74,16 @@ def architecture_config(spec: str | dict[str, Any]) -> Any:
         raise QkcoreError(f"model.config: unsupported model type '{model_type}': {exc}") from exc
 
 
-def load_model(model_cfg: Any, dtype: Any, device: torch.device) -> torch.nn.Module:
-    """Return the model in eval mode on ``device``.
+def load_architecture(model_cfg: Any) -> Any:
+    """The model's config (with ``config_overrides`` applied), without loading weights.
 
-    ``model_cfg.config`` set: random weights (seeded by ``init_seed``) from that
-    architecture, never downloaded. Otherwise ``model_cfg.name`` is a hub id
-    or a local directory, at ``model_cfg.revision``.
+    From ``model.config`` (an architecture to build with random weights) or from
+    ``model.name`` at ``model.revision`` (hub id or local directory).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    attn = model_cfg.attn_implementation or "sdpa"
-    torch_dtype = None if dtype == "auto" else dtype
     if model_cfg.config is not None:
         config = architecture_config(model_cfg.config)
-        apply_config_overrides(config, model_cfg.config_overrides)
-        torch.manual_seed(model_cfg.init_seed)
-        try:
-            model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch_dtype)
-        except ValueError as exc:
-            raise QkcoreError(f"model.config: cannot build a causal LM for '{config.model_type}': {exc}") from exc
     else:
         try:
             config = AutoConfig.from_pretrained(
@@ -100,8 +91,26 @@ def load_model(model_cfg: Any, dtype: Any, device: torch.device) -> torch.nn.Mod
             )
         except (OSError, ValueError) as exc:
             raise QkcoreError(f"model.name: cannot load config of '{model_cfg.name}': {exc}") from exc
-        apply_config_overrides(config, model_cfg.config_overrides)
-        model = AutoModelForCausalLM.from_pretrained(
+    apply_config_overrides(config, model_cfg.config_overrides)
+    return config
+
+
+def load_model(model_cfg: Any, config: Any, model_class: Any, dtype: Any, device: torch.device) -> torch.nn.Module:
+    """Return ``model_class`` for ``config`` in eval mode on ``device``.
+
+    ``model.config`` set: random weights seeded by ``init_seed``, never
+    downloaded. Otherwise the weights of ``model.name`` at ``model.revision``.
+    """
+    attn = model_cfg.attn_implementation or "sdpa"
+    torch_dtype = None if dtype == "auto" else dtype
+    if model_cfg.config is not None:
+        torch.manual_seed(model_cfg.init_seed)
+        try:
+            model = model_class.from_config(config, attn_implementation=attn, dtype=torch_dtype)
+        except ValueError as exc:
+            raise QkcoreError(f"model.config: cannot build '{config.model_type}' with {model_class.__name__}: {exc}") from exc
+    else:
+        model = model_class.from_pretrained(
             model_cfg.name,
             config=config,
             revision=model_cfg.revision,
