@@ -7,10 +7,11 @@ so a bad config, column or model fails with one message and writes nothing.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pluggy
 import structlog
@@ -18,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qkcore import __version__
-from qkcore.batching import tokenize_batches
+from qkcore.batching import Batch, tokenize_batches
 from qkcore.capture import CapturePlan, CaptureSession
 from qkcore.card import ModelEntry, write_card
 from qkcore.config import ConfigError, SniffConfig, config_to_dict, resolve_dtype
@@ -31,7 +32,7 @@ from qkcore.samplers import Sampler
 from qkcore.sources.documents import check_columns, document_count, iter_documents, open_dataset
 from qkcore.sources.model import load_architecture, load_model, resolve_device
 from qkcore.sources.tokenizer import load_tokenizer
-from qkcore.writer import DatasetWriter
+from qkcore.writer import CapturedChunk, DatasetWriter
 
 log = structlog.get_logger(__name__)
 
@@ -114,104 +115,117 @@ def plan_capture(model: torch.nn.Module, family: Family, cfg: SniffConfig, insta
 
 
 
-def run_sniff(cfg: SniffConfig, pm: pluggy.PluginManager | None = None) -> SniffResult:
-    """Run one capture described by ``cfg`` and write the dataset and its card."""
-    pm = pm or make_plugin_manager()
-    sampler = build_sampler(pm, cfg)
-    device = resolve_device(cfg.model.device_map)
-    dtype = resolve_dtype(cfg.model.dtype)
+class Sniffer:
+    """A loaded run: sampler, documents, tokenizer, model, plugin and capture plan.
 
-    data = open_dataset(cfg.dataset)
-    check_columns(data, cfg.dataset)
-    tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
-    config = load_architecture(cfg.model)
-    family = resolve_family(pm, config.model_type)
-    model = load_model(cfg.model, config, family.hooks.qkcore_model_class(config=config), dtype, device)
-    model_type = family.model_type
-    plan = plan_capture(model, family, cfg, installed_summary(pm))
-    backbone = family.hooks.qkcore_backbone(model=model)
-    model_name = cfg.model.name or f"random-{model_type}"
-    log.info(
-        "capture planned",
-        model=model_name,
-        plugin=family.plugin_name,
-        layers=len(plan.layers),
-        query_heads=sum(len(h) for (l, k), h in plan.heads.items() if k == "q"),
-        key_heads=sum(len(h) for (l, k), h in plan.heads.items() if k == "k"),
-        sampler=sampler.name,
-        device=str(device),
-    )
+    Constructing it checks and loads everything and writes nothing; :meth:`run`
+    captures and writes. :meth:`instrumented` and :meth:`capture_batch` expose the
+    forward-with-capture step alone (used by the benchmark).
+    """
 
-    def postprocess(layer: AttentionLayer, query: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        result = family.hooks.qkcore_postprocess_query(layer=layer, query=query, positions=positions)
+    def __init__(self, cfg: SniffConfig, pm: pluggy.PluginManager | None = None) -> None:
+        self.cfg = cfg
+        pm = pm or make_plugin_manager()
+        self.sampler = build_sampler(pm, cfg)
+        self.device = resolve_device(cfg.model.device_map)
+        self.data = open_dataset(cfg.dataset)
+        check_columns(self.data, cfg.dataset)
+        self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
+        config = load_architecture(cfg.model)
+        self.family = resolve_family(pm, config.model_type)
+        model_class = self.family.hooks.qkcore_model_class(config=config)
+        self.model = load_model(cfg.model, config, model_class, resolve_dtype(cfg.model.dtype), self.device)
+        self.plan = plan_capture(self.model, self.family, cfg, installed_summary(pm))
+        self.backbone = self.family.hooks.qkcore_backbone(model=self.model)
+        self.model_name = cfg.model.name or f"random-{self.family.model_type}"
+        self.session = CaptureSession(self.plan, self.sampler, postprocess_query=self._postprocess)
+        self._autocast_dtype = resolve_dtype(cfg.inference.autocast_dtype)
+        log.info(
+            "capture planned",
+            model=self.model_name,
+            plugin=self.family.plugin_name,
+            layers=len(self.plan.layers),
+            query_heads=sum(len(h) for (_, kind), h in self.plan.heads.items() if kind == "q"),
+            key_heads=sum(len(h) for (_, kind), h in self.plan.heads.items() if kind == "k"),
+            sampler=self.sampler.name,
+            device=str(self.device),
+        )
+
+    def _postprocess(self, layer: AttentionLayer, query: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        result = self.family.hooks.qkcore_postprocess_query(layer=layer, query=query, positions=positions)
         return query if result is None else result
 
-    session = CaptureSession(plan, sampler, postprocess_query=postprocess)
-    data_root = Path(cfg.output.data_root)
-    writer = DatasetWriter(
-        data_root, flush_threshold_mb=cfg.output.flush_threshold_mb, row_group_size=cfg.output.write_batch_size
-    )
-    documents = tokens = 0
-    seen_ids: set[int] = set()
-    autocast = (
-        torch.autocast(device_type="cuda", dtype=resolve_dtype(cfg.inference.autocast_dtype))
-        if device.type == "cuda"
-        else None
-    )
-    progress = tqdm(total=document_count(data, cfg.dataset), desc="sniff", unit="doc", dynamic_ncols=True)
-    started = time.perf_counter()
-    try:
-        with session.attached(model, family.hooks.qkcore_instrument), torch.inference_mode():
-            batches = tokenize_batches(
-                iter_documents(data, cfg.dataset),
-                tokenizer,
-                max_length=cfg.tokenizer.max_length,
-                batch_size=cfg.inference.batch_size,
-            )
-            for batch in batches:
-                session.begin_batch(batch.example_ids, batch.lengths)
-                input_ids = batch.input_ids.to(device, non_blocking=True)
-                if autocast is not None:
-                    with autocast:
-                        backbone(input_ids=input_ids, use_cache=False)
-                else:
-                    backbone(input_ids=input_ids, use_cache=False)
-                for chunk in session.end_batch():
-                    writer.add(chunk)
-                documents += len(batch.lengths)
-                tokens += batch.tokens
-                seen_ids.update(batch.example_ids)
-                elapsed = max(time.perf_counter() - started, 1e-9)
-                progress.update(len(batch.lengths))
-                progress.set_postfix(tok_s=f"{tokens / elapsed:,.0f}", refresh=False)
-        rows = writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        progress.close()
+    def batches(self) -> Iterator[Batch]:
+        """Tokenised, right-padded batches of the configured documents."""
+        return tokenize_batches(
+            iter_documents(self.data, self.cfg.dataset),
+            self.tokenizer,
+            max_length=self.cfg.tokenizer.max_length,
+            batch_size=self.cfg.inference.batch_size,
+        )
 
-    collisions = find_int32_collisions(seen_ids)
-    if collisions:
-        log.warning("example ids collide in the int32 column", collisions={k: v for k, v in list(collisions.items())[:5]})
-    entry = _model_entry(cfg, model, family, plan, sampler, model_name, documents, tokens, collisions)
-    write_card(data_root, cfg.output.readme_file, entry)
-    log.info("capture written", data_root=str(data_root), configs=len(rows), rows=sum(rows.values()),
-             documents=documents, tokens=tokens, seconds=round(time.perf_counter() - started, 2))
-    return SniffResult(data_root, rows, documents, tokens)
+    @contextmanager
+    def instrumented(self) -> Iterator["Sniffer"]:
+        """Route the model's attention through the capture (restored on exit)."""
+        with self.session.attached(self.model, self.family.hooks.qkcore_instrument), torch.inference_mode():
+            yield self
+
+    def capture_batch(self, batch: Batch) -> list[CapturedChunk]:
+        """Run the backbone on ``batch`` (inside :meth:`instrumented`) and return its kept rows."""
+        self.session.begin_batch(batch.example_ids, batch.lengths)
+        input_ids = batch.input_ids.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            with torch.autocast(device_type="cuda", dtype=self._autocast_dtype):
+                self.backbone(input_ids=input_ids, use_cache=False)
+        else:
+            self.backbone(input_ids=input_ids, use_cache=False)
+        return self.session.end_batch()
+
+    def run(self) -> SniffResult:
+        """Capture every document, write the Parquet configs and the dataset card."""
+        cfg = self.cfg
+        data_root = Path(cfg.output.data_root)
+        writer = DatasetWriter(
+            data_root, flush_threshold_mb=cfg.output.flush_threshold_mb, row_group_size=cfg.output.write_batch_size
+        )
+        documents = tokens = 0
+        seen_ids: set[int] = set()
+        progress = tqdm(total=document_count(self.data, cfg.dataset), desc="sniff", unit="doc", dynamic_ncols=True)
+        started = time.perf_counter()
+        try:
+            with self.instrumented():
+                for batch in self.batches():
+                    for chunk in self.capture_batch(batch):
+                        writer.add(chunk)
+                    documents += len(batch.lengths)
+                    tokens += batch.tokens
+                    seen_ids.update(batch.example_ids)
+                    progress.update(len(batch.lengths))
+                    progress.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - started, 1e-9):,.0f}", refresh=False)
+            rows = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            progress.close()
+
+        collisions = find_int32_collisions(seen_ids)
+        if collisions:
+            log.warning("example ids collide in the int32 column", collisions=dict(list(collisions.items())[:5]))
+        entry = _model_entry(self, documents, tokens, collisions)
+        write_card(data_root, cfg.output.readme_file, entry, hub_repo=cfg.output.hf_repo_id, hub_branch=cfg.output.hf_branch)
+        log.info("capture written", data_root=str(data_root), configs=len(rows), rows=sum(rows.values()),
+                 documents=documents, tokens=tokens, seconds=round(time.perf_counter() - started, 2))
+        return SniffResult(data_root, rows, documents, tokens)
 
 
-def _model_entry(
-    cfg: SniffConfig,
-    model: torch.nn.Module,
-    family: Family,
-    plan: CapturePlan,
-    sampler: Sampler,
-    model_name: str,
-    documents: int,
-    tokens: int,
-    collisions: dict[int, list[int]],
-) -> ModelEntry:
+def run_sniff(cfg: SniffConfig, pm: pluggy.PluginManager | None = None) -> SniffResult:
+    """Run one capture described by ``cfg`` and write the dataset and its card."""
+    return Sniffer(cfg, pm).run()
+
+
+def _model_entry(run: Sniffer, documents: int, tokens: int, collisions: dict[int, list[int]]) -> ModelEntry:
+    cfg, model, family, plan, sampler = run.cfg, run.model, run.family, run.plan, run.sampler
     layers: list[AttentionLayer] = family.hooks.qkcore_attention_layers(model=model)
     any_layer = layers[0]
     notes: list[str] = []
@@ -227,7 +241,7 @@ def _model_entry(
     )
     settings = config_to_dict(cfg)
     return ModelEntry(
-        name=model_name,
+        name=run.model_name,
         revision=cfg.model.revision,
         model_type=family.model_type,
         plugin=f"{family.plugin_name} {family.plugin_version}",
