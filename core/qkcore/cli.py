@@ -27,6 +27,10 @@ def build_parser(analyses: dict) -> argparse.ArgumentParser:
     )
     sniff.add_argument("--debug", action="store_true", help="debug logging")
 
+    push = commands.add_parser("push", help="upload a finished data root to its Hub branch (retry after a failed push)")
+    push.add_argument("--config", required=True, help="the run configuration that wrote the data")
+    push.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
     plugins = commands.add_parser("plugins", help="installed model-family plugins")
     plugins_commands = plugins.add_subparsers(dest="plugins_command", required=True)
     plugins_commands.add_parser("list", help="name, package, version and model types of each plugin")
@@ -48,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "sniff":
             return _sniff(args, pm)
+        if args.command == "push":
+            return _push(args)
         if args.command == "plugins":
             return _plugins_list(pm)
         return int(analyses[args.command].run(args) or 0)
@@ -59,12 +65,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _sniff(args: argparse.Namespace, pm) -> int:
     from qkcore.sniff import run_sniff
 
+    run_sniff(_load(args), pm)
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from qkcore.hub import hub_sync
+
+    cfg = _load(args)
+    sync = hub_sync(cfg.output)
+    if sync is None:
+        raise QkcoreError(f"{args.config}: output.hf_repo_id is not set; nothing to push to")
+    sync.push(Path(cfg.output.data_root), cfg.output.readme_file, f"qkcore push: {cfg.model.name or 'model'}")
+    return 0
+
+
+def _load(args: argparse.Namespace):
     with warnings.catch_warnings():
         warnings.simplefilter("always", QkcoreConfigWarning)
         warnings.showwarning = _show_config_warning
-        cfg = load_config(args.config, overrides=args.overrides)
-    run_sniff(cfg, pm)
-    return 0
+        return load_config(args.config, overrides=args.overrides)
 
 
 def _show_config_warning(message, category, filename, lineno, file=None, line=None) -> None:

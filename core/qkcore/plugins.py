@@ -48,13 +48,40 @@ def make_plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
             continue
         pm.register(module, name=name)
     if load_entry_points:
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        _load_entry_points(pm)
     return pm
+
+
+#: Package name and version of each entry-point plugin, by plugin object id.
+_DISTS: dict[int, tuple[str, str]] = {}
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    """Register every ``qkcore.plugins`` entry point, naming the one that fails to import.
+
+    A broken plugin is an error, not a skip: skipping it could silently hand
+    its models to the generic fallback.
+    """
+    from importlib.metadata import distributions
+
+    for dist in distributions():
+        for ep in dist.entry_points:
+            if ep.group != ENTRY_POINT_GROUP or pm.get_plugin(ep.name) is not None:
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as exc:
+                package = dist.metadata["name"]
+                raise QkcoreError(
+                    f"plugin '{ep.name}' from package {package} {dist.version} failed to load ({ep.value}): "
+                    f"{type(exc).__name__}: {exc}; reinstall it or `pip uninstall {package}`"
+                ) from exc
+            pm.register(plugin, name=ep.name)
+            _DISTS[id(plugin)] = (dist.metadata["name"], dist.version)
 
 
 def list_plugins(pm: pluggy.PluginManager) -> list[PluginInfo]:
     """Describe every registered plugin: entry-point plugins first, then the core's."""
-    dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
     from qkcore import __version__
 
     infos = []
@@ -62,9 +89,9 @@ def list_plugins(pm: pluggy.PluginManager) -> list[PluginInfo]:
         if plugin is None:
             continue
         types = tuple(_model_types_of(pm, plugin))
-        dist = dists.get(id(plugin))
+        dist = _DISTS.get(id(plugin))
         if dist is not None:
-            infos.append(PluginInfo(name, dist.project_name, dist.version, types))
+            infos.append(PluginInfo(name, dist[0], dist[1], types))
         else:
             infos.append(PluginInfo(name, "qkcore", __version__, types, builtin=True))
     return sorted(infos, key=lambda p: (p.builtin, p.name))
@@ -116,7 +143,7 @@ def resolve_family(pm: pluggy.PluginManager, model_type: str) -> Family:
 
     if owners:
         name, plugin = owners[0]
-        version = next((d.version for p, d in pm.list_plugin_distinfo() if p is plugin), "builtin")
+        version = _DISTS.get(id(plugin), ("", "builtin"))[1]
         return Family(model_type, name, version, False, _Hooks())
     log.warning("no plugin handles this model_type; using the generic fallback", model_type=model_type)
     return Family(model_type, GENERIC_PLUGIN, "builtin", True, _Hooks())

@@ -25,6 +25,7 @@ from qkcore.card import ModelEntry, write_card
 from qkcore.config import ConfigError, SniffConfig, config_to_dict, resolve_dtype
 from qkcore.errors import QkcoreError
 from qkcore.example_ids import find_int32_collisions
+from qkcore.hub import hub_sync
 from qkcore.heads import select_query_heads, validate_filters
 from qkcore.layers import AttentionLayer
 from qkcore.plugins import Family, installed_summary, make_plugin_manager, resolve_family
@@ -123,8 +124,9 @@ class Sniffer:
     forward-with-capture step alone (used by the benchmark).
     """
 
-    def __init__(self, cfg: SniffConfig, pm: pluggy.PluginManager | None = None) -> None:
+    def __init__(self, cfg: SniffConfig, pm: pluggy.PluginManager | None = None, hub_api: Any = None) -> None:
         self.cfg = cfg
+        self.hub = hub_sync(cfg.output, api=hub_api)
         pm = pm or make_plugin_manager()
         self.sampler = build_sampler(pm, cfg)
         self.device = resolve_device(cfg.model.device_map)
@@ -188,6 +190,9 @@ class Sniffer:
         writer = DatasetWriter(
             data_root, flush_threshold_mb=cfg.output.flush_threshold_mb, row_group_size=cfg.output.write_batch_size
         )
+        if self.hub is not None:
+            self.hub.pull(data_root)
+            self.hub.mark_pending(data_root)  # from here on, local data differs from the branch
         documents = tokens = 0
         seen_ids: set[int] = set()
         progress = tqdm(total=document_count(self.data, cfg.dataset), desc="sniff", unit="doc", dynamic_ncols=True)
@@ -216,12 +221,14 @@ class Sniffer:
         write_card(data_root, cfg.output.readme_file, entry, hub_repo=cfg.output.hf_repo_id, hub_branch=cfg.output.hf_branch)
         log.info("capture written", data_root=str(data_root), configs=len(rows), rows=sum(rows.values()),
                  documents=documents, tokens=tokens, seconds=round(time.perf_counter() - started, 2))
+        if self.hub is not None:
+            self.hub.push(data_root, cfg.output.readme_file, f"qkcore: {self.model_name} ({len(rows)} configs)")
         return SniffResult(data_root, rows, documents, tokens)
 
 
-def run_sniff(cfg: SniffConfig, pm: pluggy.PluginManager | None = None) -> SniffResult:
-    """Run one capture described by ``cfg`` and write the dataset and its card."""
-    return Sniffer(cfg, pm).run()
+def run_sniff(cfg: SniffConfig, pm: pluggy.PluginManager | None = None, hub_api: Any = None) -> SniffResult:
+    """Run one capture described by ``cfg``, write the dataset and its card, push if configured."""
+    return Sniffer(cfg, pm, hub_api=hub_api).run()
 
 
 def _model_entry(run: Sniffer, documents: int, tokens: int, collisions: dict[int, list[int]]) -> ModelEntry:
