@@ -6,7 +6,6 @@ above it (pull → write → push, one commit) is the code path real runs use.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np

@@ -1,8 +1,15 @@
-"""Tests for qkcore.writer: schema, id conversion, sorting, spilling, replacement, atomicity."""
+"""Tests for qkcore.writer: schema, ids, sort order, spilling, commit/resume, bounded close, atomicity."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qkcore.writer import (
-    PARTS_DIR,
+    JOURNAL_FILE,
+    STAGING_DIR,
     CapturedChunk,
     DatasetWriter,
+    StagingConflict,
     config_name,
     low32_ids,
     parse_config_name,
@@ -23,16 +32,17 @@ from qkcore.writer import (
 )
 
 HEAD_DIM = 4
+CONFIGS = ("l00h00q", "l00h01q")
 
 
-def make_rows(n: int, heads: int = 2, seed: int = 0) -> dict:
-    """Random rows with repeated (id, position) pairs so stability matters."""
+def make_rows(n: int, heads: int = 2, seed: int = 0, head_dim: int = HEAD_DIM) -> dict:
+    """Random rows with repeated (id, position) pairs so stability matters; 5 and 2**32+5 collide in int32."""
     rng = np.random.default_rng(seed)
     return dict(
-        example_ids=rng.choice(np.array([5, -3, 2**40 + 7, 2**31 + 1, 0], np.int64), n),
+        example_ids=rng.choice(np.array([5, -3, 2**40 + 7, 2**31 + 1, 0, 2**32 + 5], np.int64), n),
         positions=rng.integers(0, 6, n).astype(np.int64),
         buckets=rng.integers(0, 3, n).astype(np.int64),
-        vectors=rng.standard_normal((heads, n, HEAD_DIM)).astype(np.float32),
+        vectors=rng.standard_normal((heads, n, head_dim)).astype(np.float32),
     )
 
 
@@ -49,16 +59,72 @@ def chunk(rows: dict, lo: int, hi: int, *, layer=0, kind="q", heads=(0, 1), sw=N
     )
 
 
-def write(root: Path, rows: dict, cuts: list[int], **kw) -> dict[str, int]:
+def write(root: Path, rows: dict, cuts: list[int], commits: frozenset[int] = frozenset(), **kw) -> dict[str, int]:
+    """Add ``rows`` in chunks split at ``cuts``, committing after the chunks whose index is in ``commits``."""
     w = DatasetWriter(root, **kw)
     bounds = [0, *sorted(cuts), len(rows["positions"])]
-    for lo, hi in zip(bounds, bounds[1:]):
+    for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
         w.add(chunk(rows, lo, hi))
+        if i in commits:
+            w.commit({"chunks": i + 1})
     return w.close()
 
 
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def digests(root: Path) -> dict[str, str]:
+    return {p.parent.name: digest(p) for p in sorted(root.glob("*/data.parquet"))}
+
+
+def staged_parts(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / STAGING_DIR).glob("part-*.arrow"))
+
+
+def journal(root: Path) -> dict:
+    return json.loads((root / STAGING_DIR / JOURNAL_FILE).read_text())
+
+
+# Documents for the resume tests: defined as source so the killed child process runs the same code.
+DOC_SRC = textwrap.dedent(
+    """
+    import numpy as np
+    from qkcore.writer import CapturedChunk
+
+    def doc_chunks(d, head_dim=4):
+        # Three chunks per document (two kinds, layers 0/1); ids of docs 0 and 4 collide in int32.
+        rng = np.random.default_rng(100 + d)
+        doc_id = np.int64([2**33 + 9, -11, 2**40 + 3, 17, 9, 2**31 + 2][d % 6] + (d // 6) * 1000)
+        n = 6 + d % 4
+        out = []
+        for layer, kind, heads in ((0, "q", [0, 1, 2]), (0, "k", [0]), (1, "q", [1])):
+            out.append(CapturedChunk(
+                layer=layer, kind=kind, heads=heads,
+                example_ids=np.full(n, doc_id, np.int64),
+                positions=np.arange(n, dtype=np.int64)[::-1].copy(),
+                buckets=rng.integers(0, 3, n).astype(np.int64),
+                vectors=rng.standard_normal((len(heads), n, head_dim)).astype(np.float32),
+                sliding_window=None if layer == 0 else 32,
+            ))
+        return out
+    """
+)
+_doc_ns: dict = {}
+exec(DOC_SRC, _doc_ns)
+doc_chunks = _doc_ns["doc_chunks"]
+N_DOCS = 8
+
+
+def write_docs(root: Path, docs: range, **kw) -> dict[str, int]:
+    w = DatasetWriter(root, **kw)
+    for d in docs:
+        for c in doc_chunks(d):
+            w.add(c)
+    return w.close()
+
+
+# -- names, schema, ids ------------------------------------------------------
 
 
 def test_config_names():
@@ -114,15 +180,34 @@ def test_low32_ids():
 
 def test_example_id_column_and_sort(tmp_path):
     rows = make_rows(40, seed=3)
-    write(tmp_path, rows, [7, 19])
+    write(tmp_path, rows, [7, 19], flush_threshold_mb=0.0)
+    ids = rows["example_ids"]
+    order = np.lexsort((rows["positions"], ids, low32_ids(ids)))  # stable: documented order
     for h in (0, 1):
         t = read_config(tmp_path / f"l00h0{h}q")
-        order = np.lexsort((rows["positions"], rows["example_ids"]))  # stable
-        assert t.column("example_id").to_pylist() == low32_ids(rows["example_ids"][order]).tolist()
+        assert t.column("example_id").to_pylist() == low32_ids(ids[order]).tolist()
         assert t.column("position").to_pylist() == rows["positions"][order].tolist()
         assert t.column("bucket").to_pylist() == rows["buckets"][order].tolist()
         got = np.asarray(t.column("vector").combine_chunks().flatten()).reshape(-1, HEAD_DIM)
         np.testing.assert_array_equal(got, rows["vectors"][h][order])
+
+
+def test_sort_order_with_int32_collision(tmp_path):
+    # 2**32+5 and 5 share example_id 5; 2**32-3 and -3 share -3. Arrival interleaves them.
+    ids = np.array([2**32 + 5, 5, 2**32 + 5, -3, 5, 2**32 - 3, 7, -3], np.int64)
+    pos = np.array([1, 1, 0, 2, 0, 0, 0, 1], np.int64)
+    rows = dict(
+        example_ids=ids,
+        positions=pos,
+        buckets=np.arange(8, dtype=np.int64),
+        vectors=np.zeros((2, 8, HEAD_DIM), np.float32),
+    )
+    write(tmp_path, rows, [3, 5], flush_threshold_mb=0.0)
+    t = read_config(tmp_path / "l00h00q")
+    assert t.column("example_id").to_pylist() == [-3, -3, -3, 5, 5, 5, 5, 7]  # visible column sorted
+    # Within one int32 value, by 64-bit id (documents stay contiguous), then position.
+    assert t.column("bucket").to_pylist() == [7, 3, 5, 4, 1, 2, 0, 6]
+    assert t.column("position").to_pylist() == [1, 2, 0, 0, 1, 0, 1, 0]
 
 
 def test_position_out_of_int32_raises(tmp_path):
@@ -134,24 +219,27 @@ def test_position_out_of_int32_raises(tmp_path):
     w.abort()
 
 
+# -- determinism, spilling, part layout --------------------------------------
+
+
 @settings(
-    max_examples=15,
+    max_examples=12,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(
     cuts=st.lists(st.integers(0, 60), max_size=6),
     threshold=st.sampled_from([0.0, 0.0005, 0.002]),
+    commits=st.frozensets(st.integers(0, 6), max_size=4),
 )
-def test_spill_and_chunking_give_identical_bytes(tmp_path_factory, cuts, threshold):
+def test_spill_chunking_and_commits_give_identical_bytes(tmp_path_factory, cuts, threshold, commits):
     rows = make_rows(60, seed=1)
     ref = tmp_path_factory.mktemp("ref")
-    write(ref, rows, [], flush_threshold_mb=1024)
+    write(ref, rows, [], flush_threshold_mb=1024, row_group_size=16)
     other = tmp_path_factory.mktemp("spill")
-    write(other, rows, cuts, flush_threshold_mb=threshold)
-    for name in ("l00h00q", "l00h01q"):
-        assert digest(ref / name / "data.parquet") == digest(other / name / "data.parquet")
-    assert not (other / PARTS_DIR).exists()
+    write(other, rows, cuts, commits, flush_threshold_mb=threshold, row_group_size=16, run_key="k")
+    assert digests(ref) == digests(other) and set(digests(ref)) == set(CONFIGS)
+    assert not (other / STAGING_DIR).exists()
 
 
 def test_spill_bounds_memory_and_writes_parts(tmp_path):
@@ -160,15 +248,202 @@ def test_spill_bounds_memory_and_writes_parts(tmp_path):
     for lo in range(0, 50, 10):
         w.add(chunk(rows, lo, lo + 10))
         assert w.buffered_bytes() <= 0.001 * 1024 * 1024
-    parts = sorted((tmp_path / PARTS_DIR / "l00h00q").glob("part-*.parquet"))
-    assert parts and parts[0].name == "part-000000.parquet"
+    assert staged_parts(tmp_path)[0] == "part-000000.arrow"
     assert w.close() == {"l00h00q": 50, "l00h01q": 50}
-    assert not (tmp_path / PARTS_DIR).exists()
+    assert not (tmp_path / STAGING_DIR).exists()
+
+
+def test_part_files_scale_with_spills_not_configs(tmp_path):
+    rows = make_rows(60, heads=20, seed=4)
+    heads = tuple(range(20))
+    w = DatasetWriter(tmp_path, flush_threshold_mb=0.005, run_key="k")  # every add (6.4 kB) spills
+    for i, lo in enumerate(range(0, 60, 10)):
+        w.add(chunk(rows, lo, lo + 10, heads=heads))
+        w.add(chunk(rows, lo, lo + 10, heads=heads, kind="k"))
+        if i % 2:
+            w.commit({"i": i})
+    assert len(staged_parts(tmp_path)) == 12  # one per spill, not 12 x 40 configs
+    assert len(w.close()) == 40
 
 
 def test_row_group_size(tmp_path):
     write(tmp_path, make_rows(25), [], row_group_size=10)
     assert pq.ParquetFile(tmp_path / "l00h00q" / "data.parquet").metadata.num_row_groups == 3
+    write(tmp_path / "default", make_rows(25), [3], flush_threshold_mb=0.0)
+    assert pq.ParquetFile(tmp_path / "default" / "l00h00q" / "data.parquet").metadata.num_row_groups == 1
+
+
+def test_close_memory_is_bounded_by_threshold(tmp_path):
+    """One config far larger than the threshold (one document larger still) is sorted in bounded pieces."""
+    head_dim, n = 64, 6000
+    rng = np.random.default_rng(7)
+    ids = rng.choice(np.array([3, 2**32 + 3, -8, 11], np.int64), n, p=[0.7, 0.1, 0.1, 0.1])
+    rows = dict(
+        example_ids=ids,
+        positions=rng.permutation(n).astype(np.int64),  # document 3 alone holds ~4200 rows
+        buckets=rng.integers(0, 3, n).astype(np.int64),
+        vectors=rng.standard_normal((1, n, head_dim)).astype(np.float32),
+    )
+    total_bytes = n * (16 + 4 * head_dim)  # ~1.6 MB
+    threshold_mb = 0.1
+    budget = int(threshold_mb * 1024 * 1024) // (2 * (16 + 4 * head_dim))  # rows per range (~190)
+
+    def run(root: Path, mb: float) -> DatasetWriter:
+        w = DatasetWriter(root, flush_threshold_mb=mb, row_group_size=100)
+        for lo in range(0, n, 500):
+            w.add(chunk(rows, lo, lo + 500, heads=(0,)))
+        tracemalloc.start()
+        w.close()
+        w.peak = tracemalloc.get_traced_memory()[1]  # type: ignore[attr-defined]
+        tracemalloc.stop()
+        return w
+
+    small = run(tmp_path / "small", threshold_mb)
+    big = run(tmp_path / "big", 1024)
+    assert digests(small.data_root) == digests(big.data_root)
+    assert read_config(small.data_root / "l00h00q").num_rows == n
+    assert small.close_peak_rows <= budget + 100  # a range plus < one row group of carry
+    assert big.close_peak_rows == n
+    assert small.peak < total_bytes / 3  # type: ignore[attr-defined]
+
+
+# -- commit, crash, resume ----------------------------------------------------
+
+
+def test_commit_then_crash_resumes_identically(tmp_path):
+    ref = tmp_path / "ref"
+    write_docs(ref, range(N_DOCS))
+    root = tmp_path / "run"
+    w = DatasetWriter(root, flush_threshold_mb=0.0006, run_key="run-A")
+    for d in range(N_DOCS):
+        for c in doc_chunks(d):
+            w.add(c)
+        if d == 3:
+            w.commit({"documents_done": 4})
+    committed = journal(root)["parts"]
+    assert w.buffered_bytes() > 0 and len(staged_parts(root)) > len(committed)  # spilled + buffered after commit
+    del w  # simulated crash: no close, no abort
+    w2 = DatasetWriter(root, flush_threshold_mb=0.002, run_key="run-A")
+    assert w2.resumed_state == {"documents_done": 4}
+    assert staged_parts(root) == committed  # uncommitted parts deleted
+    for d in range(4, N_DOCS):
+        for c in doc_chunks(d):
+            w2.add(c)
+    w2.close()
+    assert digests(root) == digests(ref) and len(digests(ref)) == 5
+    assert not (root / STAGING_DIR).exists()
+
+
+CHILD_SRC = DOC_SRC + textwrap.dedent(
+    """
+    import sys, time
+    from qkcore.writer import DatasetWriter
+
+    root, mode = sys.argv[1], sys.argv[2]
+    w = DatasetWriter(root, flush_threshold_mb=0.0, run_key="run-A")
+    for d in range({n_docs}):
+        for i, c in enumerate(doc_chunks(d)):
+            w.add(c)  # threshold 0: every add spills an uncommitted part
+            print("added", d, flush=True)
+            if mode == "pause" and d == 3:
+                time.sleep(60)  # parked after a spill past the last commit, waiting for SIGKILL
+        w.commit({{"documents_done": d + 1}})
+        print("committed", d + 1, flush=True)
+    time.sleep(60)
+    """
+).format(n_docs=N_DOCS)
+
+
+@pytest.mark.parametrize("mode", ["pause", "race"])
+def test_sigkill_between_commits_resumes_identically(tmp_path, mode):
+    ref = tmp_path / "ref"
+    write_docs(ref, range(N_DOCS))
+    root = tmp_path / "run"
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD_SRC, str(root), mode], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None
+        for line in child.stdout:
+            # pause: kill while parked after an uncommitted spill; race: kill wherever it is.
+            if (mode == "pause" and line.strip() == "added 3") or (mode == "race" and line.strip() == "committed 2"):
+                break
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+        if child.stdout is not None:
+            child.stdout.close()
+    assert child.returncode == -signal.SIGKILL
+    if mode == "pause":
+        assert journal(root)["state"] == {"documents_done": 3}
+        assert len(staged_parts(root)) > len(journal(root)["parts"])
+    w = DatasetWriter(root, run_key="run-A")
+    done = w.resumed_state["documents_done"]
+    assert done >= (3 if mode == "pause" else 2)
+    assert sorted(p.name for p in w.staging_dir.iterdir()) == sorted([JOURNAL_FILE, *journal(root)["parts"]])
+    for d in range(done, N_DOCS):
+        for c in doc_chunks(d):
+            w.add(c)
+    w.close()
+    assert digests(root) == digests(ref)
+
+
+def test_different_run_key_conflicts_and_restart_discards(tmp_path):
+    w = DatasetWriter(tmp_path, flush_threshold_mb=0.0, run_key="A")
+    for c in doc_chunks(0):
+        w.add(c)
+    w.commit({"documents_done": 1})
+    w.abort()
+    for other in ({"run_key": "B"}, {}):  # different key, or none at all
+        with pytest.raises(StagingConflict, match="configuration differs") as info:
+            DatasetWriter(tmp_path, **other)
+        assert str(tmp_path / STAGING_DIR) in str(info.value)
+        assert isinstance(info.value, ValueError)
+    w = DatasetWriter(tmp_path, run_key="B", restart=True)
+    assert w.resumed_state is None and not (tmp_path / STAGING_DIR).exists()
+    for c in doc_chunks(1):
+        w.add(c)
+    w.close()
+    ref = tmp_path / "ref"
+    write_docs(ref, range(1, 2))
+    assert digests(tmp_path) == digests(ref)
+
+
+def test_missing_committed_part_conflicts(tmp_path):
+    w = DatasetWriter(tmp_path, flush_threshold_mb=0.0, run_key="A")
+    w.add(chunk(make_rows(4), 0, 4))
+    w.commit({})
+    w.abort()
+    (tmp_path / STAGING_DIR / journal(tmp_path)["parts"][0]).unlink()
+    with pytest.raises(StagingConflict, match="incomplete"):
+        DatasetWriter(tmp_path, run_key="A")
+
+
+def test_commit_validation(tmp_path):
+    w = DatasetWriter(tmp_path / "out")
+    w.add(chunk(make_rows(4), 0, 4))
+    with pytest.raises(ValueError, match="run_key"):
+        w.commit({})
+    w = DatasetWriter(tmp_path / "out", run_key="A")
+    w.add(chunk(make_rows(4), 0, 4))
+    with pytest.raises(TypeError):
+        w.commit({"bad": object()})
+    assert not (tmp_path / "out").exists()  # a failed commit wrote nothing
+
+
+def test_resumed_zero_row_configs_and_no_new_rows(tmp_path):
+    w = DatasetWriter(tmp_path, run_key="A")
+    w.add(chunk(make_rows(0, heads=1), 0, 0, layer=2, kind="k", heads=(3,)))
+    w.add(chunk(make_rows(5), 0, 5))
+    w.commit({"done": True})
+    del w
+    w = DatasetWriter(tmp_path, run_key="A")
+    assert w.resumed_state == {"done": True}
+    assert w.close() == {"l00h00q": 5, "l00h01q": 5, "l02h03k": 0}
+
+
+# -- replacement, abort, discard, leftovers -----------------------------------
 
 
 def test_replaces_captured_config_and_keeps_others(tmp_path):
@@ -194,17 +469,34 @@ def test_zero_row_config(tmp_path):
     assert t.schema.field("sliding_window").type == pa.int32()
 
 
-def test_abort_leaves_final_files(tmp_path):
+def test_abort_without_commit_removes_staging_and_keeps_final_files(tmp_path):
     write(tmp_path, make_rows(10), [])
     before = digest(tmp_path / "l00h00q" / "data.parquet")
     w = DatasetWriter(tmp_path, flush_threshold_mb=0.0)
     w.add(chunk(make_rows(5, seed=9), 0, 5))
     w.add(chunk(make_rows(5, seed=9), 0, 5, layer=1))
-    assert (tmp_path / PARTS_DIR).exists()
+    assert (tmp_path / STAGING_DIR).exists()
     w.abort()
-    assert not (tmp_path / PARTS_DIR).exists()
+    assert not (tmp_path / STAGING_DIR).exists()
     assert digest(tmp_path / "l00h00q" / "data.parquet") == before
     assert not (tmp_path / "l01h00q").exists()
+
+
+def test_abort_keeps_committed_state_and_discard_removes_it(tmp_path):
+    w = DatasetWriter(tmp_path, flush_threshold_mb=0.0, run_key="A")
+    w.add(chunk(make_rows(5), 0, 5))
+    w.commit({"documents_done": 1})
+    w.add(chunk(make_rows(5, seed=2), 0, 5))  # spilled, uncommitted
+    committed = journal(tmp_path)["parts"]
+    assert len(staged_parts(tmp_path)) == len(committed) + 1
+    w.abort()
+    assert staged_parts(tmp_path) == committed
+    assert sorted(p.name for p in w.staging_dir.iterdir()) == sorted([JOURNAL_FILE, *committed])
+    w = DatasetWriter(tmp_path, run_key="A")
+    assert w.resumed_state == {"documents_done": 1}
+    w.discard()
+    assert not w.staging_dir.exists()
+    assert DatasetWriter(tmp_path, run_key="B").resumed_state is None  # no conflict left
 
 
 def test_context_manager_aborts_on_error(tmp_path):
@@ -212,6 +504,20 @@ def test_context_manager_aborts_on_error(tmp_path):
         with DatasetWriter(tmp_path, flush_threshold_mb=0.0) as w:
             w.add(chunk(make_rows(5), 0, 5))
             raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nothing_created_before_first_add_or_commit(tmp_path):
+    root = tmp_path / "new" / "root"
+    w = DatasetWriter(root, flush_threshold_mb=1.0, run_key="A")
+    assert not (tmp_path / "new").exists()
+    w.add(chunk(make_rows(3), 0, 3))  # buffered, below the threshold
+    assert not (tmp_path / "new").exists()
+    w.abort()
+    w = DatasetWriter(root, flush_threshold_mb=0.0, run_key="A")
+    w.add(chunk(make_rows(3), 0, 3))
+    assert w.staging_dir.exists()
+    w.abort()  # no commit: the run leaves nothing, not even the directories it created
     assert list(tmp_path.iterdir()) == []
 
 
@@ -223,9 +529,10 @@ def test_no_temp_files_left(tmp_path):
     assert sorted(p.name for p in (tmp_path / "l00h00q").iterdir()) == ["data.parquet"]
 
 
-def test_stale_parts_from_crashed_run_are_ignored(tmp_path):
-    stale = tmp_path / PARTS_DIR / "l00h00q"
-    stale.mkdir(parents=True)
-    (stale / "part-000000.parquet").write_bytes(b"garbage")
+def test_stale_staging_without_journal_is_removed(tmp_path):
+    stale = tmp_path / STAGING_DIR
+    stale.mkdir()
+    (stale / "part-000000.arrow").write_bytes(b"garbage")
+    (stale / ".part-000001.arrow.tmp").write_bytes(b"garbage")
     assert write(tmp_path, make_rows(5), []) == {"l00h00q": 5, "l00h01q": 5}
-    assert not (tmp_path / PARTS_DIR).exists()
+    assert not (tmp_path / STAGING_DIR).exists()

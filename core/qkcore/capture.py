@@ -73,12 +73,14 @@ class CaptureSession:
         self._selections: dict[tuple[int, str], _Selection] = {}
         self._pending: dict[tuple[int, str], torch.Tensor] = {}
         self._active = False
+        self._seq_len = 0
 
     # -- per batch -----------------------------------------------------
     def begin_batch(self, example_ids: list[int], lengths: list[int]) -> None:
         """Decide, before the forward, which positions each (layer, kind) keeps."""
         self._selections.clear()
         self._pending.clear()
+        self._seq_len = max(lengths, default=0)  # batches are right-padded to the longest
         for layer, kind in self.plan.heads:
             batch_parts, pos_parts, id_parts = [], [], []
             for b, (example_id, length) in enumerate(zip(example_ids, lengths)):
@@ -149,12 +151,26 @@ class CaptureSession:
         batch_index, positions, heads = selection.indices(tensor.device, self._head_tensors[key])
         # Advanced indexing gathers only the kept rows: (n, heads, dim), no full-tensor copy.
         rows = tensor.detach()[batch_index[:, None], heads[None, :], positions[:, None]].permute(1, 0, 2)
-        if kind == "q" and self.postprocess_query is not None:
+        # The post-processing undoes what a family does to the query *after* RoPE,
+        # so it never applies to pre-RoPE rows.
+        if kind == "q" and self.postprocess_query is not None and not self.plan.pre_rope:
             rows = self.postprocess_query(layer=layer, query=rows, positions=positions)
         self._pending[key] = rows
 
-    def _on_pre_rope(self, layer: AttentionLayer, kind: str, output: torch.Tensor) -> None:
+    def _on_pre_rope(self, layer: AttentionLayer, kind: str, output: torch.Tensor, heads_first: bool) -> None:
         if not self._active:
+            return
+        seq_axis = 2 if heads_first else 1
+        if output.dim() == 4 and output.shape[seq_axis] != self._seq_len:
+            # A (batch, heads, seq, dim) tensor would .view() as sequence-first without error
+            # and scramble the rows: refuse instead.
+            raise QkcoreError(
+                f"layer {layer.index} ({kind}): the pre-RoPE source outputs shape {tuple(output.shape)}, but the "
+                f"plugin declared {'heads' if heads_first else 'sequence'}-first layout (sequence length "
+                f"{self._seq_len}); fix RopeSite.heads_first in the model's plugin"
+            )
+        if heads_first:  # already (batch, heads, seq, dim)
+            self._capture(layer, kind, output)
             return
         num_heads = layer.num_query_heads if kind == "q" else layer.num_key_value_heads
         batch, seq = output.shape[0], output.shape[1]
@@ -169,11 +185,11 @@ class CaptureSession:
         handles: list[Any] = []
         try:
             if self.plan.pre_rope:
-                for index, site in self.plan.rope_sites.items():
-                    layer = self.plan.layers[index]
+                for index, layer in self.plan.layers.items():
+                    site = self.plan.rope_sites[index]
                     for kind, source in (("q", site.query_source), ("k", site.key_source)):
                         if (index, kind) in self.plan.heads:
-                            handles.append(source.register_forward_hook(self._pre_rope_hook(layer, kind)))
+                            handles.append(source.register_forward_hook(self._pre_rope_hook(layer, kind, site.heads_first)))
             else:
                 handles.append(instrument(model=model, layers=list(self.plan.layers.values()), on_qk=self.on_qk))
             yield self
@@ -181,8 +197,8 @@ class CaptureSession:
             for handle in reversed(handles):
                 handle.remove()
 
-    def _pre_rope_hook(self, layer: AttentionLayer, kind: str) -> Callable[..., None]:
+    def _pre_rope_hook(self, layer: AttentionLayer, kind: str, heads_first: bool) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
-            self._on_pre_rope(layer, kind, output)
+            self._on_pre_rope(layer, kind, output, heads_first)
 
         return hook

@@ -34,7 +34,8 @@ def qkcore_model_class(config: Any) -> type | None:
     """Return the transformers class to load for this architecture config.
 
     Generic default: ``AutoModelForCausalLM``'s choice. A family whose checkpoints
-    are not causal LMs (e.g. a vision-language model) names its own class here.
+    are not causal LMs (e.g. a vision-language model) names its own class here:
+    an Auto class or a concrete ``PreTrainedModel`` subclass.
     """
 
 

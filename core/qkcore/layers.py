@@ -36,10 +36,13 @@ class RopeSite:
     """Where a layer's pre-RoPE query and key can be observed.
 
     ``query_source``/``key_source`` output the pre-RoPE tensors, shaped
-    ``(batch, seq, heads * head_dim)`` or ``(batch, seq, heads, head_dim)``.
-    ``applies_rope`` is false on NoPE layers, where post- and pre-RoPE coincide.
+    ``(batch, seq, heads * head_dim)`` or ``(batch, seq, heads, head_dim)``, or
+    ``(batch, heads, seq, head_dim)`` when ``heads_first`` (norms applied after
+    the head transpose). ``applies_rope`` is false on NoPE layers, where post-
+    and pre-RoPE coincide.
     """
 
     applies_rope: bool
     query_source: nn.Module
     key_source: nn.Module
+    heads_first: bool = False

@@ -110,6 +110,13 @@ def plan_capture(model: torch.nn.Module, family: Family, cfg: SniffConfig, insta
                     for q in q_heads
                 }
             )
+    if not query_heads:
+        kinds = ", ".join(sorted({layer.kind for layer in layers}))
+        raise ConfigError(
+            f"{cfg.source or '<config>'}: capture: no layer is eligible for capture "
+            f"(layer kinds: {kinds}; full_attention_only={capture.full_attention_only}, "
+            f"layers={capture.layers}, heads={capture.heads})"
+        )
     captured = {index: by_index[index] for index in query_heads}
     rope_sites = {index: family.hooks.qkcore_locate_rope(model=model, layer=layer) for index, layer in by_index.items()}
     return CapturePlan(layers=captured, heads=heads, pre_rope=capture.capture_pre_rope, rope_sites=rope_sites)

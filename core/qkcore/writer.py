@@ -1,40 +1,64 @@
-"""Buffered, spill-to-disk Parquet writer for captured query/key vectors.
+"""Buffered, crash-resumable Parquet writer for captured query/key vectors.
 
 Layout written under ``data_root``::
 
     lXXhYYq/data.parquet   queries of decoder layer XX, head YY
     lXXhYYk/data.parquet   keys of decoder layer XX, key head YY
+    .qkcore-staging/       only while a run is unfinished (see below)
 
-Each file has exactly the columns ``bucket`` int32, ``example_id`` int32 (low 32
-bits of the normalised 64-bit id), ``position`` int32, ``vector``
-fixed_size_list<float32>[head_dim] and ``sliding_window`` int32 (nullable),
-sorted stably by (64-bit example id, position) and zstd-compressed. The bytes
-depend only on the rows (and their arrival order), not on how they were
-chunked or spilled.
+Each final file has exactly the columns ``bucket`` int32, ``example_id`` int32 (low
+32 bits of the normalised 64-bit id, signed), ``position`` int32, ``vector``
+fixed_size_list<float32>[head_dim] and ``sliding_window`` int32 (nullable); it is
+zstd-compressed and sorted by (``example_id``, 64-bit id, ``position``), stably:
+rows with equal keys keep their arrival order. Sorting on the visible column first
+makes it sorted on disk; the 64-bit id second keeps two documents whose int32 ids
+collide contiguous. Row groups hold exactly ``row_group_size`` rows (the last one
+fewer), so the bytes depend only on the rows and their arrival order, never on
+chunking, spill threshold, commit frequency or a crash + resume (same pyarrow).
+
+Staging (``.qkcore-staging/``)::
+
+    part-000000.arrow ...  one Arrow IPC file (zstd) per spill, holding every config
+                           that had buffered rows, in config-name order; each config's
+                           rows are sorted and cut into record batches, and the file's
+                           schema metadata indexes them (config, first batch, key range
+                           of each batch, per-document row counts)
+    journal.json           the last commit: run_key, committed parts, configs, caller state
+
+A part is written to a temp file, fsynced and renamed, so it is complete or absent.
+Parts written after the last commit are not in the journal: a resumed run deletes
+them and the caller re-adds those rows.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-PARTS_DIR = ".qkcore-parts"
+STAGING_DIR = ".qkcore-staging"
+JOURNAL_FILE = "journal.json"
 DATA_FILE = "data.parquet"
-_ID64 = "_example_id64"  # extra column kept in part files only, for the final sort
+DEFAULT_ROW_GROUP_SIZE = 65536
+_JOURNAL_FORMAT = 1
+_INDEX_KEY = b"qkcore.index"
+_ID64 = "_example_id64"  # kept in parts only: the final sort needs the full id
+_PART_BATCH_MAX_ROWS = 8192  # small batches let close() read only the key ranges it needs
 _INT32_MIN, _INT32_MAX = int(np.iinfo(np.int32).min), int(np.iinfo(np.int32).max)
 _CONFIG_RE = re.compile(r"^l(\d{2,})h(\d{2,})([qk])$")
 
-# Writer options shared by part and final files. No option here writes a
-# timestamp; ``created_by`` only carries the pyarrow version, so output is
-# reproducible for a given pyarrow.
-_PARQUET_OPTS: dict = dict(
+# Writer options of the final files. No option here writes a timestamp;
+# ``created_by`` only carries the pyarrow version, so output is reproducible for a
+# given pyarrow.
+_PARQUET_OPTS: dict[str, Any] = dict(
     compression="zstd",
     version="2.6",
     data_page_version="1.0",
@@ -43,6 +67,27 @@ _PARQUET_OPTS: dict = dict(
     use_dictionary=["bucket", "example_id", "position", "sliding_window"],
     store_schema=True,  # keeps fixed_size_list (not plain list) on read-back
 )
+
+# Parts hold every config of a spill in one file, and configs may differ in
+# head_dim, so the vector is a (large) variable-size list there. IPC rather than
+# Parquet because opening a file and fetching one batch is cheap (Parquet footers
+# with hundreds of row groups cost ~10 ms per open); zstd because vectors upcast
+# from bf16 compress about 2x.
+_PART_SCHEMA = pa.schema(
+    [
+        pa.field(_ID64, pa.int64()),
+        pa.field("position", pa.int32()),
+        pa.field("bucket", pa.int32()),
+        pa.field("vector", pa.large_list(pa.float32())),
+    ]
+)
+_IPC_OPTS = pa.ipc.IpcWriteOptions(compression="zstd")
+
+_Key = tuple[int, int, int]  # (low 32 bits of id as int32, 64-bit id, position): the sort key
+
+
+class StagingConflict(ValueError):
+    """``data_root`` holds the staging of an unfinished run that this writer cannot resume."""
 
 
 @dataclass
@@ -91,13 +136,13 @@ def output_schema(head_dim: int) -> pa.Schema:
     )
 
 
-def _part_schema(head_dim: int) -> pa.Schema:
-    return output_schema(head_dim).append(pa.field(_ID64, pa.int64()))
-
-
 def low32_ids(ids: np.ndarray) -> np.ndarray:
     """Low 32 bits of int64 ids, reinterpreted as signed int32 (two's complement)."""
     return (np.asarray(ids, dtype=np.int64) & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
+
+
+def _low32(value: int) -> int:
+    return ((value & 0xFFFFFFFF) ^ 0x80000000) - 0x80000000
 
 
 def _to_int32(values: np.ndarray, what: str) -> np.ndarray:
@@ -118,91 +163,285 @@ def read_config(path: Path | str) -> pa.Table:
     return pq.read_table(path)
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make renames inside ``path`` durable (they live in the directory entry)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` via ``write(temp)``, fsync, rename: a reader or a crash sees old or new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # data on disk before the rename makes it visible
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+@dataclass
+class _Rows:
+    """Columnar rows of one config, as numpy arrays (buffering, spilling, sorting)."""
+
+    ids64: np.ndarray  # int64
+    positions: np.ndarray  # int32
+    buckets: np.ndarray  # int32
+    vectors: np.ndarray  # float32, (n, head_dim)
+
+    @classmethod
+    def concat(cls, parts: Sequence[_Rows], head_dim: int) -> _Rows:
+        if not parts:
+            return cls(
+                np.empty(0, np.int64),
+                np.empty(0, np.int32),
+                np.empty(0, np.int32),
+                np.empty((0, head_dim), np.float32),
+            )
+        if len(parts) == 1:
+            return parts[0]
+        return cls(
+            np.concatenate([p.ids64 for p in parts]),
+            np.concatenate([p.positions for p in parts]),
+            np.concatenate([p.buckets for p in parts]),
+            np.concatenate([p.vectors for p in parts]),
+        )
+
+    def __len__(self) -> int:
+        return len(self.ids64)
+
+    @property
+    def nbytes(self) -> int:
+        return self.ids64.nbytes + self.positions.nbytes + self.buckets.nbytes + self.vectors.nbytes
+
+    def take(self, index: np.ndarray | slice) -> _Rows:
+        """Rows selected by a mask, an index array (copies) or a slice (views)."""
+        return _Rows(self.ids64[index], self.positions[index], self.buckets[index], self.vectors[index])
+
+    def copy(self) -> _Rows:
+        return _Rows(self.ids64.copy(), self.positions.copy(), self.buckets.copy(), self.vectors.copy())
+
+    @classmethod
+    def sorted_concat(cls, parts: Sequence[_Rows], head_dim: int) -> _Rows:
+        """``parts`` concatenated and sorted by key, copying the vectors only once."""
+        if not parts:
+            return cls.concat([], head_dim)
+        order, ids64, positions, buckets = _sorted_columns(parts)
+        return cls(ids64, positions, buckets, _gather([p.vectors for p in parts], order, head_dim))
+
+    def within(self, lo: _Key, hi: _Key) -> np.ndarray:
+        """Mask of rows whose sort key lies in ``[lo, hi]`` (lexicographic)."""
+        id32, id64, pos = low32_ids(self.ids64), self.ids64, self.positions
+
+        def below(k: _Key) -> np.ndarray:
+            return (id32 < k[0]) | ((id32 == k[0]) & ((id64 < k[1]) | ((id64 == k[1]) & (pos < k[2]))))
+
+        def above(k: _Key) -> np.ndarray:
+            return (id32 > k[0]) | ((id32 == k[0]) & ((id64 > k[1]) | ((id64 == k[1]) & (pos > k[2]))))
+
+        return ~below(lo) & ~above(hi)
+
+
+def _sort_order(ids64: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Order by (int32 id, 64-bit id, position); np.lexsort is stable, so ties keep arrival order."""
+    return np.lexsort((positions, ids64, low32_ids(ids64)))
+
+
+def _sorted_columns(parts: Sequence[_Rows]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Sort order of ``parts`` concatenated, and their id/position/bucket columns in that order."""
+    ids64 = np.concatenate([p.ids64 for p in parts])
+    positions = np.concatenate([p.positions for p in parts])
+    order = _sort_order(ids64, positions)
+    return order, ids64[order], positions[order], np.concatenate([p.buckets for p in parts])[order]
+
+
+def _key(ids64: np.ndarray, positions: np.ndarray, i: int) -> _Key:
+    return (_low32(int(ids64[i])), int(ids64[i]), int(positions[i]))
+
+
+def _gather(parts: Sequence[np.ndarray], index: np.ndarray, head_dim: int) -> np.ndarray:
+    """``np.concatenate(parts)[index]`` without materialising the concatenation (memory bound)."""
+    if len(parts) == 1:
+        return parts[0][index]
+    out = np.empty((len(index), head_dim), np.float32)
+    starts = np.cumsum([0] + [len(p) for p in parts[:-1]])
+    which = np.searchsorted(starts, index, side="right") - 1
+    for c in np.unique(which):
+        sel = which == c
+        out[sel] = parts[c][index[sel] - starts[c]]
+    return out
+
+
+def _row_bytes(head_dim: int) -> int:
+    """Bytes of one row in memory (id64 + position + bucket + vector)."""
+    return 16 + 4 * head_dim
+
+
+def _part_batch(rows: _Rows) -> pa.RecordBatch:
+    n, head_dim = rows.vectors.shape
+    offsets = pa.array(np.arange(n + 1, dtype=np.int64) * head_dim)
+    vec = pa.LargeListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(rows.vectors).reshape(-1)))
+    cols = [pa.array(rows.ids64), pa.array(rows.positions), pa.array(rows.buckets), vec]
+    return pa.RecordBatch.from_arrays(cols, schema=_PART_SCHEMA)
+
+
+def _rows_from_batch(batch: pa.RecordBatch, head_dim: int) -> _Rows:
+    flat = batch.column(3).flatten().to_numpy(zero_copy_only=False)
+    return _Rows(
+        batch.column(0).to_numpy(zero_copy_only=False),
+        batch.column(1).to_numpy(zero_copy_only=False),
+        batch.column(2).to_numpy(zero_copy_only=False),
+        flat.reshape(-1, head_dim),
+    )
+
+
+def _final_table(rows: _Rows, head_dim: int, sliding_window: int | None) -> pa.Table:
+    n = len(rows)
+    flat = pa.array(np.ascontiguousarray(rows.vectors, dtype=np.float32).reshape(-1))
+    vec = pa.FixedSizeListArray.from_arrays(flat, head_dim)
+    sw = pa.nulls(n, pa.int32()) if sliding_window is None else pa.array(
+        np.full(n, sliding_window, dtype=np.int32)
+    )
+    cols = [pa.array(rows.buckets), pa.array(low32_ids(rows.ids64)), pa.array(rows.positions), vec, sw]
+    return pa.Table.from_arrays(cols, schema=output_schema(head_dim))
+
+
+def _pack(sizes: np.ndarray, budget: int) -> list[tuple[int, int]]:
+    """Greedy ``[start, end)`` spans of consecutive items summing to <= budget (an oversize item alone)."""
+    cum = np.cumsum(sizes)
+    spans: list[tuple[int, int]] = []
+    start, base = 0, 0
+    while start < len(sizes):
+        end = max(start + 1, int(np.searchsorted(cum, base + budget, side="right")))
+        spans.append((start, end))
+        base, start = int(cum[end - 1]), end
+    return spans
+
+
+@dataclass
+class _Slice:
+    """One config's rows inside one part file: sorted batches and per-document counts."""
+
+    path: Path
+    first_batch: int
+    keys: list[tuple[_Key, _Key]]  # (first, last) sort key of each batch
+    ids: np.ndarray  # distinct 64-bit ids
+    counts: np.ndarray  # rows per id
+
+
 @dataclass
 class _ConfigBuffer:
-    """In-memory rows and spilled parts of one config (layer, head, kind)."""
+    """Identity and not-yet-spilled rows of one config (layer, head, kind)."""
 
     head_dim: int
     sliding_window: int | None
-    ids64: list[np.ndarray] = field(default_factory=list)
-    positions: list[np.ndarray] = field(default_factory=list)  # int32
-    buckets: list[np.ndarray] = field(default_factory=list)  # int32
-    vectors: list[np.ndarray] = field(default_factory=list)  # float32 (n, head_dim)
-    parts: list[Path] = field(default_factory=list)
+    pending: list[_Rows] = field(default_factory=list)
     nbytes: int = 0
-
-    def take(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Concatenate and clear the in-memory rows."""
-        out = (
-            np.concatenate(self.ids64) if self.ids64 else np.empty(0, np.int64),
-            np.concatenate(self.positions) if self.positions else np.empty(0, np.int32),
-            np.concatenate(self.buckets) if self.buckets else np.empty(0, np.int32),
-            np.concatenate(self.vectors)
-            if self.vectors
-            else np.empty((0, self.head_dim), np.float32),
-        )
-        self.ids64, self.positions, self.buckets, self.vectors = [], [], [], []
-        self.nbytes = 0
-        return out
-
-
-def _build_table(
-    buf: _ConfigBuffer,
-    ids64: np.ndarray,
-    positions: np.ndarray,
-    buckets: np.ndarray,
-    vectors: np.ndarray,
-    *,
-    with_id64: bool,
-) -> pa.Table:
-    n = len(ids64)
-    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
-    vec = pa.FixedSizeListArray.from_arrays(flat, buf.head_dim)
-    sw = pa.nulls(n, pa.int32()) if buf.sliding_window is None else pa.array(
-        np.full(n, buf.sliding_window, dtype=np.int32)
-    )
-    cols = [pa.array(buckets), pa.array(low32_ids(ids64)), pa.array(positions), vec, sw]
-    schema = output_schema(buf.head_dim)
-    if with_id64:
-        cols.append(pa.array(ids64))
-        schema = _part_schema(buf.head_dim)
-    return pa.Table.from_arrays(cols, schema=schema)
 
 
 class DatasetWriter:
-    """Collects captured chunks per config, spills under memory pressure, writes final files.
+    """Collects captured chunks per config, spills to staging, commits, resumes, writes final files.
 
-    Host memory stays bounded by ``flush_threshold_mb`` during capture; ``close``
-    then materialises one config at a time (its rows must fit in RAM once).
+    Memory bound (``T = flush_threshold_mb``, ``R = row_group_size``):
+
+    * capture: buffered rows stay below ``T`` plus the last added chunk. The ``add``
+      that crosses ``T`` spills every config into one part file, gathering one part
+      batch at a time (no second copy of the buffer).
+    * ``close()`` never loads a whole config. It splits each config, in sort order,
+      into key ranges of at most ``T/2`` of rows (whole documents, or position ranges
+      of a document larger than that), gathers a range from the part batches that
+      overlap it (each at most ``T/8`` and 8192 rows) and sorts it into a second
+      copy: at most ``T`` of rows at once. Row-group assembly adds fewer than ``2R``
+      rows (carry-over and the group being written) plus the Parquet writer's buffer
+      of one group; the part indexes (a few integers per config, part and document)
+      and, while an oversized document is split, its positions are small. With the
+      defaults (256 MB, 65536-row groups of 34 MB at head_dim 128) that is about
+      ``T + 100 MB``. Only a single (document, position) key repeated over ``T/2``
+      worth of rows can exceed it (a range cannot split one key).
+
+    Crash-resume: ``commit(state)`` makes every row added so far durable and records
+    ``state``; a writer opened later with the same ``run_key`` resumes there
+    (``resumed_state``). One writer per ``data_root`` at a time.
     """
 
     def __init__(
         self,
-        data_root: Path,
+        data_root: Path | str,
         *,
         flush_threshold_mb: float = 256.0,
         row_group_size: int | None = None,
+        run_key: str | None = None,
+        restart: bool = False,
     ) -> None:
+        """Open a writer; resume the staged run of the same ``run_key`` if there is one.
+
+        Raises :class:`StagingConflict` if ``data_root`` holds a committed run of a
+        different ``run_key`` (or this writer has none), unless ``restart`` discards it.
+        Creates nothing on disk: that waits for the first spill or commit.
+        """
+        if flush_threshold_mb < 0:
+            raise ValueError(f"flush_threshold_mb must be >= 0, got {flush_threshold_mb}")
+        if row_group_size is not None and row_group_size < 1:
+            raise ValueError(f"row_group_size must be >= 1, got {row_group_size}")
         self.data_root = Path(data_root)
         self.flush_threshold_bytes = int(flush_threshold_mb * 1024 * 1024)
-        self.row_group_size = row_group_size
-        self._parts_root = self.data_root / PARTS_DIR
+        # A fixed default (not derived from the threshold) so bytes never depend on it.
+        self.row_group_size = row_group_size or DEFAULT_ROW_GROUP_SIZE
+        self.run_key = run_key
+        self._staging = self.data_root / STAGING_DIR
         self._buffers: dict[str, _ConfigBuffer] = {}
         self._buffered = 0
-        self._part_counter = 0
-        self._closed = False
-        # Parts left by a crashed run are never valid input to this run.
-        if self._parts_root.exists():
-            shutil.rmtree(self._parts_root)
+        self._committed: list[str] = []  # part file names listed in the journal
+        self._uncommitted: list[str] = []  # written since the last commit
+        self._next_part = 0
+        self._resumed_state: Any = None
+        self._created_top: Path | None = None  # highest directory this writer created
+        self._done = False
+        self._close_peak_rows = 0
+        if restart:
+            shutil.rmtree(self._staging, ignore_errors=True)
+        if (self._staging / JOURNAL_FILE).exists():
+            self._resume()
+        elif self._staging.exists():
+            # No journal: the previous run died before its first commit, nothing to keep.
+            shutil.rmtree(self._staging)
 
+    # -- properties ---------------------------------------------------------
+    @property
+    def staging_dir(self) -> Path:
+        """Where parts and the journal live until ``close()``."""
+        return self._staging
+
+    @property
+    def resumed_state(self) -> Any:
+        """The ``state`` of the commit this writer resumed from, else ``None``."""
+        return self._resumed_state
+
+    @property
+    def close_peak_rows(self) -> int:
+        """Most rows the last ``close()`` held at once while sorting (a diagnostic)."""
+        return self._close_peak_rows
+
+    def buffered_bytes(self) -> int:
+        """Bytes currently held in memory (not yet spilled)."""
+        return self._buffered
+
+    # -- capture ------------------------------------------------------------
     def add(self, chunk: CapturedChunk) -> None:
         """Split ``chunk`` per head into config buffers; spill if over the threshold."""
-        if self._closed:
-            raise RuntimeError("DatasetWriter is closed")
+        self._check_open()
         vectors = np.asarray(chunk.vectors)
-        if vectors.ndim != 3 or vectors.shape[0] != len(chunk.heads):
+        if vectors.ndim != 3 or vectors.shape[0] != len(chunk.heads) or vectors.shape[2] < 1:
             raise ValueError(
-                f"vectors must be (len(heads)={len(chunk.heads)}, n, head_dim), got {vectors.shape}"
+                f"vectors must be (len(heads)={len(chunk.heads)}, n, head_dim>=1), got {vectors.shape}"
             )
         if len(set(chunk.heads)) != len(chunk.heads):
             raise ValueError(f"duplicate heads in chunk: {chunk.heads}")
@@ -228,95 +467,301 @@ class DatasetWriter:
             if n == 0:
                 continue  # the config is still recorded, so close() writes an empty file
             # Copy: the caller may reuse its capture buffer after add() returns.
-            vec = np.array(vectors[i], dtype=np.float32, copy=True)
-            buf.ids64.append(ids64)
-            buf.positions.append(positions)
-            buf.buckets.append(buckets)
-            buf.vectors.append(vec)
-            added = ids64.nbytes + positions.nbytes + buckets.nbytes + vec.nbytes
-            buf.nbytes += added
-            self._buffered += added
+            rows = _Rows(ids64, positions, buckets, np.array(vectors[i], dtype=np.float32, copy=True))
+            buf.pending.append(rows)
+            buf.nbytes += rows.nbytes
+            self._buffered += rows.nbytes
         if self._buffered > self.flush_threshold_bytes:
             self._spill()
 
-    def buffered_bytes(self) -> int:
-        """Bytes currently held in memory (not yet spilled)."""
-        return self._buffered
+    def commit(self, state: Any) -> None:
+        """Make every row added so far durable and record ``state`` (JSON-able) in the journal.
 
-    def _spill(self) -> None:
-        """Write every non-empty buffer to a new part file and free the memory."""
-        for name, buf in self._buffers.items():
-            if buf.nbytes == 0:
-                continue
-            table = _build_table(buf, *buf.take(), with_id64=True)
-            part_dir = self._parts_root / name
-            part_dir.mkdir(parents=True, exist_ok=True)
-            final = part_dir / f"part-{self._part_counter:06d}.parquet"
-            tmp = part_dir / f".{final.name}.tmp"
-            pq.write_table(table, tmp, **_PARQUET_OPTS)
-            os.replace(tmp, final)  # a part is either complete or absent
-            buf.parts.append(final)
-        self._part_counter += 1
-        self._buffered = 0
+        After this returns, a crash (even ``kill -9``) loses nothing added before it:
+        a writer opened with the same ``run_key`` resumes here and returns ``state``
+        as ``resumed_state``.
+        """
+        self._check_open()
+        if self.run_key is None:
+            raise ValueError("commit() needs a writer opened with a run_key")
+        # Round-trip now: a non-JSON state fails before anything is written, and later
+        # mutation of the caller's dict cannot change what was committed.
+        state = json.loads(json.dumps(state))
+        self._spill()
+        self._ensure_staging()
+        journal = {
+            "format": _JOURNAL_FORMAT,
+            "run_key": self.run_key,
+            "parts": self._committed + self._uncommitted,
+            "next_part": self._next_part,
+            "configs": {
+                name: {"head_dim": buf.head_dim, "sliding_window": buf.sliding_window}
+                for name, buf in sorted(self._buffers.items())
+            },
+            "state": state,
+        }
+        text = json.dumps(journal, indent=1, sort_keys=True)
+        _write_durably(self._staging / JOURNAL_FILE, lambda tmp: tmp.write_text(text))
+        self._committed += self._uncommitted
+        self._uncommitted = []
 
+    # -- finishing ----------------------------------------------------------
     def close(self) -> dict[str, int]:
-        """Write every captured config's ``data.parquet``; return rows written per config."""
-        if self._closed:
-            raise RuntimeError("DatasetWriter is closed")
-        written: dict[str, int] = {}
-        for name in sorted(self._buffers):
-            buf = self._buffers[name]
-            written[name] = self._write_config(name, buf)
-            self._buffers[name] = _ConfigBuffer(buf.head_dim, buf.sliding_window)  # free RAM
-        self._buffered = 0
-        self._closed = True
-        shutil.rmtree(self._parts_root, ignore_errors=True)
+        """Write every config this run captured (atomically), remove staging; return rows per config.
+
+        Configs not captured by this run are left untouched.
+        """
+        self._check_open()
+        self._spill()  # one code path: close() reads every row from the parts
+        slices = self._load_index()
+        written = {
+            name: self._write_config(name, self._buffers[name], slices.pop(name, []))
+            for name in sorted(self._buffers)
+        }
+        self._finish()
+        shutil.rmtree(self._staging, ignore_errors=True)
         return written
 
-    def _write_config(self, name: str, buf: _ConfigBuffer) -> int:
-        pieces = [pq.read_table(p, schema=_part_schema(buf.head_dim)) for p in buf.parts]
-        pieces.append(_build_table(buf, *buf.take(), with_id64=True))
-        table = pa.concat_tables(pieces).combine_chunks()
-        ids64 = table.column(_ID64).to_numpy()
-        positions = table.column("position").to_numpy()
-        # lexsort is stable: equal (id, position) keep their arrival order.
-        order = np.lexsort((positions, ids64))
-        table = table.take(pa.array(order)).drop_columns([_ID64]).combine_chunks()
-        out_dir = self.data_root / name
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = out_dir / f".{DATA_FILE}.tmp"
-        try:
-            pq.write_table(
-                table,
-                tmp,
-                row_group_size=self.row_group_size,
-                **_PARQUET_OPTS,
-            )
-            os.replace(tmp, out_dir / DATA_FILE)  # replaces an older run's file atomically
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        return table.num_rows
-
     def abort(self) -> None:
-        """Drop buffered rows and this run's part/temp files; final files are untouched."""
-        for name in self._buffers:
-            tmp = self.data_root / name / f".{DATA_FILE}.tmp"
-            if tmp.exists():
-                tmp.unlink()
-        self._buffers.clear()
-        self._buffered = 0
-        self._closed = True
-        shutil.rmtree(self._parts_root, ignore_errors=True)
+        """Drop rows added since the last commit; keep the journal and committed parts.
+
+        The same command can then resume from the last commit. Without any commit,
+        staging is removed entirely. Final files are untouched.
+        """
+        if self._done:
+            return
+        self._finish()
+        if not (self._staging / JOURNAL_FILE).exists():
+            self._remove_staging()
+            return
+        keep = {JOURNAL_FILE, *self._committed}
+        for path in self._staging.iterdir():
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
+
+    def discard(self) -> None:
+        """Remove the staging directory entirely (committed state included); final files are untouched."""
+        self._finish()
+        self._remove_staging()
 
     def __enter__(self) -> DatasetWriter:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        """Close on success, abort on error, so a failed run leaves no partial output."""
-        if self._closed:
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        """Close on success, abort on error (committed state survives for a resume)."""
+        if self._done:
             return
         if exc_type is None:
             self.close()
         else:
             self.abort()
+
+    # -- internals ----------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._done:
+            raise RuntimeError("DatasetWriter is closed")
+
+    def _finish(self) -> None:
+        self._buffers.clear()
+        self._buffered = 0
+        self._done = True
+
+    def _remove_staging(self) -> None:
+        shutil.rmtree(self._staging, ignore_errors=True)
+        # Remove the directories this writer created, while empty: a failed run leaves nothing.
+        path = self.data_root
+        while self._created_top is not None and path != self._created_top.parent:
+            try:
+                path.rmdir()
+            except OSError:
+                break
+            path = path.parent
+
+    def _ensure_staging(self) -> None:
+        if self._staging.exists():
+            return
+        if self._created_top is None and not self.data_root.exists():
+            top = self.data_root
+            while not top.parent.exists():
+                top = top.parent
+            self._created_top = top
+        self._staging.mkdir(parents=True)
+
+    def _resume(self) -> None:
+        path = self._staging / JOURNAL_FILE
+        try:
+            journal = json.loads(path.read_text())
+            parts, configs = list(journal["parts"]), dict(journal["configs"])
+            ok = journal.get("format") == _JOURNAL_FORMAT
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise StagingConflict(
+                f"{self._staging} holds an unreadable journal ({exc}); pass restart to discard it"
+            ) from exc
+        if not ok or self.run_key is None or journal.get("run_key") != self.run_key:
+            raise StagingConflict(
+                f"{self._staging} holds an unfinished run whose configuration differs from this "
+                f"one (run_key {journal.get('run_key')!r}, this run {self.run_key!r}); "
+                "restart to discard it, or rerun the previous configuration to resume it"
+            )
+        missing = [p for p in parts if not (self._staging / p).is_file()]
+        if missing:
+            raise StagingConflict(
+                f"{self._staging} is incomplete (missing {', '.join(missing[:3])}); restart to discard it"
+            )
+        keep = {JOURNAL_FILE, *parts}
+        for entry in self._staging.iterdir():  # parts written after the last commit, temp files
+            if entry.name not in keep:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        self._committed = parts
+        self._next_part = int(journal["next_part"])
+        self._buffers = {
+            name: _ConfigBuffer(int(meta["head_dim"]), meta["sliding_window"])
+            for name, meta in configs.items()
+        }
+        self._resumed_state = journal["state"]
+
+    def _part_batch_rows(self, head_dim: int) -> int:
+        return max(1, min(_PART_BATCH_MAX_ROWS, self.flush_threshold_bytes // 8 // _row_bytes(head_dim)))
+
+    def _spill(self) -> None:
+        """Write every non-empty buffer into ONE new part file and free the memory."""
+        names = sorted(name for name, buf in self._buffers.items() if buf.pending)
+        if not names:
+            return
+        # Pass 1, cheap columns only: sort each config and index the batches (the
+        # index goes in the schema, which the IPC file writes first). Sorted runs let
+        # close() fetch only the batches overlapping a key range.
+        plans = []
+        index: list[dict[str, Any]] = []
+        n_batches = 0
+        for name in names:
+            buf = self._buffers[name]
+            order, ids64, positions, buckets = _sorted_columns(buf.pending)
+            step = self._part_batch_rows(buf.head_dim)
+            starts = range(0, len(order), step)
+            bounds = [
+                [*_key(ids64, positions, s), *_key(ids64, positions, min(s + step, len(order)) - 1)] for s in starts
+            ]
+            ids, counts = np.unique(ids64, return_counts=True)
+            index.append(
+                {"config": name, "first_batch": n_batches, "keys": bounds, "ids": ids.tolist(), "counts": counts.tolist()}
+            )
+            plans.append((buf, order, ids64, positions, buckets, starts))
+            n_batches += len(bounds)
+        schema = _PART_SCHEMA.with_metadata({_INDEX_KEY: json.dumps(index, separators=(",", ":"))})
+
+        def write(tmp: Path) -> None:
+            # Pass 2: gather each batch's vectors in sorted order and write it at once,
+            # so a spill holds the buffered rows plus one batch, never a second copy.
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema, options=_IPC_OPTS) as out:
+                for buf, order, ids64, positions, buckets, starts in plans:
+                    vectors = [r.vectors for r in buf.pending]
+                    for s in starts:
+                        sl = slice(s, s + starts.step)
+                        gathered = _gather(vectors, order[sl], buf.head_dim)
+                        out.write_batch(_part_batch(_Rows(ids64[sl], positions[sl], buckets[sl], gathered)))
+
+        self._ensure_staging()
+        name = f"part-{self._next_part:06d}.arrow"
+        _write_durably(self._staging / name, write)
+        for buf, *_ in plans:  # only now: a failed write loses nothing
+            buf.pending, buf.nbytes = [], 0
+        self._next_part += 1
+        self._uncommitted.append(name)
+        self._buffered = 0
+
+    def _load_index(self) -> dict[str, list[_Slice]]:
+        """Every config's slices, in part (= arrival) order."""
+        slices: dict[str, list[_Slice]] = {}
+        for part in self._committed + self._uncommitted:
+            path = self._staging / part
+            with pa.OSFile(str(path)) as src:
+                index = json.loads(pa.ipc.open_file(src).schema.metadata[_INDEX_KEY])
+            for entry in index:
+                keys = [((k[0], k[1], k[2]), (k[3], k[4], k[5])) for k in entry["keys"]]
+                slices.setdefault(entry["config"], []).append(
+                    _Slice(
+                        path,
+                        entry["first_batch"],
+                        keys,
+                        np.asarray(entry["ids"], dtype=np.int64),
+                        np.asarray(entry["counts"], dtype=np.int64),
+                    )
+                )
+        return slices
+
+    @staticmethod
+    def _iter_range(slices: list[_Slice], lo: _Key, hi: _Key, head_dim: int) -> Iterator[_Rows]:
+        """Rows with sort key in ``[lo, hi]``, one part batch at a time, in arrival order."""
+        for sl in slices:
+            wanted = [sl.first_batch + i for i, (first, last) in enumerate(sl.keys) if last >= lo and first <= hi]
+            if not wanted:
+                continue
+            with pa.OSFile(str(sl.path)) as src:
+                reader = pa.ipc.open_file(src)
+                for b in wanted:
+                    rows = _rows_from_batch(reader.get_batch(b), head_dim)
+                    mask = rows.within(lo, hi)
+                    yield rows if mask.all() else rows.take(mask)
+
+    def _plan_ranges(self, slices: list[_Slice], budget: int, head_dim: int) -> list[tuple[_Key, _Key]]:
+        """Consecutive key ranges of at most ``budget`` rows that cover the config in sort order."""
+        if not slices:
+            return []
+        docs, inverse = np.unique(np.concatenate([s.ids for s in slices]), return_inverse=True)
+        totals = np.zeros(len(docs), np.int64)
+        np.add.at(totals, inverse, np.concatenate([s.counts for s in slices]))
+        order = np.lexsort((docs, low32_ids(docs)))
+        docs, totals = docs[order], totals[order]
+        ranges: list[tuple[_Key, _Key]] = []
+        for start, end in _pack(totals, budget):
+            first, last = int(docs[start]), int(docs[end - 1])
+            if end - start > 1 or totals[start] <= budget:
+                ranges.append(((_low32(first), first, _INT32_MIN), (_low32(last), last, _INT32_MAX)))
+                continue
+            # One document larger than the budget: split it by position (reading positions only).
+            k32 = _low32(first)
+            lo, hi = (k32, first, _INT32_MIN), (k32, first, _INT32_MAX)
+            positions = np.concatenate([r.positions.copy() for r in self._iter_range(slices, lo, hi, head_dim)])
+            values, counts = np.unique(positions, return_counts=True)
+            for a, b in _pack(counts, budget):
+                ranges.append(((k32, first, int(values[a])), (k32, first, int(values[b - 1]))))
+        return ranges
+
+    def _write_config(self, name: str, buf: _ConfigBuffer, slices: list[_Slice]) -> int:
+        head_dim, group = buf.head_dim, self.row_group_size
+        # Half the threshold per range: sorting makes a second copy of it.
+        budget = max(1, self.flush_threshold_bytes // (2 * _row_bytes(head_dim)))
+        total = 0
+
+        def emit(out: pq.ParquetWriter, rows: _Rows) -> None:
+            # Each write_table call is exactly one row group, from contiguous arrays, so
+            # row groups and pages never depend on how the rows were chunked.
+            out.write_table(_final_table(rows, head_dim, buf.sliding_window))
+
+        def write(tmp: Path) -> None:
+            nonlocal total
+            with pq.ParquetWriter(tmp, output_schema(head_dim), **_PARQUET_OPTS) as out:
+                carry = _Rows.concat([], head_dim)  # < row_group_size rows awaiting their row group
+                for lo, hi in self._plan_ranges(slices, budget, head_dim):
+                    rows = _Rows.sorted_concat(list(self._iter_range(slices, lo, hi, head_dim)), head_dim)
+                    self._close_peak_rows = max(self._close_peak_rows, len(rows) + len(carry))
+                    total += len(rows)
+                    if len(carry):
+                        need = group - len(carry)
+                        carry = _Rows.concat([carry, rows.take(slice(0, need))], head_dim)
+                        rows = rows.take(slice(need, None))
+                        if len(carry) < group:
+                            continue
+                        emit(out, carry)
+                    full = len(rows) - len(rows) % group
+                    for start in range(0, full, group):
+                        emit(out, rows.take(slice(start, start + group)))
+                    carry = rows.take(slice(full, None)).copy()  # copy: frees the range
+                if len(carry) or total == 0:
+                    emit(out, carry)  # a config with no rows still gets a file with the schema
+
+        out_dir = self.data_root / name
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_durably(out_dir / DATA_FILE, write)  # replaces an older run's file atomically
+        return total

@@ -105,8 +105,13 @@ def load_model(model_cfg: Any, config: Any, model_class: Any, dtype: Any, device
     torch_dtype = None if dtype == "auto" else dtype
     if model_cfg.config is not None:
         torch.manual_seed(model_cfg.init_seed)
+        # Auto classes build with from_config, concrete model classes with _from_config.
+        build = getattr(model_class, "from_config", None) or model_class._from_config
         try:
-            model = model_class.from_config(config, attn_implementation=attn, dtype=torch_dtype)
+            # Initialise directly on the device: an 8B random model built on the CPU
+            # first takes minutes and twice the host memory.
+            with torch.device(device):
+                model = build(config, attn_implementation=attn, dtype=torch_dtype)
         except ValueError as exc:
             raise QkcoreError(f"model.config: cannot build '{config.model_type}' with {model_class.__name__}: {exc}") from exc
     else:

@@ -1,0 +1,75 @@
+"""Running under ``torchrun``: one process per GPU, documents sharded by rank.
+
+Document ``i`` (in dataset order) belongs to rank ``i % world_size``. Each rank
+writes its own part; rank 0 merges the parts (the writer's sort makes the
+merged files identical to a single-process run), writes the card and pushes.
+Outside torchrun this is a no-op context of one rank.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def owns(self, document_index: int) -> bool:
+        """Whether this rank captures the document at ``document_index``."""
+        return document_index % self.world_size == self.rank
+
+    def device(self, requested: torch.device) -> torch.device:
+        """One GPU per rank: ``cuda:LOCAL_RANK`` when the run asked for CUDA."""
+        if self.distributed and requested.type == "cuda":
+            return torch.device("cuda", self.local_rank)
+        return requested
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (picklable), in rank order, on every rank."""
+        if not self.distributed:
+            return [value]
+        values: list[Any] = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
+
+def init_ranks() -> Ranks:
+    """Read torchrun's environment and join the process group (gloo on CPU, nccl on GPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Ranks()
+    ranks = Ranks(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        use_cuda = torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(ranks.local_rank)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return ranks
+
+
+def shutdown(ranks: Ranks) -> None:
+    """Leave the process group (no-op for a single process)."""
+    if ranks.distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,483 @@
+"""``qkcore plan``: what a capture would write and cost, before spending GPU hours.
+
+The model is built from its architecture config on PyTorch's ``meta`` device
+(no weights are read or allocated), so the family plugin's hooks and
+:func:`qkcore.sniff.plan_capture` pick exactly the layers and heads a real run
+would. From the sampler's keep probabilities the plan derives the expected rows
+per config, the uncompressed disk size, and a GPU-time estimate from
+:data:`THROUGHPUT_TOKENS_PER_S`.
+
+Document lengths are assumptions (the dataset is not read): every document is
+``tokenizer.max_length`` tokens long, ``dataset.max_samples`` of them (or
+``--documents N``, default :data:`DEFAULT_DOCUMENTS`), unless ``--lengths``
+gives explicit token counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import warnings
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+import torch
+from torch import nn
+
+from qkcore.config import QkcoreConfigWarning, SniffConfig, load_config
+from qkcore.errors import QkcoreError
+from qkcore.heads import _ranges, select_query_heads
+from qkcore.plugins import Family, installed_summary, make_plugin_manager, resolve_family
+from qkcore.samplers import Sampler
+from qkcore.sniff import build_sampler, plan_capture
+from qkcore.sources.model import load_architecture
+from qkcore.writer import config_name
+
+__all__ = [
+    "DEFAULT_DOCUMENTS",
+    "DISK_WARNING_BYTES",
+    "THROUGHPUT_SOURCE",
+    "THROUGHPUT_TOKENS_PER_S",
+    "LayerPlan",
+    "Plan",
+    "PlanCommand",
+    "build_meta_model",
+    "estimate_gpu_seconds",
+    "expected_rows",
+    "format_plan",
+    "make_plan",
+    "non_embedding_parameters",
+    "row_bytes",
+    "throughput_tokens_per_s",
+]
+
+#: Documents assumed when ``dataset.max_samples`` is null and no ``--documents`` is given.
+DEFAULT_DOCUMENTS = 500
+#: A plan whose estimated disk size exceeds this (1 TB, decimal) is flagged.
+DISK_WARNING_BYTES = 1e12
+#: Bytes per row besides the vector: bucket, example_id, position, sliding_window (int32 each).
+ROW_OVERHEAD_BYTES = 16
+
+#: Measured forward-with-capture throughput (tokens/s), keyed by (device, reference
+#: non-embedding parameter count), then by sequence length in tokens. Other models
+#: scale linearly with their parameter count (time ∝ parameters); other lengths are
+#: interpolated log-log between the measured points (see :func:`throughput_tokens_per_s`).
+#: 6,946,075,648 is the non-embedding parameter count of Qwen3-8B as
+#: :func:`non_embedding_parameters` counts it (embeddings and LM head excluded).
+THROUGHPUT_TOKENS_PER_S: dict[tuple[str, float], dict[int, float]] = {
+    ("h100", 6_946_075_648.0): {4_096: 29_000.0, 32_768: 21_000.0, 131_072: 10_000.0},
+}
+#: Where the table's numbers come from (printed with every estimate).
+THROUGHPUT_SOURCE = (
+    "measured on one H100: Qwen3-8B-shaped backbone, bf16, sdpa "
+    "(29k tok/s at 4k, 21k at 32k, 10k at 128k tokens)"
+)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One attention layer: what it is and what would be captured from it."""
+
+    index: int
+    kind: str  # full / sliding / cross
+    sliding_window: int | None
+    applies_rope: bool  # False on NoPE layers
+    eligible: bool  # passes capture.layers / heads / full_attention_only (and is not cross-attention)
+    head_dim: int
+    query_heads: list[int]  # captured query heads (empty if none)
+    key_heads: list[int]  # captured key heads, derived through the family's GQA mapping
+
+
+@dataclass
+class Plan:
+    """What a run of one config would capture and cost (all row counts are expectations)."""
+
+    source: str
+    model_name: str
+    model_type: str
+    plugin: str
+    non_embedding_params: int
+    sampler: dict[str, Any]
+    documents: int
+    tokens: int
+    lengths_note: str  # how the document lengths were chosen
+    layers: list[LayerPlan]
+    heads: dict[tuple[int, str], list[int]]  # (layer, "q"|"k") -> heads, as in CapturePlan
+    rows_per_config: dict[str, float]  # config name -> expected rows
+    total_rows: float
+    disk_bytes: float  # uncompressed estimate, see row_bytes()
+    gpu_seconds: float  # estimate, see THROUGHPUT_SOURCE
+    throughput_note: str
+    warnings: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- estimates
+
+
+#: Document token counts: a sequence of lengths, or a mapping ``{length: number of documents}``.
+Lengths = Sequence[int] | Mapping[int, int]
+
+
+def _histogram(lengths: Lengths) -> dict[int, int]:
+    """``{length: documents}`` for the positive lengths; rejects negative ones."""
+    counts: Counter[int] = Counter()
+    items = lengths.items() if isinstance(lengths, Mapping) else ((n, 1) for n in lengths)
+    for length, count in items:
+        length, count = int(length), int(count)
+        if length < 0 or count < 0:
+            raise QkcoreError(f"document lengths and counts must be >= 0, got {count} × {length}")
+        if length and count:
+            counts[length] += count
+    return dict(counts)
+
+
+def expected_rows(sampler: Sampler, lengths: Lengths) -> float:
+    """Expected kept positions over documents of the given token ``lengths``.
+
+    A document of length ``L`` keeps ``sum(p_keep(p) for p < L)`` positions in
+    expectation; one mask per (example, layer, kind) is shared by every head, so
+    this is also the expected row count of each config.
+    """
+    histogram = _histogram(lengths)
+    if not histogram:
+        return 0.0
+    positions = torch.arange(max(histogram), dtype=torch.int64)
+    cumulative = torch.cumsum(sampler.keep_probability(positions).to(torch.float64), dim=0)
+    return sum(count * float(cumulative[length - 1]) for length, count in histogram.items())
+
+
+def row_bytes(head_dim: int) -> int:
+    """Uncompressed bytes of one row: the float32 vector plus four int32 columns."""
+    return head_dim * 4 + ROW_OVERHEAD_BYTES
+
+
+def non_embedding_parameters(model: nn.Module) -> int:
+    """Parameters of ``model`` outside its input embeddings and LM head (works on meta tensors)."""
+    skip: set[int] = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            module = getattr(model, getter)()
+        except (AttributeError, NotImplementedError):
+            module = None
+        if module is not None:
+            skip.update(id(p) for p in module.parameters())
+    seen: set[int] = set()
+    total = 0
+    for parameter in model.parameters():
+        if id(parameter) in skip or id(parameter) in seen:
+            continue
+        seen.add(id(parameter))
+        total += parameter.numel()
+    return total
+
+
+def throughput_tokens_per_s(params: float, seq_len: int, device: str = "h100") -> float:
+    """Estimated tokens/s for a model of ``params`` non-embedding parameters at ``seq_len`` tokens.
+
+    Uses the table entry for ``device`` whose reference size is closest (log scale),
+    scales by ``reference / params``, and interpolates log-log in sequence length
+    (held flat below the shortest measured length, extrapolated along the last
+    segment above the longest).
+    """
+    entries = [(ref, table) for (dev, ref), table in THROUGHPUT_TOKENS_PER_S.items() if dev == device]
+    if not entries:
+        raise QkcoreError(f"no throughput measurements for device '{device}'")
+    params = max(float(params), 1.0)
+    reference, table = min(entries, key=lambda e: abs(math.log(e[0] / params)))
+    points = sorted(table.items())
+    x = math.log(max(seq_len, 1))
+    xs = [math.log(n) for n, _ in points]
+    ys = [math.log(v) for _, v in points]
+    if len(points) == 1 or x <= xs[0]:
+        log_rate = ys[0]
+    else:
+        i = next((j for j in range(1, len(xs)) if x <= xs[j]), len(xs) - 1)
+        slope = (ys[i] - ys[i - 1]) / (xs[i] - xs[i - 1])
+        log_rate = ys[i - 1] + slope * (x - xs[i - 1])
+    return math.exp(log_rate) * reference / params
+
+
+def estimate_gpu_seconds(params: float, lengths: Lengths, device: str = "h100") -> float:
+    """Estimated GPU seconds to run documents of the given ``lengths`` through the model."""
+    return sum(
+        count * length / throughput_tokens_per_s(params, length, device)
+        for length, count in _histogram(lengths).items()
+    )
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def build_meta_model(cfg: SniffConfig, pm: pluggy.PluginManager) -> tuple[nn.Module, Family]:
+    """The configured model built on the ``meta`` device (shapes only, no weights) and its family.
+
+    An attention implementation that cannot be set up here (e.g. flash attention
+    on a machine without it) falls back to ``eager``: it changes no layer or head.
+    """
+    config = load_architecture(cfg.model)
+    family = resolve_family(pm, config.model_type)
+    model_class = family.hooks.qkcore_model_class(config=config)
+    extra: dict[str, Any] = {"trust_remote_code": True} if cfg.model.trust_remote_code else {}
+    attn = cfg.model.attn_implementation or "sdpa"
+    error: Exception | None = None
+    for candidate in dict.fromkeys((attn, "eager")):
+        try:
+            with torch.device("meta"):
+                model = model_class.from_config(config, attn_implementation=candidate, **extra)
+            return model.eval(), family
+        except (ImportError, ValueError) as exc:
+            error = exc
+    raise QkcoreError(
+        f"model.config: cannot build '{config.model_type}' with {getattr(model_class, '__name__', model_class)} "
+        f"on the meta device: {error}"
+    )
+
+
+def _document_lengths(
+    cfg: SniffConfig, documents: int | None, lengths: Sequence[int] | None
+) -> tuple[dict[int, int], int, str]:
+    """``{length: documents}`` assumed, the number of documents, and a sentence saying where they came from."""
+    max_length = cfg.tokenizer.max_length
+    if lengths is not None:
+        if documents is not None:
+            raise QkcoreError("give either --documents or --lengths, not both")
+        given = [int(n) for n in lengths]
+        if any(n < 0 for n in given):
+            raise QkcoreError(f"--lengths: token counts must be >= 0, got {min(given)}")
+        clipped = [min(n, max_length) for n in given]
+        note = f"{len(given)} documents with the given lengths"
+        if clipped != given:
+            note += f" (longer ones truncated to tokenizer.max_length={max_length})"
+        return _histogram(clipped), len(given), note
+    if documents is not None:
+        if documents < 1:
+            raise QkcoreError(f"--documents must be >= 1, got {documents}")
+        count, origin = documents, "--documents"
+    elif cfg.dataset.max_samples is not None:
+        count, origin = cfg.dataset.max_samples, "dataset.max_samples"
+    else:
+        count, origin = DEFAULT_DOCUMENTS, "the default, as dataset.max_samples is null; see --documents, --lengths"
+    note = f"{count:,} documents ({origin}) × {max_length:,} tokens each (tokenizer.max_length; an upper bound)"
+    return {max_length: count}, count, note
+
+
+def make_plan(
+    cfg: SniffConfig,
+    pm: pluggy.PluginManager | None = None,
+    documents: int | None = None,
+    lengths: Sequence[int] | None = None,
+) -> Plan:
+    """Plan the capture ``cfg`` describes without loading weights or reading the dataset.
+
+    Raises :class:`~qkcore.config.ConfigError` / :class:`~qkcore.errors.QkcoreError`
+    when the config is invalid (unknown sampler, bad layer filter, unknown model).
+    """
+    pm = pm or make_plugin_manager()
+    sampler = build_sampler(pm, cfg)
+    doc_lengths, n_documents, lengths_note = _document_lengths(cfg, documents, lengths)
+    model, family = build_meta_model(cfg, pm)
+    capture_plan = plan_capture(model, family, cfg, installed_summary(pm))
+    all_layers = family.hooks.qkcore_attention_layers(model=model) or []
+    capture = cfg.capture
+    eligible = select_query_heads(
+        all_layers,
+        layer_filter=capture.layers,
+        head_filter=capture.heads,
+        full_attention_only=capture.full_attention_only,
+        count=None,
+    )
+    layers = [
+        LayerPlan(
+            index=layer.index,
+            kind=layer.kind,
+            sliding_window=layer.sliding_window,
+            applies_rope=capture_plan.rope_sites[layer.index].applies_rope,
+            eligible=layer.index in eligible,
+            head_dim=layer.head_dim,
+            query_heads=list(capture_plan.heads.get((layer.index, "q"), [])),
+            key_heads=list(capture_plan.heads.get((layer.index, "k"), [])),
+        )
+        for layer in all_layers
+    ]
+
+    per_config = expected_rows(sampler, doc_lengths)
+    head_dims = {layer.index: layer.head_dim for layer in all_layers}
+    rows_per_config: dict[str, float] = {}
+    disk = 0.0
+    for (index, kind), heads in sorted(capture_plan.heads.items()):
+        for head in heads:
+            rows_per_config[config_name(index, head, kind)] = per_config
+            disk += per_config * row_bytes(head_dims[index])
+    total_rows = per_config * len(rows_per_config)
+
+    params = non_embedding_parameters(model)
+    gpu_seconds = estimate_gpu_seconds(params, doc_lengths)
+    typical = max(doc_lengths, default=0)
+    throughput_note = (
+        f"estimate, not a measurement: {THROUGHPUT_SOURCE}; scaled linearly by non-embedding "
+        f"parameters ({params:.3g} here) and interpolated by sequence length "
+        f"(~{throughput_tokens_per_s(params, max(typical, 1)):,.0f} tok/s at {typical:,} tokens)"
+    )
+
+    problems: list[str] = []
+    if disk > DISK_WARNING_BYTES:
+        problems.append(f"WARNING: estimated disk {_bytes(disk)} exceeds 1 TB")
+    starved = [name for name, rows in rows_per_config.items() if rows < 1]
+    if not rows_per_config:
+        problems.append("WARNING zero rows: no config would be written (no layer/head selected)")
+    elif starved:
+        problems.append(
+            f"WARNING zero rows: {len(starved)} of {len(rows_per_config)} configs expect < 1 row "
+            f"({starved[0]}: {rows_per_config[starved[0]]:.3g}); raise capture.sampler.base_rate or the documents"
+        )
+
+    return Plan(
+        source=str(cfg.source or "<config>"),
+        model_name=cfg.model.name or f"random-{family.model_type}",
+        model_type=family.model_type,
+        plugin=f"{family.plugin_name} {family.plugin_version}" + (" (generic fallback)" if family.is_fallback else ""),
+        non_embedding_params=params,
+        sampler=sampler.describe(),
+        documents=n_documents,
+        tokens=sum(length * count for length, count in doc_lengths.items()),
+        lengths_note=lengths_note,
+        layers=layers,
+        heads=dict(capture_plan.heads),
+        rows_per_config=rows_per_config,
+        total_rows=total_rows,
+        disk_bytes=disk,
+        gpu_seconds=gpu_seconds,
+        throughput_note=throughput_note,
+        warnings=problems,
+    )
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _bytes(value: float) -> str:
+    """Decimal units: 1 TB = 1e12 bytes."""
+    for unit, scale in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.2f} {unit}"
+    return f"{value:.0f} B"
+
+
+def _rows(value: float) -> str:
+    return f"{value:,.0f}" if value >= 10 else f"{value:.3g}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:,.1f} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds:.1f} s"
+
+
+def format_plan(plan: Plan) -> str:
+    """A plain-text report of ``plan`` for a person (warnings last, one per line)."""
+    sampler = plan.sampler
+    n_q = sum(len(h) for (_, kind), h in plan.heads.items() if kind == "q")
+    n_k = sum(len(h) for (_, kind), h in plan.heads.items() if kind == "k")
+    captured = [layer for layer in plan.layers if layer.query_heads or layer.key_heads]
+    lines = [
+        f"qkcore plan: {plan.source}",
+        f"model: {plan.model_name} ({plan.model_type}, plugin {plan.plugin}), {len(plan.layers)} attention layers, "
+        f"{plan.non_embedding_params:,} non-embedding parameters (built on the meta device; no weights loaded)",
+        f"sampler: {sampler['type']} base_rate={sampler['base_rate']} min_bucket_size={sampler['min_bucket_size']} "
+        f"({sampler['p_keep']})",
+        f"documents: {plan.lengths_note}; {plan.tokens:,} tokens",
+        "",
+        f"layers ({len([l for l in plan.layers if l.eligible])} eligible, {len(captured)} captured):",
+        f"  {'layer':>5}  {'kind':<7}  {'window':>7}  {'rope':<4}  {'eligible':<8}  {'query heads':<20}  key heads",
+    ]
+    for layer in plan.layers:
+        window = str(layer.sliding_window) if layer.sliding_window else "-"
+        lines.append(
+            f"  {layer.index:>5}  {layer.kind:<7}  {window:>7}  {'RoPE' if layer.applies_rope else 'NoPE':<4}  "
+            f"{'yes' if layer.eligible else 'no':<8}  {_ranges(layer.query_heads):<20}  {_ranges(layer.key_heads)}"
+        )
+    rows = sorted(set(plan.rows_per_config.values()))
+    per_config = _rows(rows[0]) if len(rows) == 1 else f"{_rows(rows[0])} .. {_rows(rows[-1])}"
+    lines += [
+        "",
+        f"configs: {len(plan.rows_per_config)} ({n_q} query, {n_k} key)",
+        f"expected rows per config: {per_config if rows else 0}",
+        f"expected rows in total: {_rows(plan.total_rows)}",
+        f"disk: {_bytes(plan.disk_bytes)} (uncompressed estimate: rows × (head_dim × 4 + 16) bytes; zstd Parquet is smaller)",
+        f"GPU time: {_duration(plan.gpu_seconds)} on one H100 ({plan.throughput_note})",
+    ]
+    if plan.warnings:
+        lines += ["", *plan.warnings]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- command
+
+
+def _lengths_arg(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token counts, got {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected non-negative token counts, got {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+class PlanCommand:
+    """``qkcore plan``: layers, heads, rows, disk and GPU time of a config, without running it."""
+
+    name = "plan"
+    help = "show what a config would capture (layers, heads, rows, disk, GPU time) without loading weights"
+
+    def __init__(self, pm: pluggy.PluginManager | None = None) -> None:
+        #: Plugin manager to plan with; None makes one (with every installed plugin) per run.
+        self.pm = pm
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Declare ``--config``, ``--set``, ``--documents`` and ``--lengths``."""
+        parser.add_argument("--config", required=True, help="run configuration (YAML)")
+        parser.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+            help="override a config key, e.g. --set capture.sampler.base_rate=4 (repeatable)",
+        )
+        group = parser.add_mutually_exclusive_group()
+        group.add_argument(
+            "--documents", type=_positive_int, default=None, metavar="N",
+            help=f"documents to assume, each tokenizer.max_length long (default: dataset.max_samples, "
+                 f"else {DEFAULT_DOCUMENTS})",
+        )
+        group.add_argument(
+            "--lengths", type=_lengths_arg, default=None, metavar="N,N,...",
+            help="explicit token counts of the documents (truncated to tokenizer.max_length)",
+        )
+
+    def run(self, args: argparse.Namespace) -> int:
+        """Print the plan; 0 even with warnings (config errors propagate as ConfigError)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", QkcoreConfigWarning)
+            warnings.showwarning = _show_config_warning
+            cfg = load_config(args.config, overrides=getattr(args, "overrides", []) or [])
+        plan = make_plan(cfg, self.pm, documents=getattr(args, "documents", None), lengths=getattr(args, "lengths", None))
+        print(format_plan(plan))
+        return 0
+
+
+def _show_config_warning(message: Any, category: Any, filename: Any, lineno: Any, file: Any = None, line: Any = None) -> None:
+    print(f"qkcore: warning: {message}", file=sys.stderr)

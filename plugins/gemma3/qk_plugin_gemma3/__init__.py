@@ -1,0 +1,104 @@
+"""qkcore plugin for Gemma 3 (``gemma3_text``: 1B / 270M; ``gemma3``: the 4B-27B vision-language checkpoints).
+
+This package is the worked example of a plugin living outside the core (see
+README.md): nothing in qkcore knows Gemma; installing this package is the only
+step that adds it.
+
+What differs from Llama:
+
+* **Mixed sliding / full layers** from ``config.layer_types`` (5 sliding : 1 full
+  in the checkpoints); a sliding layer's window is ``config.sliding_window``.
+* **Per-head RMS norms** ``q_norm``/``k_norm`` run before RoPE, so the pre-RoPE
+  tensors are the norms' outputs (and post-RoPE rows are normalised, then rotated).
+  Sliding and full layers use different RoPE bases (10k / 1M).
+* **Scale** ``query_pre_attn_scalar ** -0.5`` (not ``head_dim ** -0.5``); it is
+  applied to the logits by the kernel, so the recorded query is unscaled.
+* **Soft-capping.** ``attn_logit_softcapping`` (``null`` in every Gemma 3 checkpoint)
+  would act on logits, never on Q/K, so the rows do not depend on it.
+"""
+
+from __future__ import annotations
+
+
+from torch import nn
+
+from qkcore import hookimpl
+from qkcore.layers import AttentionLayer, RopeSite
+
+MODEL_TYPES = ["gemma3", "gemma3_text"]
+
+# qkcore_model_class is not implemented: the generic AutoModelForCausalLM already maps
+# gemma3_text -> Gemma3ForCausalLM and gemma3 -> Gemma3ForConditionalGeneration, the class
+# whose layout the vision-language checkpoints' weight names map to.
+
+
+@hookimpl
+def qkcore_model_types() -> list[str]:
+    return MODEL_TYPES
+
+
+def text_decoder(model: nn.Module) -> nn.Module:
+    """The ``Gemma3TextModel``: ``model.model`` (text) or ``model.model.language_model`` (vision-language)."""
+    inner = getattr(model, "model", model)
+    return getattr(inner, "language_model", inner)
+
+
+@hookimpl
+def qkcore_backbone(model: nn.Module) -> nn.Module:
+    # Text-only forward, straight into the text decoder (the vision tower never runs).
+    return text_decoder(model)
+
+
+@hookimpl
+def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
+    decoder = text_decoder(model)
+    config = decoder.config
+    layers = []
+    for index, decoder_layer in enumerate(decoder.layers):
+        attention = decoder_layer.self_attn
+        # Gemma3Attention sets `sliding_window` only on sliding layers (None on full ones).
+        window = attention.sliding_window
+        layers.append(
+            AttentionLayer(
+                index=index,
+                module=attention,
+                kind="sliding" if window else "full",
+                sliding_window=int(window) if window else None,
+                num_query_heads=config.num_attention_heads,
+                num_key_value_heads=config.num_key_value_heads,
+                head_dim=attention.head_dim,
+            )
+        )
+    return layers
+
+
+@hookimpl
+def qkcore_locate_rope(model: nn.Module, layer: AttentionLayer) -> RopeSite:
+    # RoPE follows the per-head norms on every layer: their outputs are the pre-RoPE Q/K.
+    # Gemma 3 applies the norms after moving heads before the sequence axis.
+    module = layer.module
+    return RopeSite(applies_rope=True, query_source=module.q_norm, key_source=module.k_norm, heads_first=True)
+
+
+@hookimpl
+def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer]) -> list[str]:
+    config = text_decoder(model).config
+    sliding = [layer.index for layer in layers if layer.kind == "sliding"]
+    notes = [
+        "Gemma 3: Q/K are the per-head RMS-normalised (q_norm/k_norm) query/key states after rotary "
+        "embedding; pre-RoPE rows are the norms' outputs.",
+        f"Attention logits are q·k * query_pre_attn_scalar^-0.5 (query_pre_attn_scalar = "
+        f"{config.query_pre_attn_scalar}), not head_dim^-0.5; the rows are unscaled.",
+    ]
+    if sliding:
+        notes.append(
+            f"{len(sliding)} of {len(layers)} layers use sliding-window attention (window {config.sliding_window} "
+            "tokens, in the sliding_window column; RoPE base differs from full layers); full_attention_only skips them."
+        )
+    if config.attn_logit_softcapping:
+        notes.append(
+            f"attn_logit_softcapping = {config.attn_logit_softcapping} is set; soft-capping acts on the logits, "
+            "not on Q/K, so the rows are unaffected (transformers 5.23's Gemma3Attention does not pass it to the "
+            "attention kernel, so the model's own logits are not capped there)."
+        )
+    return notes

@@ -1,0 +1,65 @@
+"""qkcore plugin for GLM and GLM-4 models (``model_type: glm`` / ``glm4``).
+
+Both use *partial* rotary embedding: only the first ``rotary_dim`` dimensions
+of each head (``head_dim * partial_rotary_factor``, 0.5 by default) are rotated,
+in interleaved pairs (dims 0/1, 2/3, ...); the remaining dimensions pass through
+unchanged. Post-RoPE rows therefore differ from pre-RoPE rows only in the
+rotary dimensions. Q/K come from biased ``q_proj``/``k_proj`` and reach the
+attention interface after RoPE; every layer is full attention.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from qkcore import hookimpl
+from qkcore.layers import AttentionLayer, RopeSite
+
+MODEL_TYPES = ["glm", "glm4"]
+
+
+def rotary_dim(model: nn.Module) -> int:
+    """How many leading dims of each head are rotated, read from the model's own rotary embedding."""
+    rotary = getattr(model, "model", model).rotary_emb
+    # One inverse frequency per rotated pair.
+    return 2 * int(rotary.inv_freq.numel())
+
+
+@hookimpl
+def qkcore_model_types() -> list[str]:
+    return MODEL_TYPES
+
+
+@hookimpl
+def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
+    config = model.config.get_text_config()
+    backbone = getattr(model, "model", model)
+    return [
+        AttentionLayer(
+            index=index,
+            module=decoder_layer.self_attn,
+            kind="full",  # GLM/GLM-4 have no sliding-window layers
+            sliding_window=None,
+            num_query_heads=config.num_attention_heads,
+            num_key_value_heads=config.num_key_value_heads,
+            head_dim=decoder_layer.self_attn.head_dim,
+        )
+        for index, decoder_layer in enumerate(backbone.layers)
+    ]
+
+
+@hookimpl
+def qkcore_locate_rope(model: nn.Module, layer: AttentionLayer) -> RopeSite:
+    # Partial RoPE follows the projections directly; the untouched dims are part of the same tensor.
+    return RopeSite(applies_rope=True, query_source=layer.module.q_proj, key_source=layer.module.k_proj)
+
+
+@hookimpl
+def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer]) -> list[str]:
+    head_dim = layers[0].head_dim if layers else 0
+    dims = rotary_dim(model)
+    return [
+        f"GLM partial rotary: only the first {dims} of {head_dim} dims of each Q/K head are rotated "
+        f"(interleaved pairs); dims {dims}-{head_dim - 1} are the unrotated q_proj/k_proj outputs "
+        "(identical in pre- and post-RoPE captures). All layers are full attention."
+    ]

@@ -1,0 +1,153 @@
+"""qkcore plugin for Mistral-family text decoders.
+
+Model types: ``mistral``, ``ministral``, ``ministral3`` and ``mistral3`` (the
+vision-language wrapper the Ministral 3 hub checkpoints are published as; only
+its text decoder is run and captured).
+
+What differs from Llama:
+
+* **Sliding windows.** ``mistral`` and ``ministral3`` apply one model-wide
+  ``config.sliding_window`` (``None`` in the Ministral 3 checkpoints) to every
+  layer; ``ministral`` sets a window per layer from ``config.layer_types``.
+  Sliding layers are listed with kind ``"sliding"`` and their window, so the
+  ``sliding_window`` column holds it and ``full_attention_only`` skips them.
+* **Llama-4 query scaling (Ministral 3).** After RoPE, ``Ministral3Attention``
+  multiplies the query by ``1 + beta * log(1 + floor(position / original_max))``
+  (``llama_4_scaling_beta`` and ``original_max_position_embeddings`` in
+  ``rope_parameters``). The protocol records the query right after RoPE, so
+  :func:`qkcore_postprocess_query` divides that scale back out per position.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from qkcore import hookimpl
+from qkcore.layers import AttentionLayer, RopeSite
+
+MODEL_TYPES = ["mistral", "ministral", "ministral3", "mistral3"]
+
+#: Text model types whose attention scales the query after RoPE (Llama-4 style).
+_SCALED_QUERY_TYPES = {"ministral3"}
+
+
+@hookimpl
+def qkcore_model_types() -> list[str]:
+    return MODEL_TYPES
+
+
+@hookimpl
+def qkcore_model_class(config: Any) -> type | None:
+    # The Ministral 3 hub checkpoints are `mistral3` (vision + text), which AutoModelForCausalLM
+    # does not know; the image-text-to-text auto class resolves it to Mistral3ForConditionalGeneration,
+    # whose layout the checkpoint's weight names map to. (An auto class, not the concrete one: the
+    # core builds random models with `from_config`, which only auto classes have.)
+    if config.model_type == "mistral3":
+        from transformers import AutoModelForImageTextToText
+
+        return AutoModelForImageTextToText
+    return None  # text-only types: the generic AutoModelForCausalLM
+
+
+def text_decoder(model: nn.Module) -> nn.Module:
+    """The decoder stack that owns ``layers``: ``model.model`` or, in the VLM wrapper, its ``language_model``."""
+    inner = getattr(model, "model", model)
+    return getattr(inner, "language_model", inner)
+
+
+@hookimpl
+def qkcore_backbone(model: nn.Module) -> nn.Module:
+    # Text-only forward: the vision tower of `mistral3` is never run.
+    return text_decoder(model)
+
+
+@hookimpl
+def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
+    decoder = text_decoder(model)
+    config = decoder.config
+    layers = []
+    for index, decoder_layer in enumerate(decoder.layers):
+        attention = decoder_layer.self_attn
+        # Mirror what the attention passes to its kernel: `ministral` keeps a per-layer
+        # window (None on full layers), `mistral`/`ministral3` read the model-wide one.
+        if hasattr(attention, "sliding_window"):
+            window = attention.sliding_window
+        else:
+            window = getattr(config, "sliding_window", None)
+        layers.append(
+            AttentionLayer(
+                index=index,
+                module=attention,
+                kind="sliding" if window else "full",
+                sliding_window=int(window) if window else None,
+                num_query_heads=config.num_attention_heads,
+                num_key_value_heads=config.num_key_value_heads,
+                head_dim=attention.head_dim,
+            )
+        )
+    return layers
+
+
+@hookimpl
+def qkcore_locate_rope(model: nn.Module, layer: AttentionLayer) -> RopeSite:
+    # RoPE is applied right after the projections on every layer (no per-head norm).
+    return RopeSite(applies_rope=True, query_source=layer.module.q_proj, key_source=layer.module.k_proj)
+
+
+def query_scale_parameters(module: nn.Module) -> tuple[float, int] | None:
+    """``(beta, original_max_position_embeddings)`` if ``module`` scales its query after RoPE, else ``None``."""
+    config = getattr(module, "config", None)
+    if config is None or getattr(config, "model_type", None) not in _SCALED_QUERY_TYPES:
+        return None
+    rope = config.rope_parameters
+    return float(rope["llama_4_scaling_beta"]), int(rope["original_max_position_embeddings"])
+
+
+def query_scale(positions: torch.Tensor, beta: float, original_max: int) -> torch.Tensor:
+    """The per-position factor Ministral 3 multiplies the post-RoPE query by, shape ``(n,)`` float32.
+
+    Uses transformers' own ``get_llama_4_attn_scale`` so the value is the model's to the bit.
+    """
+    from transformers.models.ministral3.modeling_ministral3 import get_llama_4_attn_scale
+
+    return get_llama_4_attn_scale(positions.reshape(1, -1), beta, original_max).reshape(-1)
+
+
+@hookimpl
+def qkcore_postprocess_query(
+    layer: AttentionLayer, query: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor | None:
+    parameters = query_scale_parameters(layer.module)
+    if parameters is None:
+        return None
+    # The model casts the scale to the query dtype before multiplying; divide by that same
+    # value (in float32) so the row is the rotated query before scaling.
+    scale = query_scale(positions, *parameters).to(query.dtype).to(torch.float32)
+    return query.to(torch.float32) / scale[None, :, None]
+
+
+@hookimpl
+def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer]) -> list[str]:
+    notes = ["Mistral family: Q/K are the projected query/key states right after rotary embedding."]
+    sliding = [layer for layer in layers if layer.kind == "sliding"]
+    if sliding:
+        windows = sorted({layer.sliding_window for layer in sliding})
+        notes.append(
+            f"{len(sliding)} of {len(layers)} layers use sliding-window attention (window "
+            f"{', '.join(map(str, windows))} tokens, in the sliding_window column); full_attention_only skips them."
+        )
+    parameters = query_scale_parameters(layers[0].module) if layers else None
+    if parameters is not None:
+        beta, original = parameters
+        notes.append(
+            "Ministral 3 scales the query after RoPE by 1 + beta * log(1 + floor(position / "
+            f"original_max_position_embeddings)) (beta = {beta:g}, original_max_position_embeddings = {original}). "
+            "Query rows are recorded before that scale (it is divided back out per position), i.e. exactly "
+            "post-RoPE; multiply a query by the scale of its position to get the tensor the attention kernel "
+            "receives. Keys are not scaled. The scale is 1 below position "
+            f"{original}."
+        )
+    return notes

@@ -1,0 +1,94 @@
+"""qkcore plugin for Llama 3.2 Vision (``model_type: mllama``).
+
+The text decoder interleaves self-attention layers with cross-attention layers
+(``text_config.cross_attention_layers``) that attend to image features. Only the
+self-attention layers are captured: cross-attention layers are listed with kind
+``"cross"`` (never captured) and keep their place in the numbering, so ``lXX`` is
+the text decoder's own layer index. Self-attention is Llama's: projections,
+RoPE on every layer, GQA, scale ``head_dim ** -0.5``.
+
+The capture runs text only: ``MllamaTextModel`` skips cross-attention layers when
+no image states are given, so they are never called.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from qkcore import hookimpl
+from qkcore.layers import AttentionLayer, RopeSite
+
+MODEL_TYPES = ["mllama"]
+
+
+@hookimpl
+def qkcore_model_types() -> list[str]:
+    return MODEL_TYPES
+
+
+@hookimpl
+def qkcore_model_class(config: Any) -> type:
+    # AutoModelForCausalLM resolves `mllama` to MllamaForCausalLM: the text decoder and LM
+    # head only. The hub checkpoints store `language_model.model.*` / `language_model.lm_head`
+    # next to `vision_model.*`; MllamaForCausalLM's base_model_prefix ("language_model")
+    # strips that prefix, so every text weight loads and the vision weights (~0.9B
+    # parameters, never run here) are skipped instead of occupying the accelerator.
+    # tests/families/test_mllama.py checks this on a checkpoint written in the hub's layout.
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM
+
+
+def text_decoder(model: nn.Module) -> nn.Module:
+    """The ``MllamaTextModel``: ``model.model`` (``model.model.language_model`` in the vision-language class)."""
+    inner = getattr(model, "model", model)
+    return getattr(inner, "language_model", inner)
+
+
+@hookimpl
+def qkcore_backbone(model: nn.Module) -> nn.Module:
+    # Called with input_ids only: no pixel values, so cross-attention layers are skipped.
+    return text_decoder(model)
+
+
+@hookimpl
+def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
+    decoder = text_decoder(model)
+    config = decoder.config
+    cross = set(config.cross_attention_layers or [])
+    layers = []
+    for index, decoder_layer in enumerate(decoder.layers):
+        attention = decoder_layer.cross_attn if index in cross else decoder_layer.self_attn
+        layers.append(
+            AttentionLayer(
+                index=index,
+                module=attention,
+                kind="cross" if index in cross else "full",
+                sliding_window=None,
+                num_query_heads=config.num_attention_heads,
+                num_key_value_heads=config.num_key_value_heads,
+                head_dim=attention.head_dim,
+            )
+        )
+    return layers
+
+
+@hookimpl
+def qkcore_locate_rope(model: nn.Module, layer: AttentionLayer) -> RopeSite:
+    # Self-attention: RoPE right after the projections. Cross-attention applies no RoPE
+    # (and is never captured); its projections are named only to complete the description.
+    module = layer.module
+    return RopeSite(applies_rope=layer.kind != "cross", query_source=module.q_proj, key_source=module.k_proj)
+
+
+@hookimpl
+def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer]) -> list[str]:
+    cross = [layer.index for layer in layers if layer.kind == "cross"]
+    return [
+        "Mllama (Llama 3.2 Vision): text-only forward of the text decoder; Q/K are the projected "
+        "self-attention query/key states after rotary embedding.",
+        f"Cross-attention layers {cross} attend to image features and are never captured; layer numbers "
+        "(lXX) are text decoder indices, counting the cross-attention layers.",
+    ]

@@ -1,0 +1,73 @@
+"""qkcore plugin for Qwen3 models (``model_type: qwen3``, ``Qwen3ForCausalLM``).
+
+Qwen3 attention RMS-normalises each query/key head (``q_norm``/``k_norm``)
+*before* RoPE and hands the rotated tensors to the attention interface, so the
+core's attention-interface capture sees post-norm, post-RoPE Q/K. The pre-RoPE
+stage is therefore the output of the per-head norms, not of the projections.
+Layers may be sliding-window (``layer_types`` with ``use_sliding_window``);
+the released checkpoints use full attention everywhere. RoPE settings such as
+YaRN come from ``rope_parameters`` (``model.config_overrides`` may set them).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from qkcore import hookimpl
+from qkcore.layers import AttentionLayer, RopeSite
+
+MODEL_TYPES = ["qwen3"]
+
+
+@hookimpl
+def qkcore_model_types() -> list[str]:
+    return MODEL_TYPES
+
+
+@hookimpl
+def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
+    config = model.config.get_text_config()
+    backbone = getattr(model, "model", model)
+    layers = []
+    for index, decoder_layer in enumerate(backbone.layers):
+        attention = decoder_layer.self_attn
+        # The module's window is what its kernel call and its mask use: it is None
+        # unless the layer is "sliding_attention" *and* use_sliding_window is set.
+        window = attention.sliding_window
+        layers.append(
+            AttentionLayer(
+                index=index,
+                module=attention,
+                kind="sliding" if window else "full",
+                sliding_window=int(window) if window else None,
+                num_query_heads=config.num_attention_heads,
+                num_key_value_heads=config.num_key_value_heads,
+                head_dim=attention.head_dim,
+            )
+        )
+    return layers
+
+
+@hookimpl
+def qkcore_locate_rope(model: nn.Module, layer: AttentionLayer) -> RopeSite:
+    # q_norm/k_norm output (batch, seq, heads, head_dim): the last tensors before RoPE.
+    return RopeSite(applies_rope=True, query_source=layer.module.q_norm, key_source=layer.module.k_norm)
+
+
+@hookimpl
+def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer]) -> list[str]:
+    notes = [
+        "Qwen3: Q/K are RMS-normalised per head (q_norm/k_norm) before RoPE; post-RoPE rows are post-norm. "
+        "Pre-RoPE capture records the q_norm/k_norm outputs."
+    ]
+    rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
+    rope_type = getattr(rotary, "rope_type", "default")
+    if rotary is not None and rope_type != "default":
+        scaling = float(getattr(rotary, "attention_scaling", 1.0))
+        parameters = dict(getattr(model.config.get_text_config(), "rope_parameters", None) or {})
+        # YaRN multiplies cos/sin by attention_scaling, so both rotated Q and K carry it.
+        notes.append(
+            f"RoPE type '{rope_type}' ({parameters}); cos/sin are scaled by attention_scaling={scaling:.6g}, "
+            "so post-RoPE Q and K rows each include that factor."
+        )
+    return notes

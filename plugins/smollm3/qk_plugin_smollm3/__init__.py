@@ -1,0 +1,71 @@
+"""qkcore plugin for SmolLM3 models (``model_type: smollm3``, ``SmolLM3ForCausalLM``).
+
+SmolLM3 skips rotary embedding on its NoPE layers: ``config.no_rope_layers[i]``
+is 1 where layer ``i`` applies RoPE and 0 where it does not (by default every
+4th layer: 3, 7, 11, ...). transformers copies that flag into
+``SmolLM3Attention.use_rope`` at construction; the config is taken as the
+source of truth here. On NoPE layers the captured rows are the raw
+``q_proj``/``k_proj`` outputs in both capture modes, so post-RoPE and pre-RoPE
+rows coincide there. Sliding windows exist only with ``use_sliding_window``
+(on NoPE layers); the released checkpoints use full attention everywhere.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from qkcore import hookimpl
+from qkcore.layers import AttentionLayer, RopeSite
+
+MODEL_TYPES = ["smollm3"]
+
+
+def nope_layers(config: object) -> list[int]:
+    """Indices of the layers that apply no RoPE (``no_rope_layers[i] == 0``)."""
+    flags = list(getattr(config, "no_rope_layers", None) or [])
+    return [index for index, uses_rope in enumerate(flags) if not uses_rope]
+
+
+@hookimpl
+def qkcore_model_types() -> list[str]:
+    return MODEL_TYPES
+
+
+@hookimpl
+def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
+    config = model.config.get_text_config()
+    backbone = getattr(model, "model", model)
+    layers = []
+    for index, decoder_layer in enumerate(backbone.layers):
+        attention = decoder_layer.self_attn
+        # The module's window is the one its kernel call and mask use (None unless use_sliding_window).
+        window = attention.sliding_window
+        layers.append(
+            AttentionLayer(
+                index=index,
+                module=attention,
+                kind="sliding" if window else "full",
+                sliding_window=int(window) if window else None,
+                num_query_heads=config.num_attention_heads,
+                num_key_value_heads=config.num_key_value_heads,
+                head_dim=attention.head_dim,
+            )
+        )
+    return layers
+
+
+@hookimpl
+def qkcore_locate_rope(model: nn.Module, layer: AttentionLayer) -> RopeSite:
+    config = model.config.get_text_config()
+    applies_rope = layer.index not in nope_layers(config)
+    return RopeSite(applies_rope=applies_rope, query_source=layer.module.q_proj, key_source=layer.module.k_proj)
+
+
+@hookimpl
+def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer]) -> list[str]:
+    nope = nope_layers(model.config.get_text_config())
+    return [
+        f"SmolLM3 NoPE layers (no_rope_layers == 0): {nope}. On these layers no rotary embedding is applied: "
+        "rows are the raw q_proj/k_proj outputs in both capture modes (post-RoPE rows equal pre-RoPE rows). "
+        "All other layers are captured after rotary embedding."
+    ]

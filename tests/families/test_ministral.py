@@ -1,0 +1,227 @@
+"""Mistral family (plugin ``qk-plugin-ministral``): Ministral 3, Ministral, Mistral 3 wrapper.
+
+Ministral 3 multiplies the query by a position-dependent scale after RoPE; the
+rows hold the query before it, so the oracle re-applies it. Sliding windows
+(8 tokens here) are shorter than every document, so a capture that dropped the
+sliding mask would fail the oracle.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qk_plugin_ministral import query_scale
+from qkcore.config import ConfigError
+from tests.families._eager_reference import (
+    eager_reference,
+    expected_sampled_configs,
+    plugins_list_line,
+    sliding_window_column,
+    sniff,
+)
+from tests.oracle import assert_rows_match_eager, read_rows
+
+HEAD_DIM, N_Q, N_KV, WINDOW = 16, 4, 2, 8
+BETA, ORIGINAL_MAX = 0.5, 32  # the scale is 1 below position 32, then 1.35, 1.55, 1.69
+TEXTS_LONGEST = "doc-d"  # 101 bytes
+
+_TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": N_Q,
+    "num_key_value_heads": N_KV,
+    "head_dim": HEAD_DIM,
+    "vocab_size": 259,
+    "pad_token_id": 256,
+}
+
+#: A real Ministral3Config, shrunk; YaRN as in the checkpoints, model-wide sliding window.
+MINISTRAL3 = {
+    "model_type": "ministral3",
+    **_TEXT,
+    "num_hidden_layers": 2,
+    "max_position_embeddings": 4 * ORIGINAL_MAX,
+    "sliding_window": WINDOW,
+    "rope_parameters": {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": ORIGINAL_MAX,
+        "llama_4_scaling_beta": BETA,
+    },
+}
+
+#: A real MinistralConfig: per-layer sliding/full attention from layer_types.
+MINISTRAL = {
+    "model_type": "ministral",
+    **_TEXT,
+    "num_hidden_layers": 3,
+    "sliding_window": WINDOW,
+    "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+}
+
+#: A real MistralConfig: one model-wide window, so every layer is sliding.
+MISTRAL = {"model_type": "mistral", **_TEXT, "num_hidden_layers": 2, "sliding_window": WINDOW}
+
+#: The vision-language wrapper the Ministral 3 hub checkpoints use; only its text decoder runs.
+MISTRAL3 = {
+    "model_type": "mistral3",
+    "text_config": {**MINISTRAL3, "num_hidden_layers": 1},
+    "vision_config": {
+        "model_type": "pixtral",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 16,
+    },
+}
+
+
+def _scaling(layer: int) -> float:
+    return HEAD_DIM**-0.5
+
+
+def _key_head(q: int) -> int:
+    return q // (N_Q // N_KV)
+
+
+def _reapply_scale(layer: int, q: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    return q * query_scale(positions, BETA, ORIGINAL_MAX)[:, None]
+
+
+@pytest.fixture(scope="module")
+def ministral3(tmp_path_factory):
+    return eager_reference(tmp_path_factory.mktemp("ministral3-ref"), MINISTRAL3)
+
+
+@pytest.fixture(scope="module")
+def ministral3_post(tmp_path_factory):
+    return sniff(tmp_path_factory.mktemp("ministral3-post"), MINISTRAL3)
+
+
+def test_reference_really_masks_beyond_the_window(ministral3) -> None:
+    # The oracle is only meaningful if the model itself applies the window.
+    probs = ministral3.attentions[TEXTS_LONGEST][0]
+    i, j = torch.meshgrid(torch.arange(probs.shape[-1]), torch.arange(probs.shape[-1]), indexing="ij")
+    assert probs.shape[-1] > WINDOW
+    assert torch.all(probs[:, (i - j) >= WINDOW] == 0)
+    assert torch.all(probs[:, (j <= i) & ((i - j) < WINDOW)] > 0)
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_ministral3_rows_reproduce_eager_attention(ministral3, ministral3_post, tmp_path, attn_implementation) -> None:
+    result = ministral3_post if attn_implementation == "sdpa" else sniff(
+        tmp_path, MINISTRAL3, model={"attn_implementation": attn_implementation}
+    )
+    assert len(result.rows) == MINISTRAL3["num_hidden_layers"] * (N_Q + N_KV)
+    checked = assert_rows_match_eager(
+        result.data_root, ministral3.attentions, scaling=_scaling, key_head=_key_head, query_transform=_reapply_scale
+    )
+    assert checked == MINISTRAL3["num_hidden_layers"] * N_Q * len(ministral3.attentions)
+    for name in result.rows:
+        assert sliding_window_column(result.data_root, name) == {WINDOW}
+
+
+def test_ministral3_query_rows_are_recorded_before_the_position_scale(ministral3, ministral3_post) -> None:
+    # Without re-applying the scale the recomputed attention is wrong (positions >= 32 are scaled).
+    with pytest.raises(AssertionError):
+        assert_rows_match_eager(ministral3_post.data_root, ministral3.attentions, scaling=_scaling, key_head=_key_head)
+
+
+@pytest.fixture(scope="module")
+def ministral3_rotated_pre(ministral3, tmp_path_factory):
+    """Pre-RoPE rows of the longest document rotated with the model's RoPE, next to the post-RoPE rows."""
+    from transformers.models.ministral3.modeling_ministral3 import apply_rotary_pos_emb
+
+    pre = sniff(tmp_path_factory.mktemp("ministral3-pre"), MINISTRAL3, capture={"capture_pre_rope": True})
+    length = ministral3.inputs[TEXTS_LONGEST].shape[1]
+    cos, sin = ministral3.backbone.rotary_emb(torch.zeros(1), torch.arange(length)[None])
+    pairs = {}
+    for name in pre.rows:
+        _, pre_rows, _ = read_rows(pre.data_root, name, TEXTS_LONGEST)
+        pre_t = torch.from_numpy(pre_rows)[None, None]
+        rotated, _ = apply_rotary_pos_emb(pre_t, pre_t, cos, sin)
+        pairs[name] = (torch.from_numpy(pre_rows), rotated[0, 0])
+    return pre, pairs
+
+
+def test_ministral3_pre_rope_rows_rotate_into_post_rope_rows(ministral3_post, ministral3_rotated_pre) -> None:
+    pre, pairs = ministral3_rotated_pre
+    assert set(pre.rows) == set(ministral3_post.rows)
+    for name, (pre_rows, rotated) in pairs.items():
+        _, post_rows, _ = read_rows(ministral3_post.data_root, name, TEXTS_LONGEST)
+        post_rows = torch.from_numpy(post_rows)
+        # RoPE changes every position after 0.
+        assert all(not torch.allclose(pre_rows[i], post_rows[i]) for i in range(1, len(post_rows))), name
+        # Rotating the pre-RoPE rows gives the post-RoPE rows; below ORIGINAL_MAX the query
+        # scale is 1, so this part holds for queries whatever the pre-RoPE path does with it.
+        rows = slice(None) if name.endswith("k") else slice(0, ORIGINAL_MAX)
+        torch.testing.assert_close(rotated[rows], post_rows[rows], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_ministral3_pre_rope_queries_carry_no_position_scale(ministral3_post, ministral3_rotated_pre) -> None:
+    _, pairs = ministral3_rotated_pre
+    for name, (_, rotated) in pairs.items():
+        if name.endswith("q"):
+            _, post_rows, _ = read_rows(ministral3_post.data_root, name, TEXTS_LONGEST)
+            torch.testing.assert_close(rotated, torch.from_numpy(post_rows), atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_ministral_mixed_layers_oracle_and_eligibility(tmp_path_factory, tmp_path) -> None:
+    reference = eager_reference(tmp_path_factory.mktemp("ministral-ref"), MINISTRAL)
+    result = sniff(tmp_path, MINISTRAL)
+    assert len(result.rows) == MINISTRAL["num_hidden_layers"] * (N_Q + N_KV)
+    checked = assert_rows_match_eager(result.data_root, reference.attentions, scaling=_scaling, key_head=_key_head)
+    assert checked == MINISTRAL["num_hidden_layers"] * N_Q * len(reference.attentions)
+    windows = {0: WINDOW, 1: None, 2: WINDOW}
+    for name in result.rows:
+        assert sliding_window_column(result.data_root, name) == {windows[int(name[1:3])]}, name
+
+    full_only = sniff(tmp_path, MINISTRAL, capture={"full_attention_only": True, "sampler": {"type": "uniform"}})
+    assert sorted(full_only.rows) == sorted(
+        [f"l01h{h:02d}q" for h in range(N_Q)] + [f"l01h{h:02d}k" for h in range(N_KV)]
+    )
+
+
+def test_mistral_model_wide_window_oracle_and_eligibility(tmp_path_factory, tmp_path) -> None:
+    reference = eager_reference(tmp_path_factory.mktemp("mistral-ref"), MISTRAL)
+    result = sniff(tmp_path, MISTRAL)
+    checked = assert_rows_match_eager(result.data_root, reference.attentions, scaling=_scaling, key_head=_key_head)
+    assert checked == MISTRAL["num_hidden_layers"] * N_Q * len(reference.attentions)
+    for name in result.rows:
+        assert sliding_window_column(result.data_root, name) == {WINDOW}
+    # Every layer slides: a full-attention-only capture has nothing to record, and says so before running.
+    with pytest.raises(ConfigError, match="no layer is eligible"):
+        sniff(tmp_path, MISTRAL, capture={"full_attention_only": True, "sampler": {"type": "uniform"}})
+
+
+def test_head_sampling_follows_gqa_over_eligible_layers(tmp_path) -> None:
+    capture = {"full_attention_only": True, "head_sampling": {"count": 5, "seed": 3}, "sampler": {"type": "uniform"}}
+    layer_types = ["sliding_attention", "full_attention", "sliding_attention", "full_attention", "full_attention"]
+    result = sniff(tmp_path, {**MINISTRAL, "num_hidden_layers": 5, "layer_types": layer_types}, capture=capture)
+    assert sorted(result.rows) == expected_sampled_configs([1, 3, 4], N_Q, N_KV, count=5, seed=3)
+
+
+def test_mistral3_wrapper_captures_its_text_decoder(tmp_path_factory, tmp_path) -> None:
+    from transformers import Mistral3ForConditionalGeneration
+
+    reference = eager_reference(tmp_path_factory.mktemp("mistral3-ref"), MISTRAL3)
+    assert isinstance(reference.model, Mistral3ForConditionalGeneration)
+    assert reference.backbone is reference.model.model.language_model
+    result = sniff(tmp_path, MISTRAL3)
+    checked = assert_rows_match_eager(
+        result.data_root, reference.attentions, scaling=_scaling, key_head=_key_head, query_transform=_reapply_scale
+    )
+    assert checked == N_Q * len(reference.attentions)
+    card = (result.data_root / "README.md").read_text()
+    assert f"beta = {BETA:g}" in card and "before that scale" in card
+
+
+def test_plugins_list_shows_the_ministral_plugin(capsys) -> None:
+    line = plugins_list_line(capsys, "ministral")
+    assert "qk-plugin-ministral" in line and "0.1.0" in line
+    for model_type in ("ministral3", "ministral", "mistral"):
+        assert model_type in line
