@@ -145,9 +145,15 @@ def test_push_failure_keeps_files_and_push_command_retries(tiny_config, tmp_path
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("data.parquet"))
     assert files and (root / "README.md").is_file() and (root / PENDING_MARKER).is_file()
 
-    # A new sniff would pull over the unpushed files: it refuses and says what to do.
+    # The same config again: the run is complete, nothing is pulled, pushed or rewritten.
+    idle = RecordingHub()
+    before = {f: (root / f).stat().st_mtime_ns for f in files}
+    run_sniff(load_config(config), hub_api=idle)
+    assert idle.calls == [] and before == {f: (root / f).stat().st_mtime_ns for f in files}
+
+    # Another capture into this root would pull over the unpushed files: it refuses and says what to do.
     with pytest.raises(QkcoreError, match="never pushed"):
-        run_sniff(load_config(config), hub_api=RecordingHub())
+        run_sniff(load_config(config, overrides=["capture.head_sampling.seed=9"]), hub_api=RecordingHub())
 
     hub = RecordingHub()
     monkeypatch.setattr("huggingface_hub.HfApi", lambda: hub)

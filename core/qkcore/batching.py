@@ -22,6 +22,7 @@ class Batch:
     example_ids: list[int]
     lengths: list[int]
     input_ids: torch.Tensor  # (batch, longest)
+    next_index: int = 0  # dataset index after the last document of this batch (resume cursor)
 
     @property
     def tokens(self) -> int:
@@ -56,4 +57,4 @@ def _encode(group: list[Document], tokenizer: Any, max_length: int) -> Batch | N
     input_ids = torch.full((len(pairs), longest), pad_id, dtype=torch.long)
     for row, (_, ids) in enumerate(pairs):
         input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-    return Batch([eid for eid, _ in pairs], [len(ids) for _, ids in pairs], input_ids)
+    return Batch([eid for eid, _ in pairs], [len(ids) for _, ids in pairs], input_ids, group[-1].index + 1)

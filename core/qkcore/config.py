@@ -243,6 +243,9 @@ class OutputConfig(_Section):
     write_batch_size: int | None = Field(default=None, ge=1)
     #: Flush buffered rows once they take this much host RAM (MiB).
     flush_threshold_mb: float = Field(default=256.0, gt=0)
+    #: Commit progress (for crash-resume) after a batch once this many seconds passed
+    #: since the last commit; 0 commits after every batch.
+    commit_every_s: float = Field(default=10.0, ge=0)
 
     @field_validator("data_root")
     @classmethod

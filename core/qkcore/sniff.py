@@ -6,6 +6,7 @@ so a bad config, column or model fails with one message and writes nothing.
 
 from __future__ import annotations
 
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,7 +26,9 @@ from qkcore.card import ModelEntry, write_card
 from qkcore.config import ConfigError, SniffConfig, config_to_dict, resolve_dtype
 from qkcore.errors import QkcoreError
 from qkcore.example_ids import find_int32_collisions
-from qkcore.hub import hub_sync
+from qkcore.distributed import Ranks, init_ranks, shutdown
+from qkcore.hub import PENDING_MARKER, hub_sync
+from qkcore.runs import completed_run, record_completion, run_key
 from qkcore.heads import select_query_heads, validate_filters
 from qkcore.layers import AttentionLayer
 from qkcore.plugins import Family, installed_summary, make_plugin_manager, resolve_family
@@ -33,9 +36,12 @@ from qkcore.samplers import Sampler
 from qkcore.sources.documents import check_columns, document_count, iter_documents, open_dataset
 from qkcore.sources.model import load_architecture, load_model, resolve_device
 from qkcore.sources.tokenizer import load_tokenizer
-from qkcore.writer import CapturedChunk, DatasetWriter
+from qkcore.writer import CapturedChunk, DatasetWriter, StagingConflict, staged_state
 
 log = structlog.get_logger(__name__)
+
+#: Where torchrun ranks stage their parts until rank 0 merges them.
+RANKS_DIR = ".qkcore-ranks"
 
 EXAMPLE_ID_RULE = (
     "integers in the int64 range (and integral floats) are kept; anything else becomes "
@@ -131,12 +137,15 @@ class Sniffer:
     forward-with-capture step alone (used by the benchmark).
     """
 
-    def __init__(self, cfg: SniffConfig, pm: pluggy.PluginManager | None = None, hub_api: Any = None) -> None:
+    def __init__(
+        self, cfg: SniffConfig, pm: pluggy.PluginManager | None = None, hub_api: Any = None, ranks: Ranks | None = None
+    ) -> None:
         self.cfg = cfg
         self.hub = hub_sync(cfg.output, api=hub_api)
+        self.ranks = ranks or Ranks()
         pm = pm or make_plugin_manager()
         self.sampler = build_sampler(pm, cfg)
-        self.device = resolve_device(cfg.model.device_map)
+        self.device = self.ranks.device(resolve_device(cfg.model.device_map))
         self.data = open_dataset(cfg.dataset)
         check_columns(self.data, cfg.dataset)
         self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
@@ -164,10 +173,14 @@ class Sniffer:
         result = self.family.hooks.qkcore_postprocess_query(layer=layer, query=query, positions=positions)
         return query if result is None else result
 
-    def batches(self) -> Iterator[Batch]:
-        """Tokenised, right-padded batches of the configured documents."""
+    def batches(self, start: int = 0) -> Iterator[Batch]:
+        """Tokenised, right-padded batches of this rank's documents from dataset index ``start`` on."""
+        documents = (
+            doc for doc in iter_documents(self.data, self.cfg.dataset)
+            if doc.index >= start and self.ranks.owns(doc.index)
+        )
         return tokenize_batches(
-            iter_documents(self.data, self.cfg.dataset),
+            documents,
             self.tokenizer,
             max_length=self.cfg.tokenizer.max_length,
             batch_size=self.cfg.inference.batch_size,
@@ -190,52 +203,138 @@ class Sniffer:
             self.backbone(input_ids=input_ids, use_cache=False)
         return self.session.end_batch()
 
-    def run(self) -> SniffResult:
-        """Capture every document, write the Parquet configs and the dataset card."""
-        cfg = self.cfg
+    def run(self, restart: bool = False) -> SniffResult:
+        """Capture every document (this rank's share), write the configs, the card, push.
+
+        Progress is committed to the staging journal after each batch (at most every
+        ``output.commit_every_s``); the same command after a crash resumes there.
+        Under torchrun each rank stages its own part and rank 0 merges them.
+        """
+        cfg, ranks = self.cfg, self.ranks
         data_root = Path(cfg.output.data_root)
-        writer = DatasetWriter(
-            data_root, flush_threshold_mb=cfg.output.flush_threshold_mb, row_group_size=cfg.output.write_batch_size
-        )
-        if self.hub is not None:
+        key = run_key(cfg, ranks.world_size)
+        stage_root = data_root / RANKS_DIR / f"rank-{ranks.rank:03d}" if ranks.distributed else data_root
+        merged = ranks.distributed and staged_state(data_root, key) is not None  # crashed during the merge
+        try:
+            writer = DatasetWriter(
+                stage_root,
+                flush_threshold_mb=cfg.output.flush_threshold_mb,
+                row_group_size=cfg.output.write_batch_size,
+                run_key=f"{key}-rank{ranks.rank}" if ranks.distributed else key,
+                restart=restart,
+            )
+        except StagingConflict as exc:
+            raise QkcoreError(f"{exc}; or run `qkcore sniff --restart` to discard it") from exc
+        state = writer.resumed_state or {"next_index": 0, "documents": 0, "tokens": 0, "example_ids": []}
+        if ranks.is_main and self.hub is not None and writer.resumed_state is None and not merged:
             self.hub.pull(data_root)
             self.hub.mark_pending(data_root)  # from here on, local data differs from the branch
-        documents = tokens = 0
-        seen_ids: set[int] = set()
-        progress = tqdm(total=document_count(self.data, cfg.dataset), desc="sniff", unit="doc", dynamic_ncols=True)
+        if writer.resumed_state is not None:
+            log.info("resuming", documents_done=state["documents"], next_index=state["next_index"])
         started = time.perf_counter()
         try:
-            with self.instrumented():
-                for batch in self.batches():
-                    for chunk in self.capture_batch(batch):
-                        writer.add(chunk)
-                    documents += len(batch.lengths)
-                    tokens += batch.tokens
-                    seen_ids.update(batch.example_ids)
-                    progress.update(len(batch.lengths))
-                    progress.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - started, 1e-9):,.0f}", refresh=False)
+            if not merged and not state.get("finished"):
+                self._capture_all(writer, state, started)
+            if ranks.distributed:
+                writer.commit(state)
+                shares = ranks.gather(state)
+                ranks.barrier()
+                if not ranks.is_main:
+                    return SniffResult(data_root, {}, state["documents"], state["tokens"])
+                writer = self._merge_ranks(data_root, key, shares, restart)
+                state = writer.resumed_state
             rows = writer.close()
         except BaseException:
             writer.abort()
             raise
+        if ranks.distributed:
+            shutil.rmtree(data_root / RANKS_DIR, ignore_errors=True)
+        return self._finish(data_root, key, rows, state, started)
+
+    def _capture_all(self, writer: DatasetWriter, state: dict[str, Any], started: float) -> None:
+        """Capture this rank's documents from ``state['next_index']`` on, committing as it goes."""
+        total = document_count(self.data, self.cfg.dataset)
+        share = None if total is None else len(range(self.ranks.rank, total, self.ranks.world_size))
+        progress = tqdm(
+            total=share, initial=state["documents"], desc=f"sniff[{self.ranks.rank}]" if self.ranks.distributed else "sniff",
+            unit="doc", dynamic_ncols=True,
+        )
+        tokens_before, last_commit = state["tokens"], time.monotonic()
+        try:
+            with self.instrumented():
+                for batch in self.batches(start=state["next_index"]):
+                    for chunk in self.capture_batch(batch):
+                        writer.add(chunk)
+                    state["documents"] += len(batch.lengths)
+                    state["tokens"] += batch.tokens
+                    state["example_ids"].extend(batch.example_ids)
+                    state["next_index"] = batch.next_index
+                    if time.monotonic() - last_commit >= self.cfg.output.commit_every_s:
+                        writer.commit(state)
+                        last_commit = time.monotonic()
+                    progress.update(len(batch.lengths))
+                    rate = (state["tokens"] - tokens_before) / max(time.perf_counter() - started, 1e-9)
+                    progress.set_postfix(tok_s=f"{rate:,.0f}", refresh=False)
         finally:
             progress.close()
+        state["finished"] = True
 
-        collisions = find_int32_collisions(seen_ids)
+    def _merge_ranks(self, data_root: Path, key: str, shares: list[dict[str, Any]], restart: bool) -> DatasetWriter:
+        """Rank 0: adopt every rank's committed parts into one writer over ``data_root``."""
+        writer = DatasetWriter(
+            data_root, flush_threshold_mb=self.cfg.output.flush_threshold_mb,
+            row_group_size=self.cfg.output.write_batch_size, run_key=key, restart=restart,
+        )
+        if writer.resumed_state is None:
+            for rank in range(self.ranks.world_size):
+                writer.adopt(data_root / RANKS_DIR / f"rank-{rank:03d}")
+            merged = {
+                "documents": sum(s["documents"] for s in shares),
+                "tokens": sum(s["tokens"] for s in shares),
+                "example_ids": [i for s in shares for i in s["example_ids"]],
+                "finished": True,
+            }
+            writer.commit(merged)
+            writer._resumed_state = merged
+        return writer
+
+    def _finish(self, data_root: Path, key: str, rows: dict[str, int], state: dict[str, Any], started: float) -> SniffResult:
+        """Card, completion record, push: the steps after the final files exist."""
+        cfg = self.cfg
+        collisions = find_int32_collisions(set(state["example_ids"]))
         if collisions:
             log.warning("example ids collide in the int32 column", collisions=dict(list(collisions.items())[:5]))
-        entry = _model_entry(self, documents, tokens, collisions)
+        entry = _model_entry(self, state["documents"], state["tokens"], collisions)
         write_card(data_root, cfg.output.readme_file, entry, hub_repo=cfg.output.hf_repo_id, hub_branch=cfg.output.hf_branch)
+        record_completion(data_root, key, rows, {"documents": state["documents"], "tokens": state["tokens"]})
         log.info("capture written", data_root=str(data_root), configs=len(rows), rows=sum(rows.values()),
-                 documents=documents, tokens=tokens, seconds=round(time.perf_counter() - started, 2))
+                 documents=state["documents"], tokens=state["tokens"], seconds=round(time.perf_counter() - started, 2))
         if self.hub is not None:
             self.hub.push(data_root, cfg.output.readme_file, f"qkcore: {self.model_name} ({len(rows)} configs)")
-        return SniffResult(data_root, rows, documents, tokens)
+        return SniffResult(data_root, rows, state["documents"], state["tokens"])
 
 
-def run_sniff(cfg: SniffConfig, pm: pluggy.PluginManager | None = None, hub_api: Any = None) -> SniffResult:
-    """Run one capture described by ``cfg``, write the dataset and its card, push if configured."""
-    return Sniffer(cfg, pm, hub_api=hub_api).run()
+def run_sniff(
+    cfg: SniffConfig, pm: pluggy.PluginManager | None = None, hub_api: Any = None, restart: bool = False
+) -> SniffResult:
+    """Run one capture described by ``cfg``, write the dataset and its card, push if configured.
+
+    A run whose completion record matches the files on disk does nothing (and says
+    so); under torchrun every rank calls this and rank 0 merges.
+    """
+    ranks = init_ranks()
+    structlog.contextvars.bind_contextvars(rank=ranks.rank)
+    try:
+        data_root = Path(cfg.output.data_root)
+        done = None if restart else completed_run(data_root, run_key(cfg, ranks.world_size))
+        if done is not None:
+            log.info("already complete: the files of this run are unchanged; nothing to do", data_root=str(data_root))
+            if (data_root / PENDING_MARKER).exists():
+                log.warning("this data root was never pushed; run `qkcore push --config FILE`")
+            return SniffResult(data_root, dict(done["rows"]), done["documents"], done["tokens"])
+        return Sniffer(cfg, pm, hub_api=hub_api, ranks=ranks).run(restart=restart)
+    finally:
+        shutdown(ranks)
 
 
 def _model_entry(run: Sniffer, documents: int, tokens: int, collisions: dict[int, list[int]]) -> ModelEntry:

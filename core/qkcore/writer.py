@@ -347,6 +347,16 @@ class _ConfigBuffer:
     nbytes: int = 0
 
 
+def staged_state(data_root: Path | str, run_key: str) -> Any:
+    """The committed ``state`` staged under ``data_root`` for ``run_key``, or ``None``."""
+    path = Path(data_root) / STAGING_DIR / JOURNAL_FILE
+    try:
+        journal = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return journal.get("state") if journal.get("run_key") == run_key else None
+
+
 class DatasetWriter:
     """Collects captured chunks per config, spills to staging, commits, resumes, writes final files.
 
@@ -504,6 +514,28 @@ class DatasetWriter:
         _write_durably(self._staging / JOURNAL_FILE, lambda tmp: tmp.write_text(text))
         self._committed += self._uncommitted
         self._uncommitted = []
+
+    def adopt(self, other_root: Path | str) -> None:
+        """Take over the committed parts of the writer staged at ``other_root`` (a torchrun rank's).
+
+        Parts are hard-linked in (no copy) and count as uncommitted until this
+        writer's next ``commit``; ``other_root`` is left intact so a crash before
+        that commit loses nothing. Remove it with :func:`shutil.rmtree` afterwards.
+        """
+        self._check_open()
+        other = Path(other_root) / STAGING_DIR
+        journal = json.loads((other / JOURNAL_FILE).read_text())
+        for name, meta in journal["configs"].items():
+            buf = self._buffers.setdefault(name, _ConfigBuffer(int(meta["head_dim"]), meta["sliding_window"]))
+            if (buf.head_dim, buf.sliding_window) != (int(meta["head_dim"]), meta["sliding_window"]):
+                raise ValueError(f"{other}: config {name} has head_dim/sliding_window that differ from this run's")
+        self._ensure_staging()
+        for part in journal["parts"]:
+            target = self._staging / f"part-{self._next_part:06d}.arrow"
+            target.unlink(missing_ok=True)
+            os.link(other / part, target)
+            self._next_part += 1
+            self._uncommitted.append(target.name)
 
     # -- finishing ----------------------------------------------------------
     def close(self) -> dict[str, int]:

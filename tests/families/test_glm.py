@@ -7,6 +7,7 @@ import importlib
 import numpy as np
 import pytest
 import torch
+from qk_plugin_glm import rotary_dim
 
 from tests.conftest import TEXTS
 from tests.families._support import capture_all, reference, rope_tables, rows, sniff, tiny
@@ -24,12 +25,11 @@ def family(request, tmp_path_factory):
 
 
 def test_layers_and_rotary_dim(family) -> None:
-    model_type, _, ref = family
-    from qk_plugin_glm import rotary_dim
-
+    _, _, ref = family
     assert ref.family.plugin_name == "glm" and not ref.family.is_fallback
     assert rotary_dim(ref.model) == ROTARY_DIM
-    assert [(layer.kind, layer.sliding_window, layer.head_dim) for layer in ref.layers] == [("full", None, HEAD_DIM)] * 2
+    described = [(layer.kind, layer.sliding_window, layer.head_dim) for layer in ref.layers]
+    assert described == [("full", None, HEAD_DIM)] * 2
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])

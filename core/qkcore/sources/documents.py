@@ -15,10 +15,11 @@ _LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".cs
 
 @dataclass(frozen=True)
 class Document:
-    """One text to capture, with its normalised 64-bit example id."""
+    """One text to capture, with its normalised 64-bit example id and its index in the dataset."""
 
     example_id: int
     text: str
+    index: int = 0
 
 
 def open_dataset(dataset_cfg: Any) -> Any:
@@ -75,7 +76,7 @@ def iter_documents(data: Any, dataset_cfg: Any) -> Iterator[Document]:
                 f"dataset.text_column: column '{dataset_cfg.text_column}' not found (columns: {', '.join(row)})"
             )
         raw_id = row[dataset_cfg.id_column] if dataset_cfg.id_column else index
-        yield Document(normalize_example_id(raw_id), "" if text is None else str(text))
+        yield Document(normalize_example_id(raw_id), "" if text is None else str(text), index)
 
 
 def document_count(data: Any, dataset_cfg: Any) -> int | None:
