@@ -11,10 +11,12 @@ from qkcore import ENTRY_POINT_GROUP, __version__
 from qkcore.config import ConfigError, QkcoreConfigWarning, load_config
 from qkcore.errors import QkcoreError
 from qkcore.logs import configure_logging
+from qkcore.inspect_data import InspectCommand
+from qkcore.plan import PlanCommand
 from qkcore.plugins import list_plugins, make_plugin_manager
 
 
-def build_parser(analyses: dict) -> argparse.ArgumentParser:
+def build_parser(commands_by_name: dict) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qkcore", description=__doc__)
     parser.add_argument("--version", action="version", version=f"qkcore {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -26,6 +28,10 @@ def build_parser(analyses: dict) -> argparse.ArgumentParser:
         help="override a config key, e.g. --set capture.sampler.type=all (repeatable)",
     )
     sniff.add_argument("--debug", action="store_true", help="debug logging")
+    sniff.add_argument(
+        "--restart", action="store_true",
+        help="discard an unfinished (or finished) run of this data root and capture from the start",
+    )
 
     push = commands.add_parser("push", help="upload a finished data root to its Hub branch (retry after a failed push)")
     push.add_argument("--config", required=True, help="the run configuration that wrote the data")
@@ -35,19 +41,25 @@ def build_parser(analyses: dict) -> argparse.ArgumentParser:
     plugins_commands = plugins.add_subparsers(dest="plugins_command", required=True)
     plugins_commands.add_parser("list", help="name, package, version and model types of each plugin")
 
-    for name, analysis in sorted(analyses.items()):
-        sub = commands.add_parser(name, help=analysis.help)
-        analysis.add_arguments(sub)
+    for name, command in sorted(commands_by_name.items()):
+        sub = commands.add_parser(name, help=command.help)
+        command.add_arguments(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``qkcore`` script; returns the exit status."""
-    pm = make_plugin_manager()
-    analyses: dict = {}
+    configure_logging()
+    try:
+        pm = make_plugin_manager()
+    except QkcoreError as exc:  # a broken plugin install: say which, without a traceback
+        print(f"qkcore: error: {exc}", file=sys.stderr)
+        return 2
+    # Know-before-you-spend commands, then every analysis a plugin provides.
+    extra: dict = {"plan": PlanCommand(pm), "inspect": InspectCommand()}
     for provided in pm.hook.qkcore_analyses():
-        analyses.update(provided or {})
-    args = build_parser(analyses).parse_args(argv)
+        extra.update(provided or {})
+    args = build_parser(extra).parse_args(argv)
     configure_logging(debug=getattr(args, "debug", False))
     try:
         if args.command == "sniff":
@@ -56,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _push(args)
         if args.command == "plugins":
             return _plugins_list(pm)
-        return int(analyses[args.command].run(args) or 0)
+        return int(extra[args.command].run(args) or 0)
     except (ConfigError, QkcoreError) as exc:
         print(f"qkcore: error: {exc}", file=sys.stderr)
         return 2
@@ -65,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _sniff(args: argparse.Namespace, pm) -> int:
     from qkcore.sniff import run_sniff
 
-    run_sniff(_load(args), pm)
+    run_sniff(_load(args), pm, restart=args.restart)
     return 0
 
 
