@@ -350,32 +350,6 @@ def timed_internals(sniffer: Any, timers: Timers) -> Iterator[None]:
         sniffer.backbone = backbone
 
 
-@contextmanager
-def build_on_device() -> Iterator[None]:
-    """Build random-weight models directly on the accelerator.
-
-    ``load_model`` builds with ``from_config`` on the CPU and then moves the model;
-    for 8B parameters the CPU initialisation alone takes minutes. This runs the
-    same ``load_model`` under ``with torch.device(device):`` so the parameters are
-    allocated and initialised on the GPU (``.to(device)`` is then a no-op).
-    """
-    import qkcore.sniff as sniff_module
-
-    original = sniff_module.load_model
-
-    def load_model_on_device(model_cfg: Any, config: Any, model_class: Any, dtype: Any, device: torch.device):
-        if model_cfg.config is not None and device.type != "cpu":
-            with torch.device(device):
-                return original(model_cfg, config, model_class, dtype, device)
-        return original(model_cfg, config, model_class, dtype, device)
-
-    sniff_module.load_model = load_model_on_device
-    try:
-        yield
-    finally:
-        sniff_module.load_model = original
-
-
 def write_config(
     workdir: Path, shape: str, architecture: dict[str, Any], device: torch.device, args: argparse.Namespace
 ) -> Path:
@@ -537,8 +511,7 @@ def bench_shape(
 
     print(f"\n== {shape}: building (random weights, {cfg.model.dtype}, sdpa) ...", flush=True)
     started = time.perf_counter()
-    with build_on_device():
-        sniffer = Sniffer(cfg)
+    sniffer = Sniffer(cfg)  # random weights are initialised directly on the device
     sync(device)
     build_s = time.perf_counter() - started
     bare = sniffer.backbone

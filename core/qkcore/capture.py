@@ -76,11 +76,9 @@ class CaptureSession:
         self._seq_len = 0
 
     # -- per batch -----------------------------------------------------
-    def begin_batch(self, example_ids: list[int], lengths: list[int]) -> None:
-        """Decide, before the forward, which positions each (layer, kind) keeps."""
-        self._selections.clear()
-        self._pending.clear()
-        self._seq_len = max(lengths, default=0)  # batches are right-padded to the longest
+    def select(self, example_ids: list[int], lengths: list[int]) -> dict[tuple[int, str], _Selection]:
+        """Decide which positions each (layer, kind) keeps for a batch (CPU only, thread-safe)."""
+        selections = {}
         for layer, kind in self.plan.heads:
             batch_parts, pos_parts, id_parts = [], [], []
             for b, (example_id, length) in enumerate(zip(example_ids, lengths)):
@@ -89,12 +87,21 @@ class CaptureSession:
                 pos_parts.append(kept)
                 id_parts.append(np.full(kept.numel(), example_id, dtype=np.int64))
             positions = torch.cat(pos_parts) if pos_parts else torch.empty(0, dtype=torch.long)
-            self._selections[(layer, kind)] = _Selection(
+            selections[(layer, kind)] = _Selection(
                 batch_index=torch.cat(batch_parts) if batch_parts else torch.empty(0, dtype=torch.long),
                 positions=positions,
                 buckets=self.sampler.buckets(positions).numpy().astype(np.int64),
                 example_ids=np.concatenate(id_parts) if id_parts else np.empty(0, dtype=np.int64),
             )
+        return selections
+
+    def begin_batch(
+        self, example_ids: list[int], lengths: list[int], selections: dict[tuple[int, str], _Selection] | None = None
+    ) -> None:
+        """Arm the capture for the next forward with the kept positions (from :meth:`select`)."""
+        self._selections = selections if selections is not None else self.select(example_ids, lengths)
+        self._pending.clear()
+        self._seq_len = max(lengths, default=0)  # batches are right-padded to the longest
         self._active = True
 
     def end_batch(self) -> list[CapturedChunk]:

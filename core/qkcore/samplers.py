@@ -194,6 +194,30 @@ def keep_mask(sampler: Sampler, seq_len: int, example_id: int, layer: int, kind:
 
     One mask per (example, layer, kind) is shared by every head of that layer.
     """
+    threshold = _thresholds(sampler, seq_len)
+    if threshold is None:
+        # rand < 1 always holds; skip the draw so the mask cannot depend on the RNG.
+        return torch.ones(seq_len, dtype=torch.bool)
+    # The original tool compares `torch.rand(seq_len, generator=g) < p_keep` in float32
+    # (a float32 tensor against a Python float or float32 tensor compares in float32).
+    # We do the same, so a draw equal to float32(p_keep) is dropped exactly as there;
+    # comparing in float64 would keep it whenever p_keep rounds down in float32.
+    draws = torch.rand(seq_len, generator=mask_generator(example_id, layer, kind), dtype=torch.float32)
+    return draws < threshold
+
+
+_THRESHOLD_CACHE_SIZE = 8
+
+
+def _thresholds(sampler: Sampler, seq_len: int) -> torch.Tensor | None:
+    """float32 p_keep of positions ``0..seq_len-1`` (``None`` when all are 1), checked once per length.
+
+    It depends on the length alone, while a batch asks for it once per (example,
+    layer, kind): cached per sampler for the few most recent lengths.
+    """
+    cache: dict[int, torch.Tensor | None] = sampler.__dict__.setdefault("_qkcore_thresholds", {})
+    if seq_len in cache:
+        return cache[seq_len]
     if seq_len < 0:
         raise ValueError(f"seq_len must be >= 0, got {seq_len}")
     positions = torch.arange(seq_len, dtype=torch.int64)
@@ -202,15 +226,11 @@ def keep_mask(sampler: Sampler, seq_len: int, example_id: int, layer: int, kind:
         raise ValueError(f"{sampler!r}.keep_probability returned shape {tuple(p_keep.shape)}, expected ({seq_len},)")
     if seq_len and not bool(((p_keep >= 0) & (p_keep <= 1)).all()):
         raise ValueError(f"{sampler!r}.keep_probability returned values outside [0, 1]")
-    if bool((p_keep >= 1).all()):
-        # rand < 1 always holds; skip the draw so the mask cannot depend on the RNG.
-        return torch.ones(seq_len, dtype=torch.bool)
-    # The original tool compares `torch.rand(seq_len, generator=g) < p_keep` in float32
-    # (a float32 tensor against a Python float or float32 tensor compares in float32).
-    # We do the same, so a draw equal to float32(p_keep) is dropped exactly as there;
-    # comparing in float64 would keep it whenever p_keep rounds down in float32.
-    draws = torch.rand(seq_len, generator=mask_generator(example_id, layer, kind), dtype=torch.float32)
-    return draws < p_keep.to(torch.float32)
+    threshold = None if bool((p_keep >= 1).all()) else p_keep.to(torch.float32)
+    if len(cache) >= _THRESHOLD_CACHE_SIZE:
+        cache.pop(next(iter(cache)))
+    cache[seq_len] = threshold
+    return threshold
 
 
 def keep_indices(sampler: Sampler, seq_len: int, example_id: int, layer: int, kind: str) -> torch.Tensor:

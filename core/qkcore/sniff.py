@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -157,7 +158,13 @@ class Sniffer:
         self.backbone = self.family.hooks.qkcore_backbone(model=self.model)
         self.model_name = cfg.model.name or f"random-{self.family.model_type}"
         self.session = CaptureSession(self.plan, self.sampler, postprocess_query=self._postprocess)
-        self._autocast_dtype = resolve_dtype(cfg.inference.autocast_dtype)
+        # Autocast only where it changes something: a bf16 model under bf16 autocast would
+        # only add casts (and cached weight copies) to the forward.
+        autocast_dtype = resolve_dtype(cfg.inference.autocast_dtype)
+        model_dtype = next(self.model.parameters()).dtype
+        self._autocast_dtype = (
+            autocast_dtype if self.device.type == "cuda" and autocast_dtype not in ("auto", model_dtype) else None
+        )
         log.info(
             "capture planned",
             model=self.model_name,
@@ -192,11 +199,29 @@ class Sniffer:
         with self.session.attached(self.model, self.family.hooks.qkcore_instrument), torch.inference_mode():
             yield self
 
-    def capture_batch(self, batch: Batch) -> list[CapturedChunk]:
+    def prepared_batches(self, start: int = 0) -> Iterator[tuple[Batch, Any]]:
+        """:meth:`batches` with their keep selections, prepared one batch ahead on a thread.
+
+        Tokenising the next documents and drawing their keep masks overlaps the
+        current forward instead of stalling the accelerator between forwards.
+        """
+        batches = self.batches(start)
+
+        def prepare() -> tuple[Batch, Any] | None:
+            batch = next(batches, None)
+            return None if batch is None else (batch, self.session.select(batch.example_ids, batch.lengths))
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qkcore-prefetch") as pool:
+            upcoming = pool.submit(prepare)
+            while (item := upcoming.result()) is not None:
+                upcoming = pool.submit(prepare)
+                yield item
+
+    def capture_batch(self, batch: Batch, selections: Any = None) -> list[CapturedChunk]:
         """Run the backbone on ``batch`` (inside :meth:`instrumented`) and return its kept rows."""
-        self.session.begin_batch(batch.example_ids, batch.lengths)
+        self.session.begin_batch(batch.example_ids, batch.lengths, selections)
         input_ids = batch.input_ids.to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
+        if self._autocast_dtype is not None:
             with torch.autocast(device_type="cuda", dtype=self._autocast_dtype):
                 self.backbone(input_ids=input_ids, use_cache=False)
         else:
@@ -262,8 +287,8 @@ class Sniffer:
         tokens_before, last_commit = state["tokens"], time.monotonic()
         try:
             with self.instrumented():
-                for batch in self.batches(start=state["next_index"]):
-                    for chunk in self.capture_batch(batch):
+                for batch, selections in self.prepared_batches(start=state["next_index"]):
+                    for chunk in self.capture_batch(batch, selections):
                         writer.add(chunk)
                     state["documents"] += len(batch.lengths)
                     state["tokens"] += batch.tokens
