@@ -46,6 +46,12 @@ class _Selection:
     example_ids: np.ndarray
     on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
+    def to_device(self, device: torch.device, heads: torch.Tensor) -> None:
+        """Start the pinned, non-blocking copy of the indices to ``device``."""
+        self.on_device[device] = tuple(  # type: ignore[assignment]
+            t.pin_memory().to(device, non_blocking=True) for t in (self.batch_index, self.positions, heads)
+        )
+
     def indices(self, device: torch.device, heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if device not in self.on_device:
             self.on_device[device] = (
@@ -96,10 +102,22 @@ class CaptureSession:
         return selections
 
     def begin_batch(
-        self, example_ids: list[int], lengths: list[int], selections: dict[tuple[int, str], _Selection] | None = None
+        self,
+        example_ids: list[int],
+        lengths: list[int],
+        selections: dict[tuple[int, str], _Selection] | None = None,
+        device: torch.device | None = None,
     ) -> None:
-        """Arm the capture for the next forward with the kept positions (from :meth:`select`)."""
+        """Arm the capture for the next forward with the kept positions (from :meth:`select`).
+
+        With ``device`` (an accelerator), the indices are copied there now, from
+        pinned memory and without blocking, so nothing inside the forward waits on
+        a host-to-device copy. Modules on other devices get theirs on first use.
+        """
         self._selections = selections if selections is not None else self.select(example_ids, lengths)
+        if device is not None and device.type == "cuda":
+            for key, selection in self._selections.items():
+                selection.to_device(device, self._head_tensors[key])
         self._pending.clear()
         self._seq_len = max(lengths, default=0)  # batches are right-padded to the longest
         self._active = True

@@ -219,7 +219,7 @@ class Sniffer:
 
     def capture_batch(self, batch: Batch, selections: Any = None) -> list[CapturedChunk]:
         """Run the backbone on ``batch`` (inside :meth:`instrumented`) and return its kept rows."""
-        self.session.begin_batch(batch.example_ids, batch.lengths, selections)
+        self.session.begin_batch(batch.example_ids, batch.lengths, selections, device=self.device)
         input_ids = batch.input_ids.to(self.device, non_blocking=True)
         if self._autocast_dtype is not None:
             with torch.autocast(device_type="cuda", dtype=self._autocast_dtype):
@@ -294,12 +294,17 @@ class Sniffer:
                     state["tokens"] += batch.tokens
                     state["example_ids"].extend(batch.example_ids)
                     state["next_index"] = batch.next_index
-                    if time.monotonic() - last_commit >= self.cfg.output.commit_every_s:
+                    committed = time.monotonic() - last_commit >= self.cfg.output.commit_every_s
+                    if committed:
                         writer.commit(state)
                         last_commit = time.monotonic()
                     progress.update(len(batch.lengths))
-                    rate = (state["tokens"] - tokens_before) / max(time.perf_counter() - started, 1e-9)
+                    elapsed = max(time.perf_counter() - started, 1e-9)
+                    rate = (state["tokens"] - tokens_before) / elapsed
                     progress.set_postfix(tok_s=f"{rate:,.0f}", refresh=False)
+                    log.info("batch captured", documents=state["documents"], next_index=state["next_index"],
+                             tokens=batch.tokens, tok_s=round(rate), elapsed_s=round(elapsed, 1),
+                             committed=committed)
         finally:
             progress.close()
         state["finished"] = True
