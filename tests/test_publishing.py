@@ -167,3 +167,14 @@ def test_push_without_repo_is_a_clear_error(tiny_config, capsys) -> None:
     config = tiny_config()
     assert main(["push", "--config", str(config)]) == 2
     assert "output.hf_repo_id" in capsys.readouterr().err
+
+
+def test_int32_id_collisions_are_reported_in_log_and_card(tiny_config, tmp_path) -> None:
+    # 1 and 2**32 + 1 are distinct 64-bit ids with the same low 32 bits (the written column).
+    corpus = write_corpus(tmp_path / "collide.jsonl", [(1, "First document."), (2**32 + 1, "Second document.")])
+    result = run_sniff(load_config(tiny_config(dataset={"path": str(corpus)})))
+    front, body = read_front_matter(result.data_root / "README.md")
+    notes = front["qkcore"]["models"][0]["notes"]
+    assert any("int32 example_id" in note and "1 " in note for note in notes), notes
+    table = pq.read_table(result.data_root / "l00h00q" / "data.parquet")
+    assert set(table.column("example_id").to_pylist()) == {1}
