@@ -13,7 +13,7 @@ from typing import Any, Callable
 from torch import nn
 
 from qkcore import hookimpl
-from qkcore.layers import AttentionLayer, RopeSite
+from qkcore.layers import AttentionLayer, RopeSite, describe_layer
 
 _LAYER_KINDS = {"full_attention": "full", "sliding_attention": "sliding", "chunked_attention": "sliding"}
 
@@ -40,21 +40,13 @@ def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
         if not (hasattr(module, "layer_idx") and hasattr(module, "q_proj") and hasattr(module, "k_proj")):
             continue
         index = int(module.layer_idx)
-        window = getattr(module, "sliding_window", None)
+        window = getattr(module, "sliding_window", None) or getattr(config, "sliding_window", None)
         if layer_types is not None and index < len(layer_types):
-            kind = _LAYER_KINDS.get(layer_types[index], "full")
-            if kind == "sliding":
-                window = window or getattr(config, "sliding_window", None)
-            else:
-                window = None
-        else:
-            # Older configs (e.g. mistral) have a model-wide window and no layer_types.
-            window = window or getattr(config, "sliding_window", None)
-            kind = "sliding" if window else "full"
-        num_q = int(getattr(config, "num_attention_heads"))
-        num_kv = int(getattr(config, "num_key_value_heads", None) or num_q)
-        head_dim = int(getattr(module, "head_dim", None) or config.hidden_size // num_q)
-        layers.append(AttentionLayer(index, module, kind, int(window) if window else None, num_q, num_kv, head_dim))
+            # A layer typed full never slides; one typed sliding slides only if a window is set
+            # (configs may keep layer_types while use_sliding_window is off). Older configs
+            # (e.g. mistral) have no layer_types and one model-wide window.
+            window = window if _LAYER_KINDS.get(layer_types[index], "full") == "sliding" else None
+        layers.append(describe_layer(index, module, config, window=window))
     return sorted(layers, key=lambda layer: layer.index)
 
 

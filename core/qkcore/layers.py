@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Callable, Iterable, Literal
 
 from torch import nn
 
@@ -46,3 +46,44 @@ class RopeSite:
     query_source: nn.Module
     key_source: nn.Module
     heads_first: bool = False
+
+
+def module_window(attention: nn.Module) -> int | None:
+    """The window an attention module passes to its kernel (``sliding_window``), if any."""
+    return getattr(attention, "sliding_window", None)
+
+
+def describe_layer(
+    index: int, attention: nn.Module, config: Any, *, window: int | None = None, kind: LayerKind | None = None
+) -> AttentionLayer:
+    """One :class:`AttentionLayer`: ``"sliding"`` when it has a window, else ``"full"`` (unless ``kind``).
+
+    Head counts come from the (text) config; configs without GQA have as many
+    key/value heads as query heads.
+    """
+    num_query_heads = int(config.num_attention_heads)
+    return AttentionLayer(
+        index=index,
+        module=attention,
+        kind=kind or ("sliding" if window else "full"),
+        sliding_window=int(window) if window else None,
+        num_query_heads=num_query_heads,
+        num_key_value_heads=int(getattr(config, "num_key_value_heads", None) or num_query_heads),
+        head_dim=int(getattr(attention, "head_dim", None) or config.hidden_size // num_query_heads),
+    )
+
+
+def self_attention_layers(
+    decoder_layers: Iterable[nn.Module],
+    config: Any,
+    window_of: Callable[[nn.Module], int | None] = module_window,
+) -> list[AttentionLayer]:
+    """Describe ``layer.self_attn`` of every decoder layer, numbered in decoder order.
+
+    The window is what ``window_of`` reads from the attention module: take it from
+    what the module actually hands its kernel, not from a guess at the config.
+    """
+    return [
+        describe_layer(index, layer.self_attn, config, window=window_of(layer.self_attn))
+        for index, layer in enumerate(decoder_layers)
+    ]

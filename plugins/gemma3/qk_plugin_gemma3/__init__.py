@@ -23,7 +23,7 @@ from __future__ import annotations
 from torch import nn
 
 from qkcore import hookimpl
-from qkcore.layers import AttentionLayer, RopeSite
+from qkcore.layers import AttentionLayer, RopeSite, self_attention_layers
 
 MODEL_TYPES = ["gemma3", "gemma3_text"]
 
@@ -51,25 +51,9 @@ def qkcore_backbone(model: nn.Module) -> nn.Module:
 
 @hookimpl
 def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
+    # Gemma3Attention sets `sliding_window` only on sliding layers (None on full ones).
     decoder = text_decoder(model)
-    config = decoder.config
-    layers = []
-    for index, decoder_layer in enumerate(decoder.layers):
-        attention = decoder_layer.self_attn
-        # Gemma3Attention sets `sliding_window` only on sliding layers (None on full ones).
-        window = attention.sliding_window
-        layers.append(
-            AttentionLayer(
-                index=index,
-                module=attention,
-                kind="sliding" if window else "full",
-                sliding_window=int(window) if window else None,
-                num_query_heads=config.num_attention_heads,
-                num_key_value_heads=config.num_key_value_heads,
-                head_dim=attention.head_dim,
-            )
-        )
-    return layers
+    return self_attention_layers(decoder.layers, decoder.config)
 
 
 @hookimpl

@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from qkcore import hookimpl
-from qkcore.layers import AttentionLayer, RopeSite
+from qkcore.layers import AttentionLayer, RopeSite, self_attention_layers
 
 MODEL_TYPES = ["glm", "glm4"]
 
@@ -32,20 +32,8 @@ def qkcore_model_types() -> list[str]:
 
 @hookimpl
 def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
-    config = model.config.get_text_config()
-    backbone = getattr(model, "model", model)
-    return [
-        AttentionLayer(
-            index=index,
-            module=decoder_layer.self_attn,
-            kind="full",  # GLM/GLM-4 have no sliding-window layers
-            sliding_window=None,
-            num_query_heads=config.num_attention_heads,
-            num_key_value_heads=config.num_key_value_heads,
-            head_dim=decoder_layer.self_attn.head_dim,
-        )
-        for index, decoder_layer in enumerate(backbone.layers)
-    ]
+    # GLM/GLM-4 attention has no window: every layer is full attention.
+    return self_attention_layers(getattr(model, "model", model).layers, model.config.get_text_config())
 
 
 @hookimpl

@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from qkcore import hookimpl
-from qkcore.layers import AttentionLayer, RopeSite
+from qkcore.layers import AttentionLayer, RopeSite, self_attention_layers
 
 MODEL_TYPES = ["llama"]
 
@@ -23,23 +23,8 @@ def qkcore_model_types() -> list[str]:
 
 @hookimpl
 def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
-    config = model.config.get_text_config()
-    backbone = getattr(model, "model", model)
-    layers = []
-    for index, decoder_layer in enumerate(backbone.layers):
-        attention = decoder_layer.self_attn
-        layers.append(
-            AttentionLayer(
-                index=index,
-                module=attention,
-                kind="full",
-                sliding_window=None,
-                num_query_heads=config.num_attention_heads,
-                num_key_value_heads=config.num_key_value_heads,
-                head_dim=attention.head_dim,
-            )
-        )
-    return layers
+    # Llama attention has no window: every layer is full attention.
+    return self_attention_layers(getattr(model, "model", model).layers, model.config.get_text_config())
 
 
 @hookimpl

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from qkcore import hookimpl
-from qkcore.layers import AttentionLayer, RopeSite
+from qkcore.layers import AttentionLayer, RopeSite, self_attention_layers
 
 MODEL_TYPES = ["mistral", "ministral", "ministral3", "mistral3"]
 
@@ -68,27 +68,15 @@ def qkcore_backbone(model: nn.Module) -> nn.Module:
 def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
     decoder = text_decoder(model)
     config = decoder.config
-    layers = []
-    for index, decoder_layer in enumerate(decoder.layers):
-        attention = decoder_layer.self_attn
+
+    def window_of(attention: nn.Module) -> int | None:
         # Mirror what the attention passes to its kernel: `ministral` keeps a per-layer
         # window (None on full layers), `mistral`/`ministral3` read the model-wide one.
         if hasattr(attention, "sliding_window"):
-            window = attention.sliding_window
-        else:
-            window = getattr(config, "sliding_window", None)
-        layers.append(
-            AttentionLayer(
-                index=index,
-                module=attention,
-                kind="sliding" if window else "full",
-                sliding_window=int(window) if window else None,
-                num_query_heads=config.num_attention_heads,
-                num_key_value_heads=config.num_key_value_heads,
-                head_dim=attention.head_dim,
-            )
-        )
-    return layers
+            return attention.sliding_window
+        return getattr(config, "sliding_window", None)
+
+    return self_attention_layers(decoder.layers, config, window_of)
 
 
 @hookimpl

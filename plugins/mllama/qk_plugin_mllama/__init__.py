@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from qkcore import hookimpl
-from qkcore.layers import AttentionLayer, RopeSite
+from qkcore.layers import AttentionLayer, RopeSite, describe_layer
 
 MODEL_TYPES = ["mllama"]
 
@@ -55,24 +55,16 @@ def qkcore_backbone(model: nn.Module) -> nn.Module:
 
 @hookimpl
 def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
+    # Cross-attention layers keep their decoder index (config names count them) but are never captured.
     decoder = text_decoder(model)
     config = decoder.config
     cross = set(config.cross_attention_layers or [])
-    layers = []
-    for index, decoder_layer in enumerate(decoder.layers):
-        attention = decoder_layer.cross_attn if index in cross else decoder_layer.self_attn
-        layers.append(
-            AttentionLayer(
-                index=index,
-                module=attention,
-                kind="cross" if index in cross else "full",
-                sliding_window=None,
-                num_query_heads=config.num_attention_heads,
-                num_key_value_heads=config.num_key_value_heads,
-                head_dim=attention.head_dim,
-            )
-        )
-    return layers
+    return [
+        describe_layer(index, layer.cross_attn, config, kind="cross")
+        if index in cross
+        else describe_layer(index, layer.self_attn, config)
+        for index, layer in enumerate(decoder.layers)
+    ]
 
 
 @hookimpl

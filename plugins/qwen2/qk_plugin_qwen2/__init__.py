@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from qkcore import hookimpl
-from qkcore.layers import AttentionLayer, RopeSite
+from qkcore.layers import AttentionLayer, RopeSite, self_attention_layers
 
 MODEL_TYPES = ["qwen2"]
 
@@ -25,26 +25,9 @@ def qkcore_model_types() -> list[str]:
 
 @hookimpl
 def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
-    config = model.config.get_text_config()
-    backbone = getattr(model, "model", model)
-    layers = []
-    for index, decoder_layer in enumerate(backbone.layers):
-        attention = decoder_layer.self_attn
-        # The module's window is what its kernel call and its mask use: transformers sets
-        # config.sliding_window to None unless use_sliding_window, whatever layer_types says.
-        window = attention.sliding_window
-        layers.append(
-            AttentionLayer(
-                index=index,
-                module=attention,
-                kind="sliding" if window else "full",
-                sliding_window=int(window) if window else None,
-                num_query_heads=config.num_attention_heads,
-                num_key_value_heads=config.num_key_value_heads,
-                head_dim=attention.head_dim,
-            )
-        )
-    return layers
+    # The module's window is what its kernel call and its mask use: transformers sets
+    # config.sliding_window to None unless use_sliding_window, whatever layer_types says.
+    return self_attention_layers(getattr(model, "model", model).layers, model.config.get_text_config())
 
 
 @hookimpl
