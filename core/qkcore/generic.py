@@ -13,7 +13,7 @@ from typing import Any, Callable
 from torch import nn
 
 from qkcore import hookimpl
-from qkcore.layers import AttentionLayer, RopeSite, describe_layer
+from qkcore.layers import AttentionLayer, RopeSite, describe_layer, text_decoder
 
 _LAYER_KINDS = {"full_attention": "full", "sliding_attention": "sliding", "chunked_attention": "sliding"}
 
@@ -27,8 +27,8 @@ def qkcore_model_class(config: Any) -> type:
 
 @hookimpl(trylast=True)
 def qkcore_backbone(model: nn.Module) -> nn.Module:
-    # *ForCausalLM keeps the decoder stack in `.model`; a bare backbone is itself.
-    return getattr(model, "model", model)
+    # The text decoder stack: a text-only forward never runs a vision tower.
+    return text_decoder(model)
 
 
 @hookimpl(trylast=True)

@@ -48,6 +48,13 @@ class RopeSite:
     heads_first: bool = False
 
 
+def text_decoder(model: nn.Module) -> nn.Module:
+    """The decoder stack that owns ``layers``: ``model.model``, or its ``language_model``
+    in vision-language wrappers (``*ForConditionalGeneration``); a bare backbone is itself."""
+    inner = getattr(model, "model", model)
+    return getattr(inner, "language_model", inner)
+
+
 def module_window(attention: nn.Module) -> int | None:
     """The window an attention module passes to its kernel (``sliding_window``), if any."""
     return getattr(attention, "sliding_window", None)

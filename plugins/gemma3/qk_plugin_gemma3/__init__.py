@@ -23,7 +23,7 @@ from __future__ import annotations
 from torch import nn
 
 from qkcore import hookimpl
-from qkcore.layers import AttentionLayer, RopeSite, self_attention_layers
+from qkcore.layers import AttentionLayer, RopeSite, self_attention_layers, text_decoder
 
 MODEL_TYPES = ["gemma3", "gemma3_text"]
 
@@ -37,16 +37,6 @@ def qkcore_model_types() -> list[str]:
     return MODEL_TYPES
 
 
-def text_decoder(model: nn.Module) -> nn.Module:
-    """The ``Gemma3TextModel``: ``model.model`` (text) or ``model.model.language_model`` (vision-language)."""
-    inner = getattr(model, "model", model)
-    return getattr(inner, "language_model", inner)
-
-
-@hookimpl
-def qkcore_backbone(model: nn.Module) -> nn.Module:
-    # Text-only forward, straight into the text decoder (the vision tower never runs).
-    return text_decoder(model)
 
 
 @hookimpl

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from qkcore import hookimpl
-from qkcore.layers import AttentionLayer, RopeSite, self_attention_layers
+from qkcore.layers import AttentionLayer, RopeSite, self_attention_layers, text_decoder
 
 MODEL_TYPES = ["mistral", "ministral", "ministral3", "mistral3"]
 
@@ -52,16 +52,6 @@ def qkcore_model_class(config: Any) -> type | None:
     return None  # text-only types: the generic AutoModelForCausalLM
 
 
-def text_decoder(model: nn.Module) -> nn.Module:
-    """The decoder stack that owns ``layers``: ``model.model`` or, in the VLM wrapper, its ``language_model``."""
-    inner = getattr(model, "model", model)
-    return getattr(inner, "language_model", inner)
-
-
-@hookimpl
-def qkcore_backbone(model: nn.Module) -> nn.Module:
-    # Text-only forward: the vision tower of `mistral3` is never run.
-    return text_decoder(model)
 
 
 @hookimpl

@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from qkcore import hookimpl
-from qkcore.layers import AttentionLayer, RopeSite, describe_layer
+from qkcore.layers import AttentionLayer, RopeSite, describe_layer, text_decoder
 
 MODEL_TYPES = ["mllama"]
 
@@ -41,16 +41,6 @@ def qkcore_model_class(config: Any) -> type:
     return AutoModelForCausalLM
 
 
-def text_decoder(model: nn.Module) -> nn.Module:
-    """The ``MllamaTextModel``: ``model.model`` (``model.model.language_model`` in the vision-language class)."""
-    inner = getattr(model, "model", model)
-    return getattr(inner, "language_model", inner)
-
-
-@hookimpl
-def qkcore_backbone(model: nn.Module) -> nn.Module:
-    # Called with input_ids only: no pixel values, so cross-attention layers are skipped.
-    return text_decoder(model)
 
 
 @hookimpl
