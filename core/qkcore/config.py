@@ -5,9 +5,10 @@ environment variables > the YAML file > defaults. YAML written for the original
 ``sniff-qk`` tool loads unchanged; keys qkcore no longer uses are accepted with a
 :class:`QkcoreConfigWarning` (see :data:`LEGACY_KEYS`), truly unknown keys are an error.
 
-The layers are merged explicitly rather than through pydantic-settings' env source:
-env values must be parsed as YAML scalars, tests inject their own env mapping, and
-every error must name where the bad key came from (file, variable or ``--set``).
+pydantic-settings reads the environment (:class:`_MappingEnvSource`); the layers are
+then merged here rather than by ``BaseSettings`` itself, because env values are parsed
+as YAML scalars like ``--set`` values, tests inject their own env mapping, and every
+error must name where the bad key came from (file, variable or ``--set``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -315,18 +317,25 @@ def _parse_value(text: str, origin: str) -> Any:
 def _env_layer(env: Mapping[str, str], sections: set[str]) -> list[tuple[_Key, Any, str]]:
     """``QKCORE_<SECTION>__<KEY>[__<SUBKEY>]`` variables as (path, value, origin).
 
-    Variables without ``__`` or whose first part is not a section are not config
-    keys (e.g. ``QKCORE_LOG_LEVEL``) and are skipped.
+    pydantic-settings reads the variables (prefix, ``__`` nesting, case, JSON for
+    lists and mappings); each leaf is then parsed as a YAML scalar like ``--set``
+    values, and keeps its variable name for error messages. Variables that are
+    not config keys (e.g. ``QKCORE_LOG_LEVEL``) are ignored; unknown keys inside a
+    section are kept so the key check reports them.
     """
-    found = []
-    for name, text in env.items():
-        if not name.upper().startswith(ENV_PREFIX):
-            continue
-        path = tuple(name[len(ENV_PREFIX) :].lower().split(_ENV_DELIMITER))
-        if len(path) < 2 or path[0] not in sections or not all(path):
-            continue
-        origin = f"${name}"
-        found.append((path, _parse_value(text, origin), origin))
+    found: list[tuple[_Key, Any, str]] = []
+
+    def leaves(path: _Key, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key, child in value.items():
+                leaves((*path, str(key).lower()), child)
+            return
+        origin = "$" + ENV_PREFIX + _ENV_DELIMITER.join(str(p) for p in path).upper()
+        found.append((path, _parse_value(value, origin) if isinstance(value, str) else value, origin))
+
+    for section, value in _MappingEnvSource(env)().items():
+        if section in sections:
+            leaves((section,), value)
     # Shorter paths first, so QKCORE_CAPTURE__SAMPLER__TYPE beats QKCORE_CAPTURE__SAMPLER.
     return sorted(found, key=lambda item: (len(item[0]), item[0]))
 
@@ -469,3 +478,29 @@ def load_config(
         raise ConfigError(_format_errors(exc, data, origin_of)) from None
     cfg.source = _abspath(path)
     return cfg
+
+
+class _EnvSections(BaseSettings):
+    """The run config's sections as pydantic-settings sees them; used only to read the environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter=_ENV_DELIMITER, case_sensitive=False, extra="ignore"
+    )
+
+    dataset: DatasetConfig | None = None
+    model: ModelConfig | None = None
+    tokenizer: TokenizerConfig | None = None
+    inference: InferenceConfig | None = None
+    capture: CaptureConfig | None = None
+    output: OutputConfig | None = None
+
+
+class _MappingEnvSource(EnvSettingsSource):
+    """pydantic-settings' environment source over a given mapping (``os.environ`` or a test's)."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._mapping = env
+        super().__init__(_EnvSections)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {name.lower(): value for name, value in self._mapping.items()}
