@@ -266,8 +266,7 @@ class Sniffer:
                 ranks.barrier()
                 if not ranks.is_main:
                     return SniffResult(data_root, {}, state["documents"], state["tokens"])
-                writer = self._merge_ranks(data_root, key, shares, restart)
-                state = writer.resumed_state
+                writer, state = self._merge_ranks(data_root, key, shares, restart)
             rows = writer.close()
         except BaseException:
             writer.abort()
@@ -309,24 +308,30 @@ class Sniffer:
             progress.close()
         state["finished"] = True
 
-    def _merge_ranks(self, data_root: Path, key: str, shares: list[dict[str, Any]], restart: bool) -> DatasetWriter:
-        """Rank 0: adopt every rank's committed parts into one writer over ``data_root``."""
+    def _merge_ranks(
+        self, data_root: Path, key: str, shares: list[dict[str, Any]], restart: bool
+    ) -> tuple[DatasetWriter, dict[str, Any]]:
+        """Rank 0: adopt every rank's committed parts into one writer over ``data_root``.
+
+        The merge is committed before anything else happens, so a crash after it
+        resumes at the merge (``staged_state``) instead of recapturing.
+        """
         writer = DatasetWriter(
             data_root, flush_threshold_mb=self.cfg.output.flush_threshold_mb,
             row_group_size=self.cfg.output.write_batch_size, run_key=key, restart=restart,
         )
-        if writer.resumed_state is None:
-            for rank in range(self.ranks.world_size):
-                writer.adopt(data_root / RANKS_DIR / f"rank-{rank:03d}")
-            merged = {
-                "documents": sum(s["documents"] for s in shares),
-                "tokens": sum(s["tokens"] for s in shares),
-                "example_ids": [i for s in shares for i in s["example_ids"]],
-                "finished": True,
-            }
-            writer.commit(merged)
-            writer._resumed_state = merged
-        return writer
+        if writer.resumed_state is not None:
+            return writer, writer.resumed_state
+        for rank in range(self.ranks.world_size):
+            writer.adopt(data_root / RANKS_DIR / f"rank-{rank:03d}")
+        merged = {
+            "documents": sum(s["documents"] for s in shares),
+            "tokens": sum(s["tokens"] for s in shares),
+            "example_ids": [i for s in shares for i in s["example_ids"]],
+            "finished": True,
+        }
+        writer.commit(merged)
+        return writer, merged
 
     def _finish(self, data_root: Path, key: str, rows: dict[str, int], state: dict[str, Any], started: float) -> SniffResult:
         """Card, completion record, push: the steps after the final files exist."""
