@@ -35,9 +35,11 @@ class EagerReference:
     inputs: dict[Any, torch.Tensor]  # example id -> (1, seq) input ids
 
 
-def eager_reference(tmp_path: Path, architecture: dict[str, Any], texts=TEXTS) -> EagerReference:
+def eager_reference(
+    tmp_path: Path, architecture: dict[str, Any], texts=TEXTS, **model_section: Any
+) -> EagerReference:
     """Build ``architecture`` as the run would (plugin's class, seed), switch to eager, record attentions."""
-    cfg = load_config(make_config(tmp_path, architecture))
+    cfg = load_config(make_config(tmp_path, model={"config": architecture, **model_section}))
     config = load_architecture(cfg.model)
     family = resolve_family(make_plugin_manager(), config.model_type)
     model_class = family.hooks.qkcore_model_class(config=config)

@@ -19,11 +19,10 @@ import torch
 
 from qkcore.config import load_config
 from qkcore.layers import AttentionLayer
-from qkcore.plugins import Family, make_plugin_manager, resolve_family
+from qkcore.plugins import Family
 from qkcore.sniff import SniffResult, run_sniff
-from qkcore.sources.model import load_architecture, load_model
-from qkcore.sources.tokenizer import load_tokenizer
-from tests.conftest import TEXTS, make_config
+from tests.conftest import make_config
+from tests.families._eager_reference import eager_reference
 from tests.oracle import assert_rows_match_eager, read_rows
 
 #: Sizes shared by the tiny family configs: GQA 8 query heads over 2 key heads.
@@ -86,23 +85,9 @@ def reference(tmp_path: Path, architecture: dict[str, Any], **model_section: Any
     """Build the same random model a run builds (same seed and class), in eager mode."""
     run_dir = tmp_path / f"ref{next(_run_ids)}"
     run_dir.mkdir()
-    cfg = load_config(make_config(run_dir, model={"config": architecture, **model_section}))
-    config = load_architecture(cfg.model)
-    family = resolve_family(make_plugin_manager(), config.model_type)
-    model_class = family.hooks.qkcore_model_class(config=config)
-    model = load_model(cfg.model, config, model_class, torch.float32, torch.device("cpu"))
-    model.set_attn_implementation("eager")
-    layers = family.hooks.qkcore_attention_layers(model=model)
-    tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
-    backbone = family.hooks.qkcore_backbone(model=model)
-    attentions, inputs = {}, {}
-    with torch.no_grad():
-        for example_id, text in TEXTS:
-            ids = torch.tensor([tokenizer(text)["input_ids"]])
-            out = backbone(input_ids=ids, use_cache=False, output_attentions=True)
-            attentions[example_id] = [a[0] for a in out.attentions]
-            inputs[example_id] = ids
-    return Reference(model, family, layers, attentions, inputs)
+    ref = eager_reference(run_dir, architecture, **model_section)
+    layers = ref.family.hooks.qkcore_attention_layers(model=ref.model)
+    return Reference(ref.model, ref.family, layers, ref.attentions, ref.inputs)
 
 
 def rows(root: Path, layer: int, head: int, kind: str, example_id: Any) -> np.ndarray:
