@@ -44,7 +44,8 @@ def qkcore_backbone(model: nn.Module) -> nn.Module | None:
     """Return the module to run for the capture forward pass (no LM head).
 
     It is called as ``backbone(input_ids=..., use_cache=False)``. Generic default:
-    ``model.model``.
+    the text decoder, ``model.model`` or its ``language_model`` in vision-language
+    wrappers (:func:`qkcore.layers.text_decoder`).
     """
 
 
@@ -56,7 +57,9 @@ def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer] | None:
     config names (``lXX``), the attention module, whether it is full, sliding or
     cross attention, its ``sliding_window``, and its head counts. Cross-attention
     layers are listed but never captured. Generic default: every module with a
-    ``layer_idx`` and ``q_proj``/``k_proj``, kinds read from ``config.layer_types``.
+    ``layer_idx`` and ``q_proj``/``k_proj``, kinds read from ``config.layer_types``
+    and the window the module uses. Plugins usually build the list with
+    :func:`qkcore.layers.self_attention_layers`.
     """
 
 
@@ -67,6 +70,8 @@ def qkcore_locate_rope(model: nn.Module, layer: AttentionLayer) -> RopeSite | No
     The returned :class:`~qkcore.layers.RopeSite` names the modules whose outputs
     are the query and key right before rotary embedding (the projections, or the
     per-head norm where the family has one). Pre-RoPE capture hooks those modules.
+    Generic default: ``q_norm``/``k_norm`` if present, else ``q_proj``/``k_proj``;
+    RoPE applies unless the module's ``use_rope`` is false.
     """
 
 
