@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qkcore import __version__
+from qkcore.background import BackgroundWriter
 from qkcore.batching import Batch, tokenize_batches
 from qkcore.capture import CapturePlan, CaptureSession
 from qkcore.card import ModelEntry, write_card
@@ -284,18 +285,20 @@ class Sniffer:
             unit="doc", dynamic_ncols=True,
         )
         tokens_before, last_commit = state["tokens"], time.monotonic()
+        # Rows are handed to a writer thread: spills and commits overlap the next forward.
+        background = BackgroundWriter(writer, max_pending_bytes=int(self.cfg.output.flush_threshold_mb * 2**20))
         try:
             with self.instrumented():
                 for batch, selections in self.prepared_batches(start=state["next_index"]):
                     for chunk in self.capture_batch(batch, selections):
-                        writer.add(chunk)
+                        background.add(chunk)
                     state["documents"] += len(batch.lengths)
                     state["tokens"] += batch.tokens
                     state["example_ids"].extend(batch.example_ids)
                     state["next_index"] = batch.next_index
                     committed = time.monotonic() - last_commit >= self.cfg.output.commit_every_s
                     if committed:
-                        writer.commit(state)
+                        background.commit(state)
                         last_commit = time.monotonic()
                     progress.update(len(batch.lengths))
                     elapsed = max(time.perf_counter() - started, 1e-9)
@@ -304,7 +307,9 @@ class Sniffer:
                     log.info("batch captured", documents=state["documents"], next_index=state["next_index"],
                              tokens=batch.tokens, tok_s=round(rate), elapsed_s=round(elapsed, 1),
                              committed=committed)
+            background.drain()
         finally:
+            background.stop()
             progress.close()
         state["finished"] = True
 
