@@ -77,7 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _sniff(args: argparse.Namespace, pm) -> int:
     from qkcore.sniff import run_sniff
 
-    run_sniff(_load(args), pm, restart=args.restart)
+    cfg = _load(args)
+    if cfg.inference.debug_logging:  # the original tool's switch for verbose logs
+        configure_logging(debug=True)
+    run_sniff(cfg, pm, restart=args.restart)
     return 0
 
 

@@ -287,9 +287,10 @@ class Sniffer:
         tokens_before, last_commit = state["tokens"], time.monotonic()
         # Rows are handed to a writer thread: spills and commits overlap the next forward.
         background = BackgroundWriter(writer, max_pending_bytes=int(self.cfg.output.flush_threshold_mb * 2**20))
+        log_every = self.cfg.inference.debug_log_every_n_batches or 1
         try:
             with self.instrumented():
-                for batch, selections in self.prepared_batches(start=state["next_index"]):
+                for count, (batch, selections) in enumerate(self.prepared_batches(start=state["next_index"]), 1):
                     for chunk in self.capture_batch(batch, selections):
                         background.add(chunk)
                     state["documents"] += len(batch.lengths)
@@ -304,9 +305,10 @@ class Sniffer:
                     elapsed = max(time.perf_counter() - started, 1e-9)
                     rate = (state["tokens"] - tokens_before) / elapsed
                     progress.set_postfix(tok_s=f"{rate:,.0f}", refresh=False)
-                    log.info("batch captured", documents=state["documents"], next_index=state["next_index"],
-                             tokens=batch.tokens, tok_s=round(rate), elapsed_s=round(elapsed, 1),
-                             committed=committed)
+                    if committed or count % log_every == 0:
+                        log.info("batch captured", documents=state["documents"], next_index=state["next_index"],
+                                 tokens=batch.tokens, tok_s=round(rate), elapsed_s=round(elapsed, 1),
+                                 committed=committed)
             background.drain()
         finally:
             background.stop()
