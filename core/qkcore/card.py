@@ -301,7 +301,7 @@ def render_body(
     lines += [
         "## Schema",
         "",
-        "Each `lXXhYY[qk]/data.parquet` (zstd) is sorted by (64-bit example id, position):",
+        "Each `lXXhYY[qk]/data.parquet` (zstd) is sorted by (`example_id`, then the 64-bit id, then `position`):",
         "",
         "| column | type | meaning |",
         "|---|---|---|",
