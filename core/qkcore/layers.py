@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, Literal
 
 from torch import nn
 
@@ -81,16 +81,15 @@ def describe_layer(
 
 
 def self_attention_layers(
-    decoder_layers: Iterable[nn.Module],
-    config: Any,
-    window_of: Callable[[nn.Module], int | None] = module_window,
+    model: nn.Module, window_of: Callable[[nn.Module], int | None] = module_window
 ) -> list[AttentionLayer]:
-    """Describe ``layer.self_attn`` of every decoder layer, numbered in decoder order.
+    """Describe ``layer.self_attn`` of every layer of ``model``'s text decoder, numbered in decoder order.
 
     The window is what ``window_of`` reads from the attention module: take it from
     what the module actually hands its kernel, not from a guess at the config.
     """
+    decoder = text_decoder(model)
     return [
-        describe_layer(index, layer.self_attn, config, window=window_of(layer.self_attn))
-        for index, layer in enumerate(decoder_layers)
+        describe_layer(index, layer.self_attn, decoder.config, window=window_of(layer.self_attn))
+        for index, layer in enumerate(decoder.layers)
     ]

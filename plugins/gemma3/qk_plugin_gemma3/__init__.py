@@ -42,8 +42,7 @@ def qkcore_model_types() -> list[str]:
 @hookimpl
 def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
     # Gemma3Attention sets `sliding_window` only on sliding layers (None on full ones).
-    decoder = text_decoder(model)
-    return self_attention_layers(decoder.layers, decoder.config)
+    return self_attention_layers(model)
 
 
 @hookimpl

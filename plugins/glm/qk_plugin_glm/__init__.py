@@ -33,7 +33,7 @@ def qkcore_model_types() -> list[str]:
 @hookimpl
 def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
     # GLM/GLM-4 attention has no window: every layer is full attention.
-    return self_attention_layers(getattr(model, "model", model).layers, model.config.get_text_config())
+    return self_attention_layers(model)
 
 
 @hookimpl

@@ -56,8 +56,7 @@ def qkcore_model_class(config: Any) -> type | None:
 
 @hookimpl
 def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
-    decoder = text_decoder(model)
-    config = decoder.config
+    config = text_decoder(model).config
 
     def window_of(attention: nn.Module) -> int | None:
         # Mirror what the attention passes to its kernel: `ministral` keeps a per-layer
@@ -66,7 +65,7 @@ def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
             return attention.sliding_window
         return getattr(config, "sliding_window", None)
 
-    return self_attention_layers(decoder.layers, config, window_of)
+    return self_attention_layers(model, window_of)
 
 
 @hookimpl

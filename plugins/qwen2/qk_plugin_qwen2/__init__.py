@@ -27,7 +27,7 @@ def qkcore_model_types() -> list[str]:
 def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
     # The module's window is what its kernel call and its mask use: transformers sets
     # config.sliding_window to None unless use_sliding_window, whatever layer_types says.
-    return self_attention_layers(getattr(model, "model", model).layers, model.config.get_text_config())
+    return self_attention_layers(model)
 
 
 @hookimpl

@@ -28,7 +28,7 @@ def qkcore_model_types() -> list[str]:
 def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
     # The module's window is what its kernel call and its mask use: it is None
     # unless the layer is "sliding_attention" *and* use_sliding_window is set.
-    return self_attention_layers(getattr(model, "model", model).layers, model.config.get_text_config())
+    return self_attention_layers(model)
 
 
 @hookimpl

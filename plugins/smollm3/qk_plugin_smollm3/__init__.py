@@ -34,7 +34,7 @@ def qkcore_model_types() -> list[str]:
 @hookimpl
 def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
     # The module's window is the one its kernel call and mask use (None unless use_sliding_window).
-    return self_attention_layers(getattr(model, "model", model).layers, model.config.get_text_config())
+    return self_attention_layers(model)
 
 
 @hookimpl
