@@ -20,7 +20,8 @@ from qkcore.plan import (
     throughput_tokens_per_s,
 )
 from qkcore.plugins import installed_summary, make_plugin_manager, resolve_family
-from qkcore.sniff import plan_capture, run_sniff
+from qkcore.planning import plan_capture
+from qkcore.sniff import run_sniff
 from qkcore.sources.documents import iter_documents, open_dataset
 from qkcore.sources.model import load_architecture, load_model
 from qkcore.sources.tokenizer import load_tokenizer

@@ -2,7 +2,7 @@
 
 The model is built from its architecture config on PyTorch's ``meta`` device
 (no weights are read or allocated), so the family plugin's hooks and
-:func:`qkcore.sniff.plan_capture` pick exactly the layers and heads a real run
+:func:`qkcore.planning.plan_capture` pick exactly the layers and heads a real run
 would. From the sampler's keep probabilities the plan derives the expected rows
 per config, the uncompressed disk size, and a GPU-time estimate from
 :data:`THROUGHPUT_TOKENS_PER_S`.
@@ -33,7 +33,7 @@ from qkcore.errors import QkcoreError
 from qkcore.heads import _ranges, select_query_heads
 from qkcore.plugins import Family, installed_summary, make_plugin_manager, resolve_family
 from qkcore.samplers import Sampler
-from qkcore.sniff import build_sampler, plan_capture
+from qkcore.planning import build_sampler, plan_capture
 from qkcore.sources.model import load_architecture
 from qkcore.writer import config_name
 

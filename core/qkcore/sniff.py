@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from qkcore import __version__
 from qkcore.background import BackgroundWriter
 from qkcore.batching import Batch, tokenize_batches
-from qkcore.capture import CapturePlan, CaptureSession
+from qkcore.capture import CaptureSession
 from qkcore.card import ModelEntry, write_card
 from qkcore.config import ConfigError, SniffConfig, config_to_dict, resolve_dtype
 from qkcore.errors import QkcoreError
@@ -31,10 +31,9 @@ from qkcore.example_ids import find_int32_collisions
 from qkcore.distributed import Ranks, init_ranks, shutdown
 from qkcore.hub import PENDING_MARKER, hub_sync
 from qkcore.runs import completed_run, record_completion, run_key
-from qkcore.heads import select_query_heads, validate_filters
 from qkcore.layers import AttentionLayer
-from qkcore.plugins import Family, installed_summary, make_plugin_manager, resolve_family
-from qkcore.samplers import Sampler
+from qkcore.planning import build_sampler, plan_capture
+from qkcore.plugins import installed_summary, make_plugin_manager, resolve_family
 from qkcore.sources.documents import check_columns, document_count, iter_documents, open_dataset
 from qkcore.sources.model import load_architecture, load_model, resolve_device
 from qkcore.sources.tokenizer import load_tokenizer
@@ -60,75 +59,6 @@ class SniffResult:
     rows: dict[str, int]
     documents: int
     tokens: int
-
-
-def build_sampler(pm: pluggy.PluginManager, cfg: SniffConfig) -> Sampler:
-    """The sampler named by ``capture.sampler.type``, from any plugin."""
-    factories: dict[str, Any] = {}
-    for provided in pm.hook.qkcore_samplers():
-        factories.update(provided or {})
-    name = cfg.capture.sampler.type
-    if name not in factories:
-        raise ConfigError(
-            f"{cfg.source or '<config>'}: capture.sampler.type: unknown sampler '{name}' "
-            f"(known: {', '.join(sorted(factories))})"
-        )
-    try:
-        return factories[name](base_rate=cfg.capture.sampler.base_rate, min_bucket_size=cfg.capture.min_bucket_size)
-    except ValueError as exc:
-        raise ConfigError(f"{cfg.source or '<config>'}: capture.sampler: {exc}") from exc
-
-
-def plan_capture(model: torch.nn.Module, family: Family, cfg: SniffConfig, installed: str = "") -> CapturePlan:
-    """Decide which layers and heads are captured (see :mod:`qkcore.heads`).
-
-    ``installed`` names the installed plugins, for the error when nothing can be instrumented.
-    """
-    layers: list[AttentionLayer] = family.hooks.qkcore_attention_layers(model=model) or []
-    if not layers:
-        raise QkcoreError(
-            f"model_type '{family.model_type}' cannot be instrumented: no attention layers found "
-            f"(installed plugins: {installed or 'none'})"
-        )
-    capture = cfg.capture
-    problems = validate_filters(layers, capture.layers, capture.heads)
-    if problems:
-        raise ConfigError(f"{cfg.source or '<config>'}: capture.layers/heads: {'; '.join(problems)}")
-    sampling = capture.head_sampling
-    query_heads = select_query_heads(
-        layers,
-        layer_filter=capture.layers,
-        head_filter=capture.heads,
-        full_attention_only=capture.full_attention_only,
-        count=sampling.count if sampling else None,
-        seed=sampling.seed if sampling else 0,
-    )
-    by_index = {layer.index: layer for layer in layers}
-    heads: dict[tuple[int, str], list[int]] = {}
-    for index, q_heads in query_heads.items():
-        layer = by_index[index]
-        if capture.capture_queries:
-            heads[(index, "q")] = list(q_heads)
-        if capture.capture_keys:
-            heads[(index, "k")] = sorted(
-                {
-                    family.hooks.qkcore_key_head(
-                        query_head=q, num_query_heads=layer.num_query_heads, num_key_value_heads=layer.num_key_value_heads
-                    )
-                    for q in q_heads
-                }
-            )
-    if not query_heads:
-        kinds = ", ".join(sorted({layer.kind for layer in layers}))
-        raise ConfigError(
-            f"{cfg.source or '<config>'}: capture: no layer is eligible for capture "
-            f"(layer kinds: {kinds}; full_attention_only={capture.full_attention_only}, "
-            f"layers={capture.layers}, heads={capture.heads})"
-        )
-    captured = {index: by_index[index] for index in query_heads}
-    rope_sites = {index: family.hooks.qkcore_locate_rope(model=model, layer=layer) for index, layer in by_index.items()}
-    return CapturePlan(layers=captured, heads=heads, pre_rope=capture.capture_pre_rope, rope_sites=rope_sites)
-
 
 
 class Sniffer:

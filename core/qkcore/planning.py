@@ -1,0 +1,91 @@
+"""Deciding what a run captures: the sampler, the layers and the heads.
+
+:func:`plan_capture` is **where heads are chosen and mapped**: eligible layers from
+the family's ``qkcore_attention_layers``, query heads by :mod:`qkcore.heads`, key
+heads through the family's ``qkcore_key_head`` (GQA), RoPE sites for pre-RoPE
+capture. ``qkcore sniff`` and ``qkcore plan`` both call it, so a plan shows exactly
+what a run captures.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pluggy
+import torch
+
+from qkcore.capture import CapturePlan
+from qkcore.config import ConfigError, SniffConfig
+from qkcore.errors import QkcoreError
+from qkcore.heads import select_query_heads, validate_filters
+from qkcore.layers import AttentionLayer
+from qkcore.plugins import Family
+from qkcore.samplers import Sampler
+
+
+def build_sampler(pm: pluggy.PluginManager, cfg: SniffConfig) -> Sampler:
+    """The sampler named by ``capture.sampler.type``, from any plugin."""
+    factories: dict[str, Any] = {}
+    for provided in pm.hook.qkcore_samplers():
+        factories.update(provided or {})
+    name = cfg.capture.sampler.type
+    if name not in factories:
+        raise ConfigError(
+            f"{cfg.source or '<config>'}: capture.sampler.type: unknown sampler '{name}' "
+            f"(known: {', '.join(sorted(factories))})"
+        )
+    try:
+        return factories[name](base_rate=cfg.capture.sampler.base_rate, min_bucket_size=cfg.capture.min_bucket_size)
+    except ValueError as exc:
+        raise ConfigError(f"{cfg.source or '<config>'}: capture.sampler: {exc}") from exc
+
+
+def plan_capture(model: torch.nn.Module, family: Family, cfg: SniffConfig, installed: str = "") -> CapturePlan:
+    """Decide which layers and heads are captured (see :mod:`qkcore.heads`).
+
+    ``installed`` names the installed plugins, for the error when nothing can be instrumented.
+    """
+    layers: list[AttentionLayer] = family.hooks.qkcore_attention_layers(model=model) or []
+    if not layers:
+        raise QkcoreError(
+            f"model_type '{family.model_type}' cannot be instrumented: no attention layers found "
+            f"(installed plugins: {installed or 'none'})"
+        )
+    capture = cfg.capture
+    problems = validate_filters(layers, capture.layers, capture.heads)
+    if problems:
+        raise ConfigError(f"{cfg.source or '<config>'}: capture.layers/heads: {'; '.join(problems)}")
+    sampling = capture.head_sampling
+    query_heads = select_query_heads(
+        layers,
+        layer_filter=capture.layers,
+        head_filter=capture.heads,
+        full_attention_only=capture.full_attention_only,
+        count=sampling.count if sampling else None,
+        seed=sampling.seed if sampling else 0,
+    )
+    by_index = {layer.index: layer for layer in layers}
+    heads: dict[tuple[int, str], list[int]] = {}
+    for index, q_heads in query_heads.items():
+        layer = by_index[index]
+        if capture.capture_queries:
+            heads[(index, "q")] = list(q_heads)
+        if capture.capture_keys:
+            heads[(index, "k")] = sorted(
+                {
+                    family.hooks.qkcore_key_head(
+                        query_head=q, num_query_heads=layer.num_query_heads, num_key_value_heads=layer.num_key_value_heads
+                    )
+                    for q in q_heads
+                }
+            )
+    if not query_heads:
+        kinds = ", ".join(sorted({layer.kind for layer in layers}))
+        raise ConfigError(
+            f"{cfg.source or '<config>'}: capture: no layer is eligible for capture "
+            f"(layer kinds: {kinds}; full_attention_only={capture.full_attention_only}, "
+            f"layers={capture.layers}, heads={capture.heads})"
+        )
+    captured = {index: by_index[index] for index in query_heads}
+    rope_sites = {index: family.hooks.qkcore_locate_rope(model=model, layer=layer) for index, layer in by_index.items()}
+    return CapturePlan(layers=captured, heads=heads, pre_rope=capture.capture_pre_rope, rope_sites=rope_sites)
