@@ -34,6 +34,7 @@ def make_model(name: str = "org/tiny", revision: str | None = "main", **kw) -> M
                      heads=None, head_sampling=None),
         selected_heads={0: [0, 1], 1: [0]},
         key_heads={0: [0]},
+        key_head_of_query={0: {0: 0, 1: 0}, 1: {0: 0}},
         layer_kinds={0: "full", 1: "sliding"},
         sliding_windows={0: None, 1: 64},
         rope_layers={0: True, 1: False},

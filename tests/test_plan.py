@@ -12,6 +12,7 @@ import qkcore.plan as plan_module
 from qkcore.batching import tokenize_batches
 from qkcore.config import ConfigError, load_config
 from qkcore.plan import (
+    build_meta_model,
     DEFAULT_DOCUMENTS,
     THROUGHPUT_TOKENS_PER_S,
     PlanCommand,
@@ -184,3 +185,14 @@ def test_plan_command_prints_the_plan(tiny_config, pm, capsys) -> None:
     assert "uncompressed estimate" in out and "estimate" in out and "H100" in out
     with pytest.raises(SystemExit):
         parser.parse_args(["--config", "x.yaml", "--lengths", "1,-2"])
+
+
+def test_key_head_of_each_query_head_comes_from_the_family_hook(tiny_config, pm) -> None:
+    """The plan records the GQA mapping per query head (the card publishes it for analyses)."""
+    cfg = load_config(tiny_config())
+    model, family = build_meta_model(cfg, pm)
+    plan = plan_capture(model, family, cfg, installed_summary(pm))
+    for layer, mapping in plan.key_head_of.items():
+        assert sorted(mapping) == plan.heads[(layer, "q")]
+        assert mapping == {q: q // 4 for q in mapping}  # tiny Llama: 8 query heads over 2 key heads
+        assert sorted(set(mapping.values())) == plan.heads[(layer, "k")]

@@ -31,9 +31,8 @@ class CapturePlan:
     heads: dict[tuple[int, str], list[int]]  # (layer index, "q"|"k") -> head indices
     pre_rope: bool = False
     rope_sites: dict[int, RopeSite] = field(default_factory=dict)
-
-    def kinds(self, layer: int) -> list[str]:
-        return [kind for kind in ("q", "k") if (layer, kind) in self.heads]
+    #: layer -> {query head: key head} for every selected query head (the family's GQA mapping).
+    key_head_of: dict[int, dict[int, int]] = field(default_factory=dict)
 
 
 @dataclass

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import yaml
 
-from qkcore.writer import DATA_FILE, config_name, parse_config_name
+from qkcore.layout import DATA_FILE, config_name, parse_config_name
 
 # ``configs`` and ``qkcore`` are rewritten on every run. ``dataset_info`` is dropped
 # rather than kept: a stale one (split sizes, features) makes ``load_dataset``
@@ -50,6 +50,7 @@ class ModelEntry:
     capture: dict  # capture_pre_rope, full_attention_only, layers/heads filters, head_sampling
     selected_heads: dict[int, list[int]]  # layer -> query heads
     key_heads: dict[int, list[int]]  # layer -> key heads
+    key_head_of_query: dict[int, dict[int, int]]  # layer -> {query head: the key head it attends with}
     layer_kinds: dict[int, str]  # layer -> full/sliding/cross
     sliding_windows: dict[int, int | None]
     rope_layers: dict[int, bool]  # layer -> applies RoPE (False = NoPE)

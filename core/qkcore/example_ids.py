@@ -13,6 +13,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
+from qkcore.layout import low32 as to_int32  # the example_id column value of an id
+
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 
@@ -53,10 +55,6 @@ def normalize_example_id(value: Any) -> int:
         return _hash_id(as_float)
     return _hash_id(value)
 
-
-def to_int32(example_id: int) -> int:
-    """Return the low 32 bits of ``example_id`` as a signed int32 (the parquet column value)."""
-    return ((int(example_id) + 2**31) % 2**32) - 2**31
 
 
 def find_int32_collisions(ids: Iterable[int]) -> dict[int, list[int]]:

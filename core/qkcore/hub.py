@@ -12,26 +12,25 @@ to run and the user is told to ``qkcore push`` first.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from qkcore.errors import QkcoreError
+from qkcore.layout import DATA_FILE, config_file, parse_config_name
 
 log = structlog.get_logger(__name__)
 
 PENDING_MARKER = ".qkcore-push-pending"
-_CONFIG_FILE = re.compile(r"^l\d{2,}h\d{2,}[qk]/data\.parquet$")
 
 
 def dataset_files(data_root: Path, readme: Path) -> list[str]:
     """Repo paths of the files that make up the dataset: the card and every config's Parquet."""
     files = sorted(
-        str(path.relative_to(data_root).as_posix())
-        for path in data_root.glob("l*/data.parquet")
-        if _CONFIG_FILE.match(path.relative_to(data_root).as_posix())
+        config_file(path.parent.name)
+        for path in data_root.glob(f"l*/{DATA_FILE}")
+        if parse_config_name(path.parent.name) is not None
     )
     if readme.is_file() and readme.resolve().parent == data_root.resolve():
         files.insert(0, readme.name)

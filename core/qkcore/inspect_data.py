@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from qkcore.card import read_front_matter, scan_configs
 from qkcore.errors import QkcoreError
-from qkcore.writer import DATA_FILE, parse_config_name
+from qkcore.layout import DATA_FILE, parse_config_name
 
 __all__ = [
     "DEFAULT_PLOT",

@@ -35,7 +35,7 @@ from qkcore.plugins import Family, installed_summary, make_plugin_manager, resol
 from qkcore.samplers import Sampler
 from qkcore.planning import build_sampler, plan_capture
 from qkcore.sources.model import load_architecture
-from qkcore.writer import config_name
+from qkcore.layout import config_name
 
 __all__ = [
     "DEFAULT_DOCUMENTS",

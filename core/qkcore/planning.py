@@ -66,19 +66,21 @@ def plan_capture(model: torch.nn.Module, family: Family, cfg: SniffConfig, insta
     )
     by_index = {layer.index: layer for layer in layers}
     heads: dict[tuple[int, str], list[int]] = {}
+    key_head_of: dict[int, dict[int, int]] = {}
     for index, q_heads in query_heads.items():
         layer = by_index[index]
+        # The family's GQA mapping, recorded per query head (the card publishes it, so an
+        # analysis pairs each query head with the key head the model really used).
+        key_head_of[index] = {
+            q: family.hooks.qkcore_key_head(
+                query_head=q, num_query_heads=layer.num_query_heads, num_key_value_heads=layer.num_key_value_heads
+            )
+            for q in q_heads
+        }
         if capture.capture_queries:
             heads[(index, "q")] = list(q_heads)
         if capture.capture_keys:
-            heads[(index, "k")] = sorted(
-                {
-                    family.hooks.qkcore_key_head(
-                        query_head=q, num_query_heads=layer.num_query_heads, num_key_value_heads=layer.num_key_value_heads
-                    )
-                    for q in q_heads
-                }
-            )
+            heads[(index, "k")] = sorted(set(key_head_of[index].values()))
     if not query_heads:
         kinds = ", ".join(sorted({layer.kind for layer in layers}))
         raise ConfigError(
@@ -88,4 +90,6 @@ def plan_capture(model: torch.nn.Module, family: Family, cfg: SniffConfig, insta
         )
     captured = {index: by_index[index] for index in query_heads}
     rope_sites = {index: family.hooks.qkcore_locate_rope(model=model, layer=layer) for index, layer in by_index.items()}
-    return CapturePlan(layers=captured, heads=heads, pre_rope=capture.capture_pre_rope, rope_sites=rope_sites)
+    return CapturePlan(
+        layers=captured, heads=heads, pre_rope=capture.capture_pre_rope, rope_sites=rope_sites, key_head_of=key_head_of
+    )

@@ -343,6 +343,7 @@ def _model_entry(run: Sniffer, documents: int, tokens: int, collisions: dict[int
         },
         selected_heads={layer: heads for (layer, kind), heads in sorted(plan.heads.items()) if kind == "q"},
         key_heads={layer: heads for (layer, kind), heads in sorted(plan.heads.items()) if kind == "k"},
+        key_head_of_query={layer: dict(sorted(mapping.items())) for layer, mapping in sorted(plan.key_head_of.items())},
         layer_kinds={layer.index: layer.kind for layer in layers},
         sliding_windows={layer.index: layer.sliding_window for layer in layers},
         rope_layers={index: site.applies_rope for index, site in sorted(plan.rope_sites.items())},

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,16 +43,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from qkcore.layout import DATA_FILE, config_name, low32, low32_ids, output_schema, parse_config_name  # noqa: F401 (re-exported)
+
 STAGING_DIR = ".qkcore-staging"
 JOURNAL_FILE = "journal.json"
-DATA_FILE = "data.parquet"
 DEFAULT_ROW_GROUP_SIZE = 65536
 _JOURNAL_FORMAT = 1
 _INDEX_KEY = b"qkcore.index"
 _ID64 = "_example_id64"  # kept in parts only: the final sort needs the full id
 _PART_BATCH_MAX_ROWS = 8192  # small batches let close() read only the key ranges it needs
 _INT32_MIN, _INT32_MAX = int(np.iinfo(np.int32).min), int(np.iinfo(np.int32).max)
-_CONFIG_RE = re.compile(r"^l(\d{2,})h(\d{2,})([qk])$")
 
 # Writer options of the final files. No option here writes a timestamp;
 # ``created_by`` only carries the pyarrow version, so output is reproducible for a
@@ -104,45 +103,9 @@ class CapturedChunk:
     sliding_window: int | None
 
 
-def config_name(layer: int, head: int, kind: str) -> str:
-    """Return the config name for a (layer, head, kind), e.g. ``l03h07q``."""
-    if kind not in ("q", "k"):
-        raise ValueError(f"kind must be 'q' or 'k', got {kind!r}")
-    if layer < 0 or head < 0:
-        raise ValueError(f"layer and head must be non-negative, got {layer}, {head}")
-    return f"l{layer:02d}h{head:02d}{kind}"
 
 
-def parse_config_name(name: str) -> tuple[int, int, str] | None:
-    """Parse ``lXXhYY[qk]`` into ``(layer, head, kind)``; ``None`` if not canonical."""
-    m = _CONFIG_RE.match(name)
-    if m is None:
-        return None
-    layer, head, kind = int(m.group(1)), int(m.group(2)), m.group(3)
-    # Reject non-canonical spellings (e.g. "l003h01q") so one config has one name.
-    return (layer, head, kind) if config_name(layer, head, kind) == name else None
 
-
-def output_schema(head_dim: int) -> pa.Schema:
-    """Schema of a final ``data.parquet`` file for vectors of ``head_dim``."""
-    return pa.schema(
-        [
-            pa.field("bucket", pa.int32()),
-            pa.field("example_id", pa.int32()),
-            pa.field("position", pa.int32()),
-            pa.field("vector", pa.list_(pa.float32(), head_dim)),
-            pa.field("sliding_window", pa.int32()),
-        ]
-    )
-
-
-def low32_ids(ids: np.ndarray) -> np.ndarray:
-    """Low 32 bits of int64 ids, reinterpreted as signed int32 (two's complement)."""
-    return (np.asarray(ids, dtype=np.int64) & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
-
-
-def _low32(value: int) -> int:
-    return ((value & 0xFFFFFFFF) ^ 0x80000000) - 0x80000000
 
 
 def _to_int32(values: np.ndarray, what: str) -> np.ndarray:
@@ -264,7 +227,7 @@ def _sorted_columns(parts: Sequence[_Rows]) -> tuple[np.ndarray, np.ndarray, np.
 
 
 def _key(ids64: np.ndarray, positions: np.ndarray, i: int) -> _Key:
-    return (_low32(int(ids64[i])), int(ids64[i]), int(positions[i]))
+    return (low32(int(ids64[i])), int(ids64[i]), int(positions[i]))
 
 
 def _gather(parts: Sequence[np.ndarray], index: np.ndarray, head_dim: int) -> np.ndarray:
@@ -749,10 +712,10 @@ class DatasetWriter:
         for start, end in _pack(totals, budget):
             first, last = int(docs[start]), int(docs[end - 1])
             if end - start > 1 or totals[start] <= budget:
-                ranges.append(((_low32(first), first, _INT32_MIN), (_low32(last), last, _INT32_MAX)))
+                ranges.append(((low32(first), first, _INT32_MIN), (low32(last), last, _INT32_MAX)))
                 continue
             # One document larger than the budget: split it by position (reading positions only).
-            k32 = _low32(first)
+            k32 = low32(first)
             lo, hi = (k32, first, _INT32_MIN), (k32, first, _INT32_MAX)
             positions = np.concatenate([r.positions.copy() for r in self._iter_range(slices, lo, hi, head_dim)])
             values, counts = np.unique(positions, return_counts=True)

@@ -1,0 +1,74 @@
+"""The published data layout, in one place: config names, file names, the Arrow schema, ids.
+
+A data root holds one folder per captured (layer, head, kind)::
+
+    lXXhYYq/data.parquet   queries of decoder layer XX, query head YY
+    lXXhYYk/data.parquet   keys of decoder layer XX, key/value head YY
+    README.md              the dataset card (front matter lists every config)
+
+Every reader and writer of that layout (the writer, the card, the Hub sync,
+``inspect``, the analyses) takes names and the schema from here.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pyarrow as pa
+
+#: File name of each config's data inside its folder.
+DATA_FILE = "data.parquet"
+#: File name of the dataset card at the data root.
+CARD_FILE = "README.md"
+#: A canonical config name: ``l`` + layer (>= 2 digits) + ``h`` + head (>= 2 digits) + ``q``/``k``.
+CONFIG_RE = re.compile(r"^l(\d{2,})h(\d{2,})([qk])$")
+#: Column names of a data file, in order.
+COLUMNS = ("bucket", "example_id", "position", "vector", "sliding_window")
+
+
+def config_name(layer: int, head: int, kind: str) -> str:
+    """Return the config name for a (layer, head, kind), e.g. ``l03h07q``."""
+    if kind not in ("q", "k"):
+        raise ValueError(f"kind must be 'q' or 'k', got {kind!r}")
+    if layer < 0 or head < 0:
+        raise ValueError(f"layer and head must be non-negative, got {layer}, {head}")
+    return f"l{layer:02d}h{head:02d}{kind}"
+
+
+def parse_config_name(name: str) -> tuple[int, int, str] | None:
+    """Parse ``lXXhYY[qk]`` into ``(layer, head, kind)``; ``None`` if not canonical."""
+    m = CONFIG_RE.match(name)
+    if m is None:
+        return None
+    layer, head, kind = int(m.group(1)), int(m.group(2)), m.group(3)
+    # Reject non-canonical spellings (e.g. "l003h01q") so one config has one name.
+    return (layer, head, kind) if config_name(layer, head, kind) == name else None
+
+
+def config_file(name: str) -> str:
+    """Path of a config's data file relative to the data root (``lXXhYYq/data.parquet``)."""
+    return f"{name}/{DATA_FILE}"
+
+
+def output_schema(head_dim: int) -> pa.Schema:
+    """Schema of a final ``data.parquet`` file for vectors of ``head_dim``."""
+    return pa.schema(
+        [
+            pa.field("bucket", pa.int32()),
+            pa.field("example_id", pa.int32()),
+            pa.field("position", pa.int32()),
+            pa.field("vector", pa.list_(pa.float32(), head_dim)),
+            pa.field("sliding_window", pa.int32()),
+        ]
+    )
+
+
+def low32_ids(ids: np.ndarray) -> np.ndarray:
+    """The ``example_id`` column: low 32 bits of int64 ids, reinterpreted as signed int32."""
+    return (np.asarray(ids, dtype=np.int64) & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
+
+
+def low32(example_id: int) -> int:
+    """:func:`low32_ids` of one id: the low 32 bits as a signed int32."""
+    return ((int(example_id) & 0xFFFFFFFF) ^ 0x80000000) - 0x80000000
