@@ -5,6 +5,7 @@ A data root holds one folder per captured (layer, head, kind)::
     lXXhYYq/data.parquet   queries of decoder layer XX, query head YY
     lXXhYYk/data.parquet   keys of decoder layer XX, key/value head YY
     README.md              the dataset card (front matter lists every config)
+    qkcore.json            the manifest: the run's identity and each config's rows, buckets and sha256
 
 Every reader and writer of that layout (the writer, the card, the Hub sync,
 ``inspect``, the analyses) takes names and the schema from here.
@@ -13,6 +14,7 @@ Every reader and writer of that layout (the writer, the card, the Hub sync,
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +23,8 @@ import pyarrow as pa
 DATA_FILE = "data.parquet"
 #: File name of the dataset card at the data root.
 CARD_FILE = "README.md"
+#: File name of the run manifest at the data root (identity, per-config statistics and hashes).
+MANIFEST_FILE = "qkcore.json"
 #: A canonical config name: ``l`` + layer (>= 2 digits) + ``h`` + head (>= 2 digits) + ``q``/``k``.
 CONFIG_RE = re.compile(r"^l(\d{2,})h(\d{2,})([qk])$")
 #: Column names of a data file, in order.
@@ -44,6 +48,14 @@ def parse_config_name(name: str) -> tuple[int, int, str] | None:
     layer, head, kind = int(m.group(1)), int(m.group(2)), m.group(3)
     # Reject non-canonical spellings (e.g. "l003h01q") so one config has one name.
     return (layer, head, kind) if config_name(layer, head, kind) == name else None
+
+
+def configs_in(root: Path) -> list[str]:
+    """Config names with a data file under ``root``, sorted by (layer, head, kind) so l100 follows l99."""
+    if not root.is_dir():
+        return []
+    names = [p.name for p in root.iterdir() if p.is_dir() and parse_config_name(p.name) and (p / DATA_FILE).is_file()]
+    return sorted(names, key=lambda n: parse_config_name(n) or (0, 0, ""))
 
 
 def config_file(name: str) -> str:

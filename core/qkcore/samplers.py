@@ -188,6 +188,10 @@ class LogUniformSampler(Sampler):
             "ceil(log2(min_bucket_size)))"
         )
 
+    def describe(self) -> dict[str, Any]:
+        """The settings, plus the smallest bucket actually used: the power of two at or above ``min_bucket_size``."""
+        return {**super().describe(), "effective_min_bucket_size": 2**self.min_bucket}
+
 
 def keep_mask(sampler: Sampler, seq_len: int, example_id: int, layer: int, kind: str) -> torch.Tensor:
     """Return the bool mask (shape ``(seq_len,)``) of positions ``0..seq_len-1`` to keep.
