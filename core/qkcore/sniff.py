@@ -314,7 +314,7 @@ def _model_entry(run: Sniffer, documents: int, tokens: int, collisions: dict[int
     layers: list[AttentionLayer] = family.hooks.qkcore_attention_layers(model=model)
     any_layer = layers[0]
     notes: list[str] = []
-    for provided in family.hooks.qkcore_card_notes(model=model, layers=layers):
+    for provided in family.hooks.qkcore_card_notes(model=model, layers=layers, plan=plan):
         notes.extend(provided or [])
     if family.is_fallback:
         notes.append(f"No plugin handles model_type '{family.model_type}': captured by the generic fallback.")
