@@ -296,6 +296,9 @@ def test_llama_vision_original_candidates_at_the_real_shape() -> None:
         5: [1, 4, 5, 6, 8, 10, 23, 26, 27, 31],
     }
     assert original.heads[(0, "k")] == [0, 1, 4, 6, 7]
+    # Its first eight draws, in draw order (none on a cross-attention layer), are all captured.
+    first_draws = [(24, 20), (26, 29), (2, 18), (16, 18), (32, 23), (31, 3), (25, 29), (19, 13)]
+    assert all(head in original.heads[(layer, "q")] for layer, head in first_draws)
     assert (3, "q") not in original.heads  # its 5 picks there (heads 2, 6, 22, 29, 31) are not captured
     assert original.head_selection == (
         "300 of 1280 candidate query heads of all 40 decoder layers, cross-attention included as in the original "
