@@ -27,7 +27,7 @@ from qkcore.capture import CaptureSession
 from qkcore.card import ModelEntry, write_card
 from qkcore.config import ConfigError, SniffConfig, config_to_dict, resolve_dtype
 from qkcore.errors import QkcoreError
-from qkcore.example_ids import find_int32_collisions
+from qkcore.example_ids import EXAMPLE_ID_RULE, find_int32_collisions
 from qkcore.distributed import Ranks, init_ranks, shutdown
 from qkcore.hub import PENDING_MARKER, hub_sync
 from qkcore.runs import completed_run, record_completion, run_key
@@ -43,12 +43,6 @@ log = structlog.get_logger(__name__)
 
 #: Where torchrun ranks stage their parts until rank 0 merges them.
 RANKS_DIR = ".qkcore-ranks"
-
-EXAMPLE_ID_RULE = (
-    "integers in the int64 range (and integral floats) are kept; anything else becomes "
-    "blake2b(str(v).encode('utf-8'), digest_size=8) read little-endian as a signed int64. "
-    "The 64-bit id seeds the sampler; the example_id column holds its low 32 bits as a signed int32."
-)
 
 
 @dataclass
@@ -314,7 +308,7 @@ def _model_entry(run: Sniffer, documents: int, tokens: int, collisions: dict[int
     layers: list[AttentionLayer] = family.hooks.qkcore_attention_layers(model=model)
     any_layer = layers[0]
     notes: list[str] = []
-    for provided in family.hooks.qkcore_card_notes(model=model, layers=layers):
+    for provided in family.hooks.qkcore_card_notes(model=model, layers=layers, plan=plan):
         notes.extend(provided or [])
     if family.is_fallback:
         notes.append(f"No plugin handles model_type '{family.model_type}': captured by the generic fallback.")
