@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qkcore.heads import key_head_for, key_heads_for, select_query_heads, validate_filters
+from qkcore.heads import key_head_for, key_heads_for, sample_query_heads, select_query_heads, validate_filters
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,79 @@ def test_select_respects_given_layer_order() -> None:
     assert sorted((k, q) for k, qs in got.items() for q in qs) == sorted(picked)
 
 
+# --- candidate rules ------------------------------------------------------------------
+
+
+def _sample(rule: str, **kw):  # type: ignore[no-untyped-def]
+    args = {"layer_filter": None, "head_filter": None, "full_attention_only": False, "count": None, "seed": 0}
+    args.update(kw)
+    return sample_query_heads(LAYERS, candidates=rule, **args)
+
+
+def test_all_decoder_layers_samples_cross_layers_then_drops_their_picks() -> None:
+    # The original tool's list: every layer, cross included (layer 2), layer-major, heads ascending.
+    candidates = [(layer, q) for layer in range(5) for q in range(4)]
+    picked = random.Random(3).sample(candidates, 9)
+    expected: dict[int, list[int]] = {}
+    for layer, q in sorted(picked):
+        if layer != 2:
+            expected.setdefault(layer, []).append(q)
+    selection = _sample("all_decoder_layers", count=9, seed=3)
+    assert selection.heads == expected
+    assert selection.uncaptured_picks == sum(1 for layer, _ in picked if layer == 2) == 3  # fixed for seed 3
+    assert selection.num_heads == 6 and selection.candidates == 20 and selection.candidate_layers == 5
+    assert selection.heads == {1: [0, 3], 3: [2], 4: [1, 2, 3]}  # fixed for seed 3
+
+
+def test_all_decoder_layers_full_only_drops_sliding_but_keeps_cross_candidates() -> None:
+    candidates = [(layer, q) for layer in (0, 2, 3) for q in range(4)]
+    picked = random.Random(0).sample(candidates, 6)
+    selection = _sample("all_decoder_layers", full_attention_only=True, count=6)
+    assert selection.pairs == {pair for pair in picked if pair[0] != 2}
+    assert selection.candidates == 12 and selection.candidate_layers == 3
+    # The default rule samples the 8 candidates of layers 0 and 3: another selection.
+    default = _sample("eligible_layers", full_attention_only=True, count=6)
+    assert default.candidates == 8 and default.num_heads == 6 and default.uncaptured_picks == 0
+    assert default.pairs == set(random.Random(0).sample([(l, q) for l in (0, 3) for q in range(4)], 6))
+
+
+def test_rules_agree_without_cross_layers_or_sampling() -> None:
+    no_cross = [layer for layer in LAYERS if layer.kind != "cross"]
+    for seed in range(10):
+        kw = {"layer_filter": None, "head_filter": [0, 3], "full_attention_only": False, "count": 5, "seed": seed}
+        assert sample_query_heads(no_cross, candidates="all_decoder_layers", **kw).heads == select_query_heads(
+            no_cross, **kw
+        )
+    # Without sampling every candidate is taken, and cross-attention is never captured.
+    assert _sample("all_decoder_layers").heads == _sample("eligible_layers").heads == _select()
+    assert _sample("all_decoder_layers").uncaptured_picks == 4
+
+
+def test_unknown_rule_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown candidate rule"):
+        _sample("everything")
+
+
+def test_selection_descriptions() -> None:
+    assert _sample("eligible_layers").describe() == (
+        "all 16 query heads of the 4 eligible layers (no capture.head_sampling)"
+    )
+    assert _sample("eligible_layers", count=5).describe() == (
+        "5 of 16 candidate query heads of the 4 eligible layers, picked by random.Random(0).sample "
+        "(capture.head_sampling.candidates: eligible_layers)"
+    )
+    assert _sample("eligible_layers", count=40, full_attention_only=True).describe() == (
+        "all 8 candidate query heads of the 2 eligible layers (count 40 >= candidates) "
+        "(capture.head_sampling.candidates: eligible_layers)"
+    )
+    selection = _sample("all_decoder_layers", count=9, seed=3)
+    assert selection.describe() == (
+        "9 of 20 candidate query heads of all 5 decoder layers, cross-attention included as in the original "
+        "sniff-qk, picked by random.Random(3).sample (capture.head_sampling.candidates: all_decoder_layers); "
+        "3 picks on cross-attention layers are not captured, leaving 6 query heads"
+    )
+
+
 layers_st = st.lists(
     st.builds(FakeLayer, st.integers(0, 40), st.sampled_from(["full", "sliding", "cross"]), st.integers(1, 12)),
     max_size=12,
@@ -158,6 +231,14 @@ def test_select_properties(  # type: ignore[no-untyped-def]
     uncapped = select_query_heads(layers, **{**kw, "count": None})
     uncapped_total = sum(len(v) for v in uncapped.values())
     assert total == (uncapped_total if count is None else min(count, uncapped_total))
+    # The original tool's rule: cross-attention layers are candidates too, their picks dropped.
+    original = sample_query_heads(layers, candidates="all_decoder_layers", **kw)
+    assert all(by_index[index].kind != "cross" for index in original.heads)
+    assert set(original.heads) <= set(uncapped)  # only layers the default rule could capture
+    drawn = original.candidates if count is None else min(count, original.candidates)
+    assert original.num_heads + original.uncaptured_picks == drawn
+    if not any(layer.kind == "cross" for layer in layers):
+        assert original.heads == got and original.uncaptured_picks == 0
 
 
 # --- filter validation ----------------------------------------------------------------
@@ -175,3 +256,19 @@ def test_validate_filters() -> None:
     mixed = [FakeLayer(0, "full", 8), FakeLayer(1, "sliding", 4)]
     assert validate_filters(mixed, None, [7]) == []
     assert len(validate_filters(mixed, None, [8])) == 1
+
+
+# --- the setting ---------------------------------------------------------------------
+
+
+def test_candidates_setting_is_validated(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from qkcore.config import ConfigError, load_config
+    from tests.conftest import make_config
+
+    path = make_config(tmp_path, capture={"head_sampling": {"count": 3, "candidates": "all_decoder_layers"}})
+    assert load_config(path, env={}).capture.head_sampling.candidates == "all_decoder_layers"
+    default = make_config(tmp_path, capture={"head_sampling": {"count": 3}})
+    assert load_config(default, env={}).capture.head_sampling.candidates == "eligible_layers"
+    bad = make_config(tmp_path, capture={"head_sampling": {"count": 3, "candidates": "all_layers"}})
+    with pytest.raises(ConfigError, match=r"run\.yaml: capture\.head_sampling\.candidates"):
+        load_config(bad, env={})

@@ -33,6 +33,13 @@ class CapturePlan:
     rope_sites: dict[int, RopeSite] = field(default_factory=dict)
     #: layer -> {query head: key head} for every selected query head (the family's GQA mapping).
     key_head_of: dict[int, dict[int, int]] = field(default_factory=dict)
+    #: ``capture.unscaled_queries``: post-RoPE query rows go through the family's
+    #: ``qkcore_postprocess_query`` (undoing its post-RoPE scaling); else they are the kernel's query.
+    unscaled_queries: bool = False
+    #: One line saying how the query heads were chosen (:meth:`qkcore.heads.HeadSelection.describe`).
+    head_selection: str = ""
+    #: Set when the original sniff-qk would pick other heads for this config: how to reproduce its heads.
+    head_selection_note: str | None = None
 
 
 @dataclass
@@ -175,9 +182,10 @@ class CaptureSession:
         batch_index, positions, heads = selection.indices(tensor.device, self._head_tensors[key])
         # Advanced indexing gathers only the kept rows: (n, heads, dim), no full-tensor copy.
         rows = tensor.detach()[batch_index[:, None], heads[None, :], positions[:, None]].permute(1, 0, 2)
-        # The post-processing undoes what a family does to the query *after* RoPE,
-        # so it never applies to pre-RoPE rows.
-        if kind == "q" and self.postprocess_query is not None and not self.plan.pre_rope:
+        # The post-processing undoes what a family does to the query *after* RoPE: only on
+        # request (capture.unscaled_queries; by default rows are what the kernel receives,
+        # as in the original tool's datasets) and never on pre-RoPE rows.
+        if kind == "q" and self.plan.unscaled_queries and self.postprocess_query is not None and not self.plan.pre_rope:
             rows = self.postprocess_query(layer=layer, query=rows, positions=positions)
         self._pending[key] = rows
 

@@ -235,6 +235,11 @@ class HeadSamplingConfig(_Section):
 
     count: int = Field(ge=1)
     seed: int = 0
+    #: Which (layer, head) pairs are sampled from (see :mod:`qkcore.heads`):
+    #: ``eligible_layers`` (the layers that can be captured, so ``count`` heads are captured)
+    #: or ``all_decoder_layers`` (the original sniff-qk's list, cross-attention layers
+    #: included; picks there are not captured, so fewer than ``count`` may be).
+    candidates: Literal["eligible_layers", "all_decoder_layers"] = "eligible_layers"
 
 
 class SamplerConfig(_Section):
@@ -268,6 +273,9 @@ class CaptureConfig(_Section):
     max_rows_per_batch: int | None = None  # legacy: stored, ignored
     min_bucket_size: int = Field(default=128, ge=1)
     capture_pre_rope: bool = False
+    #: Undo a family's post-RoPE query scaling (e.g. Ministral 3's position scale) so query
+    #: rows are exactly post-RoPE; by default they are the query the attention kernel receives.
+    unscaled_queries: bool = False
     capture_token_strings: bool = False  # legacy: not supported, ignored
 
     @field_validator("layers", "heads")

@@ -8,7 +8,6 @@ seed the position masks (:mod:`qkcore.seeding`) and are published in the
 from __future__ import annotations
 
 import hashlib
-import numbers
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
@@ -26,35 +25,49 @@ def _hash_id(value: Any) -> int:
 
 
 def normalize_example_id(value: Any) -> int:
-    """Return the signed int64 id of a dataset example id of any type.
+    """Return the signed int64 id of a dataset example id of any type (the original tool's rule).
 
-    * integers in the signed int64 range are kept as is;
-    * integral floats in that range become the equal int (``7.0 -> 7``);
-    * everything else (strings, bools, out-of-range ints, non-integral or
-      non-finite floats, ``None``, ...) is hashed from ``str(value)``.
+    * booleans (``bool``, ``numpy.bool_``) become ``1``/``0``;
+    * integers (Python or numpy, any width) in the signed int64 range are kept;
+    * integral floats (Python or numpy) in that range become the equal int (``7.0 -> 7``);
+    * everything else (strings, ``None``, out-of-range ints, non-integral or
+      non-finite floats, ...) is hashed from ``str(value)``, the value as given:
+      ``np.float32(0.1)`` hashes ``"0.1"``, as the original tool does, not the
+      float64 it widens to.
 
-    numpy integer and floating scalars are treated as the Python int/float of the
-    same value (so ``np.float32(0.5)`` hashes like ``0.5`` if it is not integral).
+    Objects with an ``.item()`` method (numpy scalars, one-element arrays,
+    tensors) are judged by the Python scalar it returns, as in the original tool.
+
+    One deliberate difference: the original turns an integral float outside the
+    int64 range (``1e20``) into an int that its writer then cannot store (it
+    crashes with ``OverflowError``), so no published dataset holds one; here it
+    is hashed from ``str(value)`` like every other value that is not an int64.
     """
-    # bool is an int subclass, but the original tool hashes it ("True"/"False");
-    # numpy bools are not numbers.Integral, so they reach the string rule anyway.
-    if isinstance(value, bool):
-        return _hash_id(value)
-    if isinstance(value, numbers.Integral):
-        as_int = int(value)
+    scalar = value
+    if not isinstance(value, (bool, int, float, str)) and hasattr(value, "item"):
+        try:
+            scalar = value.item()
+        except Exception:  # e.g. an array of several values: hashed from its str() below
+            scalar = value
+    if isinstance(scalar, bool):
+        return int(scalar)
+    if isinstance(scalar, int):
+        as_int = int(scalar)  # an int subclass (IntEnum, ...) counts by its value
+        return as_int if INT64_MIN <= as_int <= INT64_MAX else _hash_id(as_int)
+    if isinstance(scalar, float) and scalar.is_integer():
+        as_int = int(scalar)
         if INT64_MIN <= as_int <= INT64_MAX:
             return as_int
-        return _hash_id(as_int)
-    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Rational):
-        # Python float and numpy floating scalars (Fractions/Decimals go to str()).
-        as_float = float(value)
-        if as_float.is_integer():
-            as_int = int(as_float)
-            if INT64_MIN <= as_int <= INT64_MAX:
-                return as_int
-        return _hash_id(as_float)
     return _hash_id(value)
 
+
+#: How example ids are turned into the 64-bit id and the ``example_id`` column (for the dataset card).
+EXAMPLE_ID_RULE = (
+    "booleans become 1/0; integers in the int64 range and integral floats in it are kept (numpy scalars by "
+    "their value); anything else becomes blake2b(str(v).encode('utf-8'), digest_size=8) read little-endian "
+    "as a signed int64. The 64-bit id seeds the sampler; the example_id column holds its low 32 bits as a "
+    "signed int32."
+)
 
 
 def find_int32_collisions(ids: Iterable[int]) -> dict[int, list[int]]:

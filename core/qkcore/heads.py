@@ -1,15 +1,31 @@
 """Which query heads to capture, and which key heads they attend with.
 
-The selection rule (candidate order and the ``random.Random(seed).sample`` call)
-reproduces the original capture tool exactly, so the same config picks the same
-heads as the published datasets.
+Head sampling lists candidate ``(layer, query head)`` pairs layer-major (layers in
+decoder order, heads ascending) and, when there are more than ``count``, picks
+``random.Random(seed).sample(candidates, count)``: the original capture tool's
+call, so the same candidate list gives the same heads as its published datasets.
+
+Which layers give candidates is the rule (``capture.head_sampling.candidates``):
+
+* ``eligible_layers`` (default): the layers that can be captured (never
+  cross-attention; full attention only under ``full_attention_only``), so
+  ``count`` heads are captured.
+* ``all_decoder_layers``: the original tool's list, every decoder layer including
+  cross-attention ones (``full_attention_only`` still drops sliding layers); the
+  picks that land on cross-attention layers are never captured, so fewer than
+  ``count`` heads may be. For models without cross-attention both rules agree;
+  for Llama 3.2 Vision only this one reproduces the original's datasets.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+#: The values of ``capture.head_sampling.candidates``.
+CandidateRule = Literal["eligible_layers", "all_decoder_layers"]
 
 
 class LayerLike(Protocol):
@@ -49,6 +65,119 @@ def key_head_for(query_head: int, num_query_heads: int, num_key_value_heads: int
     return query_head // (num_query_heads // num_key_value_heads)
 
 
+@dataclass(frozen=True)
+class HeadSelection:
+    """The query heads chosen for capture, and what they were chosen from."""
+
+    #: Captured query heads: ``{layer index: sorted heads}``, ascending keys, no empty layers.
+    heads: dict[int, list[int]]
+    rule: CandidateRule
+    #: Candidate ``(layer, head)`` pairs and the layers they come from.
+    candidates: int
+    candidate_layers: int
+    #: ``capture.head_sampling.count`` (``None``: no sampling) and seed.
+    count: int | None
+    seed: int
+    #: Picks on cross-attention layers, which are never captured (``all_decoder_layers`` only).
+    uncaptured_picks: int = 0
+
+    @property
+    def num_heads(self) -> int:
+        """Number of captured query heads."""
+        return sum(len(heads) for heads in self.heads.values())
+
+    @property
+    def pairs(self) -> set[tuple[int, int]]:
+        """The captured ``(layer, query head)`` pairs."""
+        return {(layer, head) for layer, heads in self.heads.items() for head in heads}
+
+    def describe(self) -> str:
+        """One line saying how the query heads were chosen (for the card and ``qkcore plan``)."""
+        if self.count is None:
+            return (
+                f"all {self.num_heads} query heads of the {self.candidate_layers} eligible layers "
+                "(no capture.head_sampling)"
+            )
+        where = (
+            f"all {self.candidate_layers} decoder layers, cross-attention included as in the original sniff-qk"
+            if self.rule == "all_decoder_layers"
+            else f"the {self.candidate_layers} eligible layers"
+        )
+        if self.count >= self.candidates:
+            text = f"all {self.candidates} candidate query heads of {where} (count {self.count} >= candidates)"
+        else:
+            text = (
+                f"{self.count} of {self.candidates} candidate query heads of {where}, "
+                f"picked by random.Random({self.seed}).sample"
+            )
+        text += f" (capture.head_sampling.candidates: {self.rule})"
+        if self.uncaptured_picks:
+            text += (
+                f"; {self.uncaptured_picks} picks on cross-attention layers are not captured, "
+                f"leaving {self.num_heads} query heads"
+            )
+        return text
+
+
+def sample_query_heads(
+    layers: Sequence[LayerLike],
+    *,
+    layer_filter: Sequence[int] | None,
+    head_filter: Sequence[int] | None,
+    full_attention_only: bool,
+    count: int | None,
+    seed: int = 0,
+    candidates: CandidateRule = "eligible_layers",
+) -> HeadSelection:
+    """Pick the ``(layer, query head)`` pairs to capture (see the module docstring for the rules).
+
+    Candidates are listed layer-major (layers in the given order, heads ascending)
+    from the layers the rule admits that pass the filters; when there are more than
+    ``count`` of them, ``random.Random(seed).sample(candidates, count)`` picks the
+    subset. Picks on cross-attention layers are then dropped.
+    """
+    if count is not None and count < 0:
+        raise ValueError(f"count must be >= 0 or None, got {count}")
+    if candidates not in ("eligible_layers", "all_decoder_layers"):
+        raise ValueError(f"unknown candidate rule {candidates!r}")
+    layer_set = None if layer_filter is None else set(layer_filter)
+    head_set = None if head_filter is None else set(head_filter)
+    cross = {layer.index for layer in layers if layer.kind == "cross"}
+    pairs: list[tuple[int, int]] = []
+    candidate_layers = 0
+    for layer in layers:
+        if layer.kind == "cross" and candidates == "eligible_layers":
+            continue  # cross-attention is never captured
+        # The original tool only knows sliding layers; cross-attention layers stay its candidates.
+        if full_attention_only and layer.kind == "sliding":
+            continue
+        if layer_set is not None and layer.index not in layer_set:
+            continue
+        heads = [head for head in range(layer.num_query_heads) if head_set is None or head in head_set]
+        candidate_layers += bool(heads)
+        pairs.extend((layer.index, head) for head in heads)
+    # The candidate order above is part of the contract: sample() depends on it.
+    chosen = pairs
+    if count is not None and len(pairs) > count:
+        chosen = random.Random(seed).sample(pairs, count)
+    selected: dict[int, set[int]] = {}
+    uncaptured = 0
+    for layer_index, head in chosen:
+        if layer_index in cross:
+            uncaptured += 1
+            continue
+        selected.setdefault(layer_index, set()).add(head)
+    return HeadSelection(
+        heads={layer_index: sorted(selected[layer_index]) for layer_index in sorted(selected)},
+        rule=candidates,
+        candidates=len(pairs),
+        candidate_layers=candidate_layers,
+        count=count,
+        seed=seed,
+        uncaptured_picks=uncaptured,
+    )
+
+
 def select_query_heads(
     layers: Sequence[LayerLike],
     *,
@@ -57,38 +186,18 @@ def select_query_heads(
     full_attention_only: bool,
     count: int | None,
     seed: int = 0,
+    candidates: CandidateRule = "eligible_layers",
 ) -> dict[int, list[int]]:
-    """Pick the ``(layer, query head)`` pairs to capture.
-
-    Candidates are listed layer-major (layers in the given order, heads
-    ascending) from capturable layers that pass the filters; when there are more
-    than ``count`` of them, ``random.Random(seed).sample(candidates, count)``
-    picks the subset. Returns ``{layer_index: sorted heads}`` with ascending keys,
-    omitting layers left without heads.
-    """
-    if count is not None and count < 0:
-        raise ValueError(f"count must be >= 0 or None, got {count}")
-    layer_set = None if layer_filter is None else set(layer_filter)
-    head_set = None if head_filter is None else set(head_filter)
-    candidates: list[tuple[int, int]] = []
-    for layer in layers:
-        if layer.kind == "cross":  # cross-attention is never captured
-            continue
-        if full_attention_only and layer.kind != "full":
-            continue
-        if layer_set is not None and layer.index not in layer_set:
-            continue
-        for head in range(layer.num_query_heads):
-            if head_set is None or head in head_set:
-                candidates.append((layer.index, head))
-    # The candidate order above is part of the contract: sample() depends on it.
-    chosen = candidates
-    if count is not None and len(candidates) > count:
-        chosen = random.Random(seed).sample(candidates, count)
-    selected: dict[int, set[int]] = {}
-    for layer_index, head in chosen:
-        selected.setdefault(layer_index, set()).add(head)
-    return {layer_index: sorted(selected[layer_index]) for layer_index in sorted(selected)}
+    """The captured query heads of :func:`sample_query_heads`: ``{layer_index: sorted heads}``."""
+    return sample_query_heads(
+        layers,
+        layer_filter=layer_filter,
+        head_filter=head_filter,
+        full_attention_only=full_attention_only,
+        count=count,
+        seed=seed,
+        candidates=candidates,
+    ).heads
 
 
 def key_heads_for(

@@ -18,6 +18,7 @@ import pluggy
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from torch import nn
 
+    from qkcore.capture import CapturePlan
     from qkcore.layers import AttentionLayer, RopeSite
     from qkcore.samplers import SamplerFactory
 
@@ -97,16 +98,24 @@ def qkcore_instrument(model: nn.Module, layers: list[AttentionLayer], on_qk: Any
 
 @hookspec(firstresult=True)
 def qkcore_postprocess_query(layer: AttentionLayer, query: Any, positions: Any) -> Any:
-    """Turn the tensor the kernel receives into the protocol's post-RoPE query.
+    """Undo what the family does to the query after RoPE, so the row is exactly post-RoPE.
 
-    For families that alter the query after RoPE (e.g. a position-dependent
-    scale), undo that here. ``None`` means the tensor is used as is.
+    Called only when ``capture.unscaled_queries`` is true (and never on pre-RoPE
+    rows): by default query rows are the tensor the attention kernel receives,
+    which is what the original tool recorded. ``query`` holds the kept rows,
+    ``(heads, n, head_dim)``, ``positions`` their positions, ``(n,)``. A family
+    that scales the query after RoPE (e.g. Ministral 3's position scale) divides
+    it out here; ``None`` means the tensor is used as is.
     """
 
 
 @hookspec
-def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer]) -> list[str]:
-    """Return lines for the dataset card about how this family was captured."""
+def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer], plan: CapturePlan) -> list[str]:
+    """Return lines for the dataset card about how this family was captured.
+
+    ``plan`` is the run's :class:`~qkcore.capture.CapturePlan` (RoPE stage,
+    ``unscaled_queries``, heads), so a note can say which form the rows are in.
+    """
 
 
 @hookspec

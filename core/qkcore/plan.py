@@ -113,6 +113,8 @@ class Plan:
     gpu_seconds: float  # estimate, see THROUGHPUT_SOURCE
     throughput_note: str
     warnings: list[str] = field(default_factory=list)
+    head_selection: str = ""  # CapturePlan.head_selection
+    head_selection_note: str | None = None  # CapturePlan.head_selection_note (how to match the original tool)
 
 
 # --------------------------------------------------------------------------- estimates
@@ -353,6 +355,8 @@ def make_plan(
         gpu_seconds=gpu_seconds,
         throughput_note=throughput_note,
         warnings=problems,
+        head_selection=capture_plan.head_selection,
+        head_selection_note=capture_plan.head_selection_note,
     )
 
 
@@ -402,6 +406,9 @@ def format_plan(plan: Plan) -> str:
             f"  {layer.index:>5}  {layer.kind:<7}  {window:>7}  {'RoPE' if layer.applies_rope else 'NoPE':<4}  "
             f"{'yes' if layer.eligible else 'no':<8}  {_ranges(layer.query_heads):<20}  {_ranges(layer.key_heads)}"
         )
+    lines.append(f"head selection: {plan.head_selection}")
+    if plan.head_selection_note:
+        lines.append(f"NOTE: {plan.head_selection_note}")
     rows = sorted(set(plan.rows_per_config.values()))
     per_config = _rows(rows[0]) if len(rows) == 1 else f"{_rows(rows[0])} .. {_rows(rows[-1])}"
     lines += [

@@ -17,7 +17,7 @@ import torch
 from qkcore.capture import CapturePlan
 from qkcore.config import ConfigError, SniffConfig
 from qkcore.errors import QkcoreError
-from qkcore.heads import select_query_heads, validate_filters
+from qkcore.heads import HeadSelection, sample_query_heads, validate_filters
 from qkcore.layers import AttentionLayer
 from qkcore.plugins import Family
 from qkcore.samplers import Sampler
@@ -55,15 +55,8 @@ def plan_capture(model: torch.nn.Module, family: Family, cfg: SniffConfig, insta
     problems = validate_filters(layers, capture.layers, capture.heads)
     if problems:
         raise ConfigError(f"{cfg.source or '<config>'}: capture.layers/heads: {'; '.join(problems)}")
-    sampling = capture.head_sampling
-    query_heads = select_query_heads(
-        layers,
-        layer_filter=capture.layers,
-        head_filter=capture.heads,
-        full_attention_only=capture.full_attention_only,
-        count=sampling.count if sampling else None,
-        seed=sampling.seed if sampling else 0,
-    )
+    selection = _select(layers, cfg, capture.head_sampling.candidates if capture.head_sampling else "eligible_layers")
+    query_heads = selection.heads
     by_index = {layer.index: layer for layer in layers}
     heads: dict[tuple[int, str], list[int]] = {}
     key_head_of: dict[int, dict[int, int]] = {}
@@ -83,6 +76,11 @@ def plan_capture(model: torch.nn.Module, family: Family, cfg: SniffConfig, insta
             heads[(index, "k")] = sorted(set(key_head_of[index].values()))
     if not query_heads:
         kinds = ", ".join(sorted({layer.kind for layer in layers}))
+        if selection.uncaptured_picks:  # all_decoder_layers: every pick was a cross-attention head
+            raise ConfigError(
+                f"{cfg.source or '<config>'}: capture.head_sampling: all {selection.uncaptured_picks} sampled "
+                "heads are on cross-attention layers, which are never captured"
+            )
         raise ConfigError(
             f"{cfg.source or '<config>'}: capture: no layer is eligible for capture "
             f"(layer kinds: {kinds}; full_attention_only={capture.full_attention_only}, "
@@ -91,5 +89,41 @@ def plan_capture(model: torch.nn.Module, family: Family, cfg: SniffConfig, insta
     captured = {index: by_index[index] for index in query_heads}
     rope_sites = {index: family.hooks.qkcore_locate_rope(model=model, layer=layer) for index, layer in by_index.items()}
     return CapturePlan(
-        layers=captured, heads=heads, pre_rope=capture.capture_pre_rope, rope_sites=rope_sites, key_head_of=key_head_of
+        layers=captured,
+        heads=heads,
+        pre_rope=capture.capture_pre_rope,
+        rope_sites=rope_sites,
+        key_head_of=key_head_of,
+        unscaled_queries=capture.unscaled_queries,
+        head_selection=selection.describe(),
+        head_selection_note=_original_tool_note(layers, cfg, selection),
+    )
+
+
+def _select(layers: list[AttentionLayer], cfg: SniffConfig, candidates: str) -> HeadSelection:
+    """Query heads picked from ``layers`` by ``cfg``'s filters and head sampling, under rule ``candidates``."""
+    capture, sampling = cfg.capture, cfg.capture.head_sampling
+    return sample_query_heads(
+        layers,
+        layer_filter=capture.layers,
+        head_filter=capture.heads,
+        full_attention_only=capture.full_attention_only,
+        count=sampling.count if sampling else None,
+        seed=sampling.seed if sampling else 0,
+        candidates=candidates,  # type: ignore[arg-type]
+    )
+
+
+def _original_tool_note(layers: list[AttentionLayer], cfg: SniffConfig, selection: HeadSelection) -> str | None:
+    """Say how to reproduce the original sniff-qk's heads when this selection differs from them."""
+    if selection.rule == "all_decoder_layers":
+        return None
+    original = _select(layers, cfg, "all_decoder_layers")
+    if original.pairs == selection.pairs:
+        return None
+    return (
+        f"the original sniff-qk samples these heads over all decoder layers, cross-attention included, and "
+        f"captures {original.num_heads} query heads here ({len(original.pairs & selection.pairs)} in common "
+        f"with the {selection.num_heads} chosen now): set capture.head_sampling.candidates: all_decoder_layers "
+        "to reproduce its published datasets"
     )

@@ -46,7 +46,7 @@ from qkcore.config import ConfigError, SniffConfig, config_to_dict, resolve_dtyp
 from qkcore.dataroot import DataRoot, FileEntry, Record, command_line, file_entry
 from qkcore.distributed import Ranks, init_ranks, shutdown
 from qkcore.errors import QkcoreError
-from qkcore.example_ids import find_int32_collisions
+from qkcore.example_ids import EXAMPLE_ID_RULE, find_int32_collisions
 from qkcore.fsutil import remove_tree, sha256_file, write_text_durably
 from qkcore.hub import HubSync, hub_sync
 from qkcore.identity import dataset_fingerprint, model_fingerprint, run_identity, run_key, tokenizer_fingerprint
@@ -65,12 +65,6 @@ from qkcore.writer import CapturedChunk, ConfigStats, DatasetWriter, StagingConf
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
-
-EXAMPLE_ID_RULE = (
-    "integers in the int64 range (and integral floats) are kept; anything else becomes "
-    "blake2b(str(v).encode('utf-8'), digest_size=8) read little-endian as a signed int64. "
-    "The 64-bit id seeds the sampler; the example_id column holds its low 32 bits as a signed int32."
-)
 
 #: Free disk a run needs, as a multiple of its final Parquet size: the spill parts (about
 #: 3.3x the final size at head_dim 8, less at larger head_dim) and the final files, which
@@ -309,7 +303,7 @@ class Sniffer:
         cfg, family, plan = self.cfg, self.family, self.plan
         layers: list[AttentionLayer] = family.hooks.qkcore_attention_layers(model=self.model)
         notes: list[str] = []
-        for provided in family.hooks.qkcore_card_notes(model=self.model, layers=layers):
+        for provided in family.hooks.qkcore_card_notes(model=self.model, layers=layers, plan=plan):
             notes.extend(provided or [])
         if family.is_fallback:
             notes.append(f"No plugin handles model_type '{family.model_type}': captured by the generic fallback.")
@@ -361,7 +355,7 @@ class Sniffer:
                 "max_length": cfg.tokenizer.max_length,
             },
             versions={"torch": str(torch.__version__), "transformers": str(transformers.__version__)},
-            head_selection=getattr(plan, "head_selection", ""),
+            head_selection=plan.head_selection + (f" NOTE: {plan.head_selection_note}" if plan.head_selection_note else ""),
             run_key=state.run_key,
         )
 

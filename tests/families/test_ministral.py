@@ -1,13 +1,16 @@
 """Mistral family (plugin ``qk-plugin-ministral``): Ministral 3, Ministral, Mistral 3 wrapper.
 
-Ministral 3 multiplies the query by a position-dependent scale after RoPE; the
-rows hold the query before it, so the oracle re-applies it. Sliding windows
-(8 tokens here) are shorter than every document, so a capture that dropped the
+Ministral 3 multiplies the query by a position-dependent scale after RoPE. By
+default the rows hold the scaled query, the tensor the attention kernel receives
+(as the original sniff-qk recorded it); with ``capture.unscaled_queries`` they hold
+the query before the scale, and the oracle re-applies it. Sliding windows (8
+tokens here) are shorter than every document, so a capture that dropped the
 sliding mask would fail the oracle.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -25,6 +28,8 @@ from tests.oracle import assert_rows_match_eager, read_rows
 HEAD_DIM, N_Q, N_KV, WINDOW = 16, 4, 2, 8
 BETA, ORIGINAL_MAX = 0.5, 32  # the scale is 1 below position 32, then 1.35, 1.55, 1.69
 TEXTS_LONGEST = "doc-d"  # 101 bytes
+#: 1 + 0.5 * ln(1 + floor(p / 32)) in float32 for p in 0..31, 32..63, 64..95, 96..100 (fixed values).
+SCALE_BY_BAND = [1.0, 1.3465735912322998, 1.5493061542510986, 1.6931471824645996]
 
 _TEXT = {
     "hidden_size": 64,
@@ -102,6 +107,33 @@ def ministral3_post(tmp_path_factory):
     return sniff(tmp_path_factory.mktemp("ministral3-post"), MINISTRAL3)
 
 
+@pytest.fixture(scope="module")
+def ministral3_unscaled(tmp_path_factory):
+    return sniff(tmp_path_factory.mktemp("ministral3-unscaled"), MINISTRAL3, capture={"unscaled_queries": True})
+
+
+@pytest.fixture(scope="module")
+def kernel_queries(ministral3):
+    """The query each attention call hands its kernel, per document: ``{id: {layer: (heads, seq, dim)}}``."""
+    from transformers.models.ministral3 import modeling_ministral3
+
+    original = modeling_ministral3.eager_attention_forward
+    seen: dict[int, torch.Tensor] = {}
+
+    def recording(module, query, *args, **kwargs):
+        seen[module.layer_idx] = query[0].detach().clone()
+        return original(module, query, *args, **kwargs)
+
+    queries = {}
+    with pytest.MonkeyPatch.context() as patch, torch.no_grad():
+        patch.setattr(modeling_ministral3, "eager_attention_forward", recording)
+        for example_id, ids in ministral3.inputs.items():
+            seen.clear()
+            ministral3.backbone(input_ids=ids, use_cache=False)
+            queries[example_id] = dict(seen)
+    return queries
+
+
 def test_reference_really_masks_beyond_the_window(ministral3) -> None:
     # The oracle is only meaningful if the model itself applies the window.
     probs = ministral3.attentions[TEXTS_LONGEST][0]
@@ -117,18 +149,80 @@ def test_ministral3_rows_reproduce_eager_attention(ministral3, ministral3_post, 
         tmp_path, MINISTRAL3, model={"attn_implementation": attn_implementation}
     )
     assert len(result.rows) == MINISTRAL3["num_hidden_layers"] * (N_Q + N_KV)
-    checked = assert_rows_match_eager(
-        result.data_root, ministral3.attentions, scaling=_scaling, key_head=_key_head, query_transform=_reapply_scale
-    )
+    # Default rows are the scaled query the kernel uses: q·k reproduces the attention as is.
+    checked = assert_rows_match_eager(result.data_root, ministral3.attentions, scaling=_scaling, key_head=_key_head)
     assert checked == MINISTRAL3["num_hidden_layers"] * N_Q * len(ministral3.attentions)
     for name in result.rows:
         assert sliding_window_column(result.data_root, name) == {WINDOW}
 
 
-def test_ministral3_query_rows_are_recorded_before_the_position_scale(ministral3, ministral3_post) -> None:
-    # Without re-applying the scale the recomputed attention is wrong (positions >= 32 are scaled).
+def test_ministral3_query_rows_are_the_kernel_query_by_default(ministral3_post, kernel_queries) -> None:
+    # The longest document runs past original_max_position_embeddings, where the scale is not 1.
+    assert kernel_queries[TEXTS_LONGEST][0].shape[1] > 3 * ORIGINAL_MAX
+    for example_id, per_layer in kernel_queries.items():
+        assert sorted(per_layer) == list(range(MINISTRAL3["num_hidden_layers"]))
+        for layer, query in per_layer.items():
+            for head in range(N_Q):
+                positions, rows, _ = read_rows(ministral3_post.data_root, f"l{layer:02d}h{head:02d}q", example_id)
+                assert positions.tolist() == list(range(query.shape[1]))
+                torch.testing.assert_close(torch.from_numpy(rows), query[head], atol=1e-5, rtol=1e-5)
+
+
+def test_ministral3_default_rows_are_not_the_unscaled_form(ministral3, ministral3_post) -> None:
+    # Positions >= 32 would be scaled twice.
     with pytest.raises(AssertionError):
-        assert_rows_match_eager(ministral3_post.data_root, ministral3.attentions, scaling=_scaling, key_head=_key_head)
+        assert_rows_match_eager(
+            ministral3_post.data_root, ministral3.attentions, scaling=_scaling, key_head=_key_head,
+            query_transform=_reapply_scale,
+        )
+
+
+def test_ministral3_unscaled_queries_divide_the_position_scale_out(
+    ministral3, ministral3_post, ministral3_unscaled
+) -> None:
+    # The option's rows are the query before the scale: re-applying it reproduces the attention ...
+    checked = assert_rows_match_eager(
+        ministral3_unscaled.data_root, ministral3.attentions, scaling=_scaling, key_head=_key_head,
+        query_transform=_reapply_scale,
+    )
+    assert checked == MINISTRAL3["num_hidden_layers"] * N_Q * len(ministral3.attentions)
+    # ... and default / unscaled is the scale of each position (fixed values), keys identical.
+    for name in ministral3_post.rows:
+        positions, scaled, _ = read_rows(ministral3_post.data_root, name, TEXTS_LONGEST)
+        unscaled_positions, unscaled, _ = read_rows(ministral3_unscaled.data_root, name, TEXTS_LONGEST)
+        assert positions.tolist() == unscaled_positions.tolist() == list(range(len(positions)))
+        assert len(positions) > 3 * ORIGINAL_MAX  # all four scale bands
+        if name.endswith("k"):
+            assert np.array_equal(scaled, unscaled), name
+            continue
+        expected = torch.tensor([SCALE_BY_BAND[p // ORIGINAL_MAX] for p in positions])[:, None].expand(scaled.shape)
+        ratio = torch.from_numpy(scaled) / torch.from_numpy(unscaled)
+        torch.testing.assert_close(ratio, expected, atol=0, rtol=1e-6, msg=name)
+        assert np.array_equal(scaled[:ORIGINAL_MAX], unscaled[:ORIGINAL_MAX]), name  # scale 1: bit-identical
+
+
+def test_query_scale_at_the_protocol_parameters() -> None:
+    # Ministral 3 checkpoints: beta 0.1, original_max_position_embeddings 16384 (fixed float32 values):
+    # the published query rows past position 16383 are 1.069x .. 1.208x the unscaled query.
+    positions = torch.tensor([0, 16383, 16384, 32767, 32768, 65536, 131071])
+    expected = [1.0, 1.0, 1.06931471824646, 1.06931471824646, 1.1098612546920776, 1.1609437465667725,
+                1.2079441547393799]
+    assert query_scale(positions, 0.1, 16384).tolist() == expected
+
+
+@pytest.mark.parametrize(
+    ("capture", "says", "not_says"),
+    [
+        ({}, "Query rows include the scale (capture.unscaled_queries: false", "are unscaled"),
+        ({"unscaled_queries": True}, "Query rows are unscaled (capture.unscaled_queries: true)", "include the scale"),
+        ({"capture_pre_rope": True}, "Query rows are pre-RoPE, so they carry no scale", "include the scale"),
+    ],
+)
+def test_ministral3_card_says_which_query_form(ministral3_post, tmp_path, capture, says, not_says) -> None:
+    result = ministral3_post if not capture else sniff(tmp_path, {**MINISTRAL3, "num_hidden_layers": 1}, capture=capture)
+    card = (result.data_root / "README.md").read_text()
+    assert says in card and not_says not in card
+    assert f"beta = {BETA:g}" in card and f"original_max_position_embeddings = {ORIGINAL_MAX}" in card
 
 
 @pytest.fixture(scope="module")
@@ -162,12 +256,17 @@ def test_ministral3_pre_rope_rows_rotate_into_post_rope_rows(ministral3_post, mi
         torch.testing.assert_close(rotated[rows], post_rows[rows], atol=1e-5, rtol=1e-5, msg=name)
 
 
-def test_ministral3_pre_rope_queries_carry_no_position_scale(ministral3_post, ministral3_rotated_pre) -> None:
+def test_ministral3_pre_rope_queries_carry_no_position_scale(
+    ministral3_post, ministral3_unscaled, ministral3_rotated_pre
+) -> None:
     _, pairs = ministral3_rotated_pre
     for name, (_, rotated) in pairs.items():
         if name.endswith("q"):
-            _, post_rows, _ = read_rows(ministral3_post.data_root, name, TEXTS_LONGEST)
-            torch.testing.assert_close(rotated, torch.from_numpy(post_rows), atol=1e-5, rtol=1e-5, msg=name)
+            positions, unscaled, _ = read_rows(ministral3_unscaled.data_root, name, TEXTS_LONGEST)
+            torch.testing.assert_close(rotated, torch.from_numpy(unscaled), atol=1e-5, rtol=1e-5, msg=name)
+            _, scaled, _ = read_rows(ministral3_post.data_root, name, TEXTS_LONGEST)
+            rescaled = _reapply_scale(0, rotated, torch.from_numpy(positions))
+            torch.testing.assert_close(rescaled, torch.from_numpy(scaled), atol=1e-5, rtol=1e-5, msg=name)
 
 
 def test_ministral_mixed_layers_oracle_and_eligibility(tmp_path_factory, tmp_path) -> None:
@@ -212,12 +311,10 @@ def test_mistral3_wrapper_captures_its_text_decoder(tmp_path_factory, tmp_path) 
     assert isinstance(reference.model, Mistral3ForConditionalGeneration)
     assert reference.backbone is reference.model.model.language_model
     result = sniff(tmp_path, MISTRAL3)
-    checked = assert_rows_match_eager(
-        result.data_root, reference.attentions, scaling=_scaling, key_head=_key_head, query_transform=_reapply_scale
-    )
+    checked = assert_rows_match_eager(result.data_root, reference.attentions, scaling=_scaling, key_head=_key_head)
     assert checked == N_Q * len(reference.attentions)
     card = (result.data_root / "README.md").read_text()
-    assert f"beta = {BETA:g}" in card and "before that scale" in card
+    assert f"beta = {BETA:g}" in card and "Query rows include the scale" in card
 
 
 def test_plugins_list_shows_the_ministral_plugin(capsys) -> None:

@@ -8,6 +8,7 @@ model skips the cross layer, so its eager ``attentions`` hold 3 entries.
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
@@ -120,6 +121,33 @@ def test_head_sampling_skips_cross_layers_and_follows_gqa(tmp_path) -> None:
     capture = {"head_sampling": {"count": 5, "seed": 0}, "sampler": {"type": "uniform"}}
     result = sniff(tmp_path, MLLAMA, capture=capture)
     assert sorted(result.rows) == expected_sampled_configs(SELF_LAYERS, N_Q, N_KV, count=5, seed=0)
+
+
+def _original_tool_configs(count: int, seed: int) -> tuple[list[str], int]:
+    """The original tool's heads, written independently: all 4 layers are candidates, cross picks dropped."""
+    candidates = [(layer, head) for layer in range(4) for head in range(N_Q)]
+    picks = random.Random(seed).sample(candidates, count)
+    kept = [(layer, head) for layer, head in picks if layer not in CROSS]
+    names = {f"l{layer:02d}h{head:02d}q" for layer, head in kept}
+    names |= {f"l{layer:02d}h{_key_head(head):02d}k" for layer, head in kept}
+    return sorted(names), len(picks) - len(kept)
+
+
+def test_all_decoder_layers_reproduces_the_original_tools_heads(tmp_path) -> None:
+    seed, count = 3, 6
+    expected, dropped = _original_tool_configs(count, seed)
+    assert dropped == 2  # fixed for seed 3: two of the six picks land on the cross layer
+    capture = {"head_sampling": {"count": count, "seed": seed, "candidates": "all_decoder_layers"},
+               "sampler": {"type": "uniform"}}
+    result = sniff(tmp_path, MLLAMA, capture=capture)
+    assert sorted(result.rows) == expected
+    assert sorted(result.rows) == [
+        "l00h01k", "l00h02q", "l02h00k", "l02h00q", "l02h01q", "l03h01k", "l03h02q"
+    ]  # fixed for seed 3
+    # The default rule captures all `count` heads, sampled over the self-attention layers.
+    default = sniff(tmp_path, MLLAMA, capture={**capture, "head_sampling": {"count": count, "seed": seed}})
+    assert sorted(default.rows) == expected_sampled_configs(SELF_LAYERS, N_Q, N_KV, count=count, seed=seed)
+    assert sum(name.endswith("q") for name in default.rows) == count
 
 
 def test_text_weights_load_from_a_checkpoint_in_the_hub_layout(reference, tmp_path) -> None:

@@ -14,19 +14,25 @@ What differs from Llama:
 * **Llama-4 query scaling (Ministral 3).** After RoPE, ``Ministral3Attention``
   multiplies the query by ``1 + beta * log(1 + floor(position / original_max))``
   (``llama_4_scaling_beta`` and ``original_max_position_embeddings`` in
-  ``rope_parameters``). The protocol records the query right after RoPE, so
-  :func:`qkcore_postprocess_query` divides that scale back out per position.
+  ``rope_parameters``). By default the query rows are that scaled tensor, the one
+  the attention kernel receives and the one the original tool published; with
+  ``capture.unscaled_queries: true`` :func:`qkcore_postprocess_query` divides the
+  scale back out per position, so the rows are exactly post-RoPE. The card says
+  which form a dataset holds.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from qkcore import hookimpl
 from qkcore.layers import AttentionLayer, RopeSite, self_attention_layers, text_decoder
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from qkcore.capture import CapturePlan
 
 MODEL_TYPES = ["mistral", "ministral", "ministral3", "mistral3"]
 
@@ -107,7 +113,7 @@ def qkcore_postprocess_query(
 
 
 @hookimpl
-def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer]) -> list[str]:
+def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer], plan: CapturePlan) -> list[str]:
     notes = ["Mistral family: Q/K are the projected query/key states right after rotary embedding."]
     sliding = [layer for layer in layers if layer.kind == "sliding"]
     if sliding:
@@ -119,12 +125,24 @@ def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer]) -> list[st
     parameters = query_scale_parameters(layers[0].module) if layers else None
     if parameters is not None:
         beta, original = parameters
-        notes.append(
-            "Ministral 3 scales the query after RoPE by 1 + beta * log(1 + floor(position / "
-            f"original_max_position_embeddings)) (beta = {beta:g}, original_max_position_embeddings = {original}). "
-            "Query rows are recorded before that scale (it is divided back out per position), i.e. exactly "
-            "post-RoPE; multiply a query by the scale of its position to get the tensor the attention kernel "
-            "receives. Keys are not scaled. The scale is 1 below position "
-            f"{original}."
+        scale = (
+            "Ministral 3 multiplies the query after RoPE by 1 + beta * ln(1 + floor(position / "
+            f"original_max_position_embeddings)) (beta = {beta:g}, original_max_position_embeddings = {original}; "
+            f"the scale is 1 below position {original}). Keys are not scaled."
         )
+        if plan.pre_rope:
+            form = "Query rows are pre-RoPE, so they carry no scale."
+        elif plan.unscaled_queries:
+            form = (
+                "Query rows are unscaled (capture.unscaled_queries: true): the scale is divided back out per "
+                "position, so they are exactly post-RoPE; multiply a row by the scale of its position to get the "
+                "tensor the attention kernel receives (and the original sniff-qk's rows)."
+            )
+        else:
+            form = (
+                "Query rows include the scale (capture.unscaled_queries: false, the default): they are the tensor "
+                "the attention kernel receives, as in the original sniff-qk's datasets; divide a row by the scale "
+                "of its position for the plain post-RoPE query."
+            )
+        notes.append(f"{scale} {form}")
     return notes

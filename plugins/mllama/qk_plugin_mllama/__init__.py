@@ -9,6 +9,12 @@ RoPE on every layer, GQA, scale ``head_dim ** -0.5``.
 
 The capture runs text only: ``MllamaTextModel`` skips cross-attention layers when
 no image states are given, so they are never called.
+
+Head sampling: by default the ``count`` heads are drawn from the self-attention
+layers only. The original sniff-qk drew them from all decoder layers, cross-attention
+included, and captured only the picks on self-attention layers (239 of 300 for
+Llama-3.2-11B-Vision); ``capture.head_sampling.candidates: all_decoder_layers``
+reproduces that (see :mod:`qkcore.heads`).
 """
 
 from __future__ import annotations
