@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from structlog.testing import capture_logs
 
 import qkcore
 from qkcore.analysis.plasticity import PlasticityAnalysis
@@ -250,14 +250,14 @@ def test_key_heads_follow_the_cards_mapping(tmp_path: Path) -> None:
     assert "key_head_of_query" in (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
 
 
-def test_old_card_falls_back_to_the_default_rule_and_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_old_card_falls_back_to_the_default_rule_and_says_so(tmp_path: Path) -> None:
     default = {0: 0, 1: 0, 2: 1, 3: 1}
     root = make_capture(tmp_path / "data", default, card="old")
-    with caplog.at_level(logging.WARNING):
+    with capture_logs() as logs:
         assert run(root, tmp_path / "out") == 0
     _, heads = outputs(tmp_path / "out")
     assert {int(r["q_head"]): int(r["k_head"]) for r in heads} == default
-    assert any("key_head_of_query" in rec.getMessage() for rec in caplog.records)
+    assert any(e["log_level"] == "warning" and "key_head_of_query" in e["event"] for e in logs)
     readme = (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
     assert "no key_head_of_query" in readme and "q // (n_q // n_kv)" in readme
 
@@ -355,3 +355,34 @@ def test_sliding_window_keeps_exactly_the_keys_the_bucket_can_attend_to(window: 
     assert set(position[got]) == set(range(max(0, start - window + 1), start))
     # The original keeps whole buckets (every earlier one here): a different answer.
     assert not np.array_equal(_original_rule(bucket, query_bucket, window), truth)
+
+
+# --- bad input: one clear error naming the file ----------------------------------------------------
+
+
+def test_bad_inputs_are_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = make_capture(tmp_path / "data")
+    rows = _rows(np.random.default_rng(0), 1.0)
+    short = pa.table({
+        "bucket": pa.array(rows["bucket"], pa.int32()), "example_id": pa.array(rows["example_id"], pa.int32()),
+        "position": pa.array(rows["position"], pa.int32()),
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(rows["vector"][:, :4].ravel(), pa.float32()), 4),
+        "sliding_window": pa.array([None] * len(rows["bucket"]), pa.int32()),
+    })
+    pq.write_table(short, root / "l00h01q" / DATA_FILE)
+    assert run(root, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qkcore: error: l00h01q has vectors of length 4") and "l00h01k" in err
+
+    root = make_capture(tmp_path / "mixed")
+    table = pq.read_table(root / "l00h02q" / DATA_FILE)
+    windows = pa.array([64] * 10 + [128] * (table.num_rows - 10), pa.int32())
+    pq.write_table(table.set_column(4, "sliding_window", windows), root / "l00h02q" / DATA_FILE)
+    assert run(root, tmp_path / "out") == 2
+    assert "l00h02q: mixed sliding_window values [64, 128]" in capsys.readouterr().err
+
+    root = make_capture(tmp_path / "card")
+    (root / CARD_FILE).write_text("---\nqkcore: [unclosed\n", encoding="utf-8")
+    assert run(root, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qkcore: error:") and str(root / CARD_FILE) in err
