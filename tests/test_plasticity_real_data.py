@@ -386,3 +386,10 @@ def test_bad_inputs_are_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFi
     assert run(root, tmp_path / "out") == 2
     err = capsys.readouterr().err
     assert err.startswith("qkcore: error:") and str(root / CARD_FILE) in err
+
+
+def test_missing_folder_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Not a directory, so it is taken for a Hub repo id; offline, that cannot be read either.
+    assert run(tmp_path / "missing", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"qkcore: error: {tmp_path / 'missing'}: no such dataset folder")

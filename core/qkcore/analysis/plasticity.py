@@ -30,6 +30,7 @@ from tqdm import tqdm
 from qkcore import hookimpl
 from qkcore.analysis.data import (
     HeadData,
+    HubSource,
     LocalSource,
     ModelMeta,
     PlasticityError,
@@ -328,7 +329,8 @@ def _configs(source: Source) -> list[str]:
     except PlasticityError:
         raise
     except Exception as exc:  # noqa: BLE001 - datasets/hub raise many types for "not there"
-        raise PlasticityError(f"{source.describe()}: not a dataset folder, and it could not be read as a Hub dataset ({exc})") from exc
+        name = source.repo if isinstance(source, HubSource) else source.describe()
+        raise PlasticityError(f"{name}: no such dataset folder, and no Hub dataset of that name could be read ({exc})") from exc
 
 
 def run_plasticity(
