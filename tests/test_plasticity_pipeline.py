@@ -264,6 +264,7 @@ def test_hub_repo_path_offline(dataset: Path, tmp_path: Path, monkeypatch: pytes
     monkeypatch.chdir(tmp_path)
     assert _run(Path("someone/sniffed-qk"), None, "--revision", "tiny-branch") == 0
     assert {c[2] for c in calls} == {"tiny-branch"}
+    assert "someone/sniffed-qk@tiny-branch" in (tmp_path / "plasticity" / "README.md").read_text(encoding="utf-8")
     hub_rows = (tmp_path / "plasticity" / "head_bucket_plasticity.csv").read_bytes()
     assert _run(dataset, tmp_path / "local") == 0
     assert hub_rows == (tmp_path / "local" / "head_bucket_plasticity.csv").read_bytes()
