@@ -4,7 +4,7 @@ Each test reproduces a defect first seen on a trained model (SmolLM2-135M): a
 non-finite row, the last partial bucket, a query config with no rows, a family
 with its own GQA mapping, a stray non-canonical folder. The datasets are small
 synthetic captures written with the capture schema (:func:`qkcore.layout.output_schema`)
-and a card written by :func:`qkcore.card.write_card`, so the analysis reads
+and a card written by :func:`qkcore.card.render_card`, so the analysis reads
 exactly what ``qkcore sniff`` publishes.
 """
 
@@ -26,7 +26,7 @@ from structlog.testing import capture_logs
 
 import qkcore
 from qkcore.analysis.plasticity import PlasticityAnalysis
-from qkcore.card import ModelEntry, write_card
+from qkcore.card import ModelEntry, render_card
 from qkcore.layout import CARD_FILE, DATA_FILE, config_name, output_schema
 
 HEAD_DIM = 8
@@ -104,7 +104,7 @@ def make_capture(
         write_config(root, name, edit(name, rows) if edit else rows)
     entry = _model_entry(mapping)
     if card == "full":
-        write_card(root, root / CARD_FILE, entry)
+        (root / CARD_FILE).write_text(render_card(entry, {}), encoding="utf-8")
     elif card == "old":
         old = dataclasses.asdict(entry)
         del old["key_head_of_query"]

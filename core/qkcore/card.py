@@ -102,11 +102,26 @@ def read_card(text: str) -> dict[str, Any]:
 
 
 def read_front_matter(path: Path) -> tuple[dict[str, Any], str]:
-    """``(front matter, body)`` of the card at ``path``."""
+    """``(front matter, body)`` of the card at ``path``, strictly: a broken one raises ``ValueError`` naming it.
+
+    (:func:`read_card` is the lenient reader, for cards qkcore only looks at.)
+    """
     from huggingface_hub import DatasetCard
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
     text = path.read_text(encoding="utf-8")
-    return read_card(text), DatasetCard(text, ignore_metadata_errors=True).text
+    if text.lstrip().startswith("---"):
+        block = REGEX_YAML_BLOCK.search(text)
+        if block is None:
+            raise ValueError(f"{path}: front matter starts with '---' but is never closed")
+        try:
+            data = yaml.safe_load(block.group(2))
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: front matter is not valid YAML: {exc}") from None
+        if data is not None and not isinstance(data, dict):
+            raise ValueError(f"{path}: front matter must be a mapping, got {type(data).__name__}")
+    card = DatasetCard(text, ignore_metadata_errors=True)
+    return card.data.to_dict(), card.text
 
 
 def card_models(front: dict[str, Any]) -> list[dict[str, Any]]:

@@ -18,9 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
-from qkcore.card import read_front_matter, scan_configs
+from qkcore.card import card_models as _entries, read_front_matter
 from qkcore.errors import QkcoreError
-from qkcore.layout import CARD_FILE, COLUMNS, config_file, config_name, parse_config_name
+from qkcore.layout import CARD_FILE, COLUMNS, config_file, config_name, configs_in, parse_config_name
 
 __all__ = [
     "HeadData",
@@ -162,8 +162,7 @@ def card_models(card: Path | None) -> list[dict[str, Any]]:
         front, _ = read_front_matter(card)
     except ValueError as exc:  # read_front_matter names the file
         raise PlasticityError(str(exc)) from exc
-    models = (front.get("qkcore") or {}).get("models") or []
-    return [m for m in models if isinstance(m, dict)]
+    return _entries(front)
 
 
 class Source(Protocol):
@@ -193,7 +192,7 @@ class LocalSource:
     root: Path
 
     def configs(self) -> list[str]:
-        return scan_configs(self.root)
+        return configs_in(self.root)
 
     def read(self, layer: int, head: int, kind: Kind) -> HeadData:
         name = config_name(layer, head, kind)
