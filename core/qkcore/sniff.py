@@ -475,6 +475,8 @@ class _Run:
         """Rank 0: read the root and the branch, apply the rule; discard what it says to discard."""
         root = self.root
         staged = read_journal(root.staging_dir) if root.staging_dir.exists() else None
+        if staged is None:  # a staging folder without a journal holds nothing committed (killed early, or emptied)
+            remove_tree(root.staging_dir)
         record = root.read_record()
         ranks_key = None
         if root.staged_ranks():

@@ -128,8 +128,8 @@ def check_documents(data: Any, dataset_cfg: Any) -> DocumentCheck:
     ids = _raw_ids(data, dataset_cfg, n)
     texts = table.column(dataset_cfg.text_column).slice(0, n)
     if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type) or pa.types.is_string_view(texts.type)):
-        row = next((i for i, v in enumerate(texts.to_pylist()) if not isinstance(v, str)), 0)
-        raise QkcoreError(_bad_text(dataset_cfg, row, ids[row], texts[row].as_py()))
+        row, value = _first_non_string(data, dataset_cfg.text_column, n)
+        raise QkcoreError(_bad_text(dataset_cfg, row, ids[row], value))
     if texts.null_count:
         row = pc.index(pc.is_null(texts), True).as_py()
         raise QkcoreError(_bad_text(dataset_cfg, row, ids[row], None))
@@ -140,6 +140,19 @@ def check_documents(data: Any, dataset_cfg: Any) -> DocumentCheck:
     for row, raw in enumerate(ids):
         _check_unique(seen, normalize_example_id(raw), row, ids, dataset_cfg)
     return DocumentCheck(documents=n, empty=empty)
+
+
+def _first_non_string(data: Any, column: str, n: int) -> tuple[int, Any]:
+    """The first row whose value (decoded as the dataset's features decode it) is not a string."""
+    row = 0
+    for batch in data.select_columns([column]).iter(batch_size=1024):
+        for value in batch[column]:
+            if row >= n:
+                break
+            if not isinstance(value, str):
+                return row, value
+            row += 1
+    return 0, None
 
 
 def _raw_ids(data: Any, dataset_cfg: Any, n: int) -> list[Any]:
