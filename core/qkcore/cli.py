@@ -87,13 +87,15 @@ def _sniff(args: argparse.Namespace, pm) -> int:
 def _push(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from qkcore.hub import hub_sync
+    from qkcore.hub import PENDING_MARKER, dataset_files, hub_sync
 
     cfg = _load(args)
     sync = hub_sync(cfg.output)
     if sync is None:
         raise QkcoreError(f"{args.config}: output.hf_repo_id is not set; nothing to push to")
-    sync.push(Path(cfg.output.data_root), cfg.output.readme_file, f"qkcore push: {cfg.model.name or 'model'}")
+    data_root = Path(cfg.output.data_root)
+    sync.push(data_root, dataset_files(data_root), f"qkcore push: {cfg.model.name or 'model'}")
+    (data_root / PENDING_MARKER).unlink(missing_ok=True)
     return 0
 
 

@@ -29,7 +29,7 @@ from qkcore.config import ConfigError, SniffConfig, config_to_dict, resolve_dtyp
 from qkcore.errors import QkcoreError
 from qkcore.example_ids import find_int32_collisions
 from qkcore.distributed import Ranks, init_ranks, shutdown
-from qkcore.hub import PENDING_MARKER, hub_sync
+from qkcore.hub import PENDING_MARKER, dataset_files, hub_sync, is_dataset_file
 from qkcore.runs import completed_run, record_completion, run_key
 from qkcore.layers import AttentionLayer
 from qkcore.planning import build_sampler, plan_capture
@@ -75,6 +75,8 @@ class Sniffer:
         self.cfg = cfg
         self.hub = hub_sync(cfg.output, api=hub_api)
         self.ranks = ranks or Ranks()
+        # Token, access and the branch's state, checked before anything slow is loaded.
+        self.hub_state = self.hub.preflight() if self.hub is not None and self.ranks.is_main else None
         pm = pm or make_plugin_manager()
         self.sampler = build_sampler(pm, cfg)
         self.device = self.ranks.device(resolve_device(cfg.model.device_map))
@@ -183,8 +185,7 @@ class Sniffer:
             raise QkcoreError(f"{exc}; or run `qkcore sniff --restart` to discard it") from exc
         state = writer.resumed_state or {"next_index": 0, "documents": 0, "tokens": 0, "example_ids": []}
         if ranks.is_main and self.hub is not None and writer.resumed_state is None and not merged:
-            self.hub.pull(data_root)
-            self.hub.mark_pending(data_root)  # from here on, local data differs from the branch
+            self._start_from_branch(data_root)
         if writer.resumed_state is not None:
             log.info("resuming", documents_done=state["documents"], next_index=state["next_index"])
         started = time.perf_counter()
@@ -205,6 +206,20 @@ class Sniffer:
         if ranks.distributed:
             shutil.rmtree(data_root / RANKS_DIR, ignore_errors=True)
         return self._finish(data_root, key, rows, state, started)
+
+    def _start_from_branch(self, data_root: Path) -> None:
+        """Download the branch's dataset files into a root that holds none; mark the root unpushed."""
+        marker = data_root / PENDING_MARKER
+        if marker.exists():
+            raise QkcoreError(
+                f"{data_root} holds captured data that was never pushed to {self.hub.where} "
+                f"({marker}); run `qkcore push --config FILE` first, or delete the marker to discard it"
+            )
+        if not dataset_files(data_root):
+            published = [f for f in self.hub_state.files if is_dataset_file(f)]
+            self.hub.download(self.hub_state, published, data_root)
+        data_root.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"{self.hub.where}\n", encoding="utf-8")  # local data now differs from the branch
 
     def _capture_all(self, writer: DatasetWriter, state: dict[str, Any], started: float) -> None:
         """Capture this rank's documents from ``state['next_index']`` on, committing as it goes."""
@@ -282,7 +297,8 @@ class Sniffer:
         log.info("capture written", data_root=str(data_root), configs=len(rows), rows=sum(rows.values()),
                  documents=state["documents"], tokens=state["tokens"], seconds=round(time.perf_counter() - started, 2))
         if self.hub is not None:
-            self.hub.push(data_root, cfg.output.readme_file, f"qkcore: {self.model_name} ({len(rows)} configs)")
+            self.hub.push(data_root, dataset_files(data_root), f"qkcore: {self.model_name} ({len(rows)} configs)")
+            (data_root / PENDING_MARKER).unlink(missing_ok=True)
         return SniffResult(data_root, rows, state["documents"], state["tokens"])
 
 
