@@ -80,6 +80,7 @@ class _Failure:
     remaining: int
     status: int = 500
     path: re.Pattern[str] | None = None
+    retry_after: int | None = None
 
 
 class HubServer:
@@ -135,10 +136,13 @@ class HubServer:
 
     # -- failure injection ------------------------------------------------------------------
 
-    def fail(self, status: int = 500, times: int = 1, path: str | None = None) -> None:
-        """Answer the next ``times`` requests (whose path matches regex ``path``, if given) with ``status``."""
+    def fail(self, status: int = 500, times: int = 1, path: str | None = None, retry_after: int | None = None) -> None:
+        """Answer the next ``times`` requests (whose path matches regex ``path``, if given) with ``status``.
+
+        ``retry_after`` adds a ``Retry-After`` header (seconds), as the Hub sends with 429.
+        """
         with self._lock:
-            self._failures.append(_Failure("status", times, status, re.compile(path) if path else None))
+            self._failures.append(_Failure("status", times, status, re.compile(path) if path else None, retry_after))
 
     def hang(self, times: int = 1, path: str | None = None) -> None:
         """Accept the next ``times`` (matching) requests and never answer them."""
@@ -294,7 +298,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             if failure is not None:
-                raise _HttpError(failure.status, f"injected failure ({failure.status})")
+                raise _HttpError(failure.status, f"injected failure ({failure.status})", retry_after=failure.retry_after)
             self._check_token()
             for route_method, pattern, name in _ROUTES:
                 match = pattern.match(split.path)
@@ -308,6 +312,9 @@ class _Handler(BaseHTTPRequestHandler):
             headers = {"X-Error-Message": err.message}
             if err.code:
                 headers["X-Error-Code"] = err.code
+            retry_after = err.extra.pop("retry_after", None)
+            if retry_after is not None:
+                headers["Retry-After"] = str(retry_after)
             status, body = err.status, {"error": err.message, **err.extra}
         self._respond(method, status, body, headers)
 

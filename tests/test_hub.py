@@ -272,6 +272,14 @@ def test_transient_500_is_retried_and_then_succeeds(hub_server, tmp_path) -> Non
     assert _count(hub_server, "POST", "/preupload/") == 4 + 1
 
 
+def test_rate_limit_waits_as_long_as_retry_after_asks(hub_server) -> None:
+    hub_server.fail(429, times=1, path="/api/whoami-v2", retry_after=1)
+    started = time.monotonic()
+    _sync(backoff_s=0.01).preflight()
+    assert time.monotonic() - started >= 1.0
+    assert _count(hub_server, "GET", "/api/whoami-v2") == 2
+
+
 def test_persistent_500_fails_in_one_line_after_exactly_the_configured_retries(hub_server, tmp_path) -> None:
     root = _root(tmp_path / "root")
     before = _snapshot(root)
