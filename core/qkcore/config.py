@@ -301,6 +301,10 @@ class OutputConfig(_Section):
     #: Commit progress (for crash-resume) after a batch once this many seconds passed
     #: since the last commit; 0 commits after every batch.
     commit_every_s: float = Field(default=10.0, ge=0)
+    #: Seconds any one Hub request may wait (connect, send, each read) before it fails.
+    hub_timeout_s: float = Field(default=60.0, gt=0)
+    #: Retries of a Hub step after a transient failure (5xx, 429, timeout, connection error).
+    hub_retries: int = Field(default=5, ge=0)
 
     #: The dataset's licence for the card's metadata, when known (e.g. the model's licence).
     license: str | None = None

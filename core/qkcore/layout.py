@@ -58,6 +58,14 @@ def configs_in(root: Path) -> list[str]:
     return sorted(names, key=lambda n: parse_config_name(n) or (0, 0, ""))
 
 
+def is_dataset_file(path: str) -> bool:
+    """Whether repo path ``path`` is part of a published dataset: the card, the manifest, or a config's data."""
+    if path in (CARD_FILE, MANIFEST_FILE):
+        return True
+    folder, _, name = path.partition("/")
+    return name == DATA_FILE and parse_config_name(folder) is not None
+
+
 def config_file(name: str) -> str:
     """Path of a config's data file relative to the data root (``lXXhYYq/data.parquet``)."""
     return f"{name}/{DATA_FILE}"

@@ -48,7 +48,7 @@ from qkcore.distributed import Ranks, init_ranks, shutdown
 from qkcore.errors import QkcoreError
 from qkcore.example_ids import EXAMPLE_ID_RULE, find_int32_collisions
 from qkcore.fsutil import remove_tree, sha256_file, write_text_durably
-from qkcore.hub import HubSync, hub_sync
+from qkcore.hub import GITATTRIBUTES, HubSync, hub_sync, main_branch_readme
 from qkcore.identity import dataset_fingerprint, model_fingerprint, run_identity, run_key, tokenizer_fingerprint
 from qkcore.layers import AttentionLayer
 from qkcore.layout import CARD_FILE, MANIFEST_FILE, config_file
@@ -494,8 +494,7 @@ class _Run:
         branch = None
         if self.hub is not None:
             self.branch = self.hub.preflight()
-            files = tuple(f for f in self.branch.files if f != ".gitattributes")
-            branch = BranchView(f"{self.hub.repo_id}@{self.hub.branch}", files, card_run_key(self.branch.card), self.branch.commit)
+            branch = branch_view(self.hub, self.branch)
         decision = decide(
             view, inputs.run_key, inputs.identity, restart=self.restart, replace=self.replace,
             world_size=self.ranks.world_size, branch=branch,
@@ -721,6 +720,18 @@ class _Run:
         return SniffResult(self.root.path, rows, int(summary.get("documents") or 0), int(summary.get("tokens") or 0), action)
 
 
+def branch_view(hub: HubSync, state: Any) -> BranchView:
+    """What the rule needs to know of a branch: its files (what a push would replace) and the run its card names.
+
+    The Hub's ``.gitattributes``, and a ``README.md`` that is the main branch's (a branch is
+    created from ``main``, so it starts with the README qkcore seeds there), are not content.
+    """
+    files = [f for f in state.files if f != GITATTRIBUTES]
+    if state.card is not None and state.card == main_branch_readme(hub.repo_id):
+        files = [f for f in files if f != CARD_FILE]
+    return BranchView(hub.where, tuple(files), card_run_key(state.card), state.commit)
+
+
 def run_push(cfg: SniffConfig, hub_api: Any = None, replace: bool = False) -> Record:
     """``qkcore push``: upload a data root's complete run to its Hub branch (e.g. after a failed push).
 
@@ -750,10 +761,7 @@ def run_push(cfg: SniffConfig, hub_api: Any = None, replace: bool = False) -> Re
                 f"{root.path}: the files do not match the record of {record.describe()} ({'; '.join(problems[:3])}); "
                 "nothing was pushed: rerun the sniff to repair the data root"
             )
-        branch = hub.preflight()
-        files = tuple(f for f in branch.files if f != ".gitattributes")
-        check_branch(BranchView(f"{hub.repo_id}@{hub.branch}", files, card_run_key(branch.card), branch.commit),
-                     record.run_key, replace)
+        check_branch(branch_view(hub, hub.preflight()), record.run_key, replace)
         commit = hub.push(root.path, sorted(record.files), f"qkcore push: {record.summary.get('model')} (run {record.run_key})")
         record.hub = {"repo": hub.repo_id, "branch": hub.branch, "pushed_commit": commit}
         root.write_record(record)
