@@ -41,6 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from qkcore.errors import QkcoreError
 from qkcore.fsutil import remove_tree, sha256_file, write_durably, write_text_durably
 from qkcore.layout import DATA_FILE, config_name, low32, low32_ids, output_schema, parse_config_name  # noqa: F401 (re-exported)
 
@@ -83,7 +84,7 @@ _IPC_OPTS = pa.ipc.IpcWriteOptions(compression="zstd")
 _Key = tuple[int, int, int]  # (low 32 bits of id as int32, 64-bit id, position): the sort key
 
 
-class StagingConflict(ValueError):
+class StagingConflict(QkcoreError, ValueError):
     """The staging directory holds an unfinished run that this writer cannot resume.
 
     ``staged_run_key`` and ``staged_state`` describe what is there (``None`` when unreadable),
@@ -322,7 +323,7 @@ def read_journal(staging_dir: Path | str) -> dict[str, Any] | None:
         if not isinstance(journal, dict):
             raise ValueError("not a JSON object")
     except ValueError as exc:
-        raise StagingConflict(f"{path} is unreadable ({exc})") from None
+        raise StagingConflict(f"{path} is unreadable ({exc}); rerun with --restart to discard the staged progress") from None
     return journal
 
 
