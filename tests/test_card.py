@@ -176,3 +176,14 @@ def test_load_dataset_reads_the_folder(tmp_path, monkeypatch):
 )
 def test_cards_that_are_not_qkcore_cards_have_no_run_key(text):
     assert card_run_key(text) is None
+
+
+def test_the_log_sampler_is_named_as_sniff_qk_names_it_with_its_effective_bucket(tmp_path):
+    from qkcore.samplers import LogUniformSampler
+
+    stats = populate(tmp_path)
+    sampler = LogUniformSampler(base_rate=1.0, min_bucket_size=100).describe()
+    assert sampler["effective_min_bucket_size"] == 128
+    body = render_card(make_model(sampler=sampler), stats)
+    assert "`log_uniform` (sniff-qk calls it `log`)" in body
+    assert "min_bucket_size 100 (effective 128: the power of two used)" in body

@@ -340,3 +340,37 @@ def test_no_raw_validation_error_escapes(tmp_path: Path) -> None:
         load(write(tmp_path, "dataset: 5\nmodel: {name: m, device_map: 3}\n"))
     assert not isinstance(exc.value, ValidationError)
     assert "run.yaml: dataset:" in str(exc.value) and "model.device_map" in str(exc.value)
+
+
+# -- configs the original sniff-qk accepts ----------------------------------------------------
+
+
+def test_unknown_inference_keys_load_with_a_warning_naming_them(tmp_path: Path) -> None:
+    with pytest.warns(QkcoreConfigWarning, match="'inference.prefetch' is not a qkcore key; ignored"):
+        cfg = load_config(write(tmp_path, MINIMAL_YAML + "inference: {batch_size: 2, prefetch: 4}\n"), env={})
+    assert cfg.inference.batch_size == 2
+
+
+def test_max_samples_zero_loads(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, "dataset: {path: d, max_samples: 0}\nmodel: {name: m}\n"))
+    assert cfg.dataset.max_samples == 0  # a run refuses it (it would capture nothing); plan shows it
+
+
+def test_empty_layer_and_head_lists_mean_no_filter(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, MINIMAL_YAML + "capture: {layers: [], heads: []}\n"))
+    assert cfg.capture.layers is None and cfg.capture.heads is None
+
+
+def test_left_padding_and_other_padding_are_ignored_with_a_warning(tmp_path: Path) -> None:
+    with pytest.warns(QkcoreConfigWarning, match="padding_side: 'left' is ignored: qkcore right-pads"):
+        cfg = load_config(write(tmp_path, MINIMAL_YAML + "tokenizer: {padding_side: left}\n"), env={})
+    assert cfg.tokenizer.padding_side == "left"
+    with pytest.warns(QkcoreConfigWarning, match="tokenizer.padding: 'max_length' is ignored"):
+        load_config(write(tmp_path, MINIMAL_YAML + "tokenizer: {padding: max_length}\n"), env={})
+
+
+@pytest.mark.parametrize(("written", "meant"), [("Uniform", "uniform"), ("ALL", "all"), ("log", "log_uniform"),
+                                                 ("Log_Uniform", "log_uniform")])
+def test_sampler_type_is_case_insensitive_and_log_is_log_uniform(tmp_path: Path, written: str, meant: str) -> None:
+    cfg = load(write(tmp_path, MINIMAL_YAML + f"capture: {{sampler: {{type: {written}}}}}\n"))
+    assert cfg.capture.sampler.type == meant

@@ -56,8 +56,6 @@ LEGACY_KEYS: dict[str, str] = {
     "capture.queue_size": "qkcore sizes its writer queue by output.flush_threshold_mb",
     "inference.distributed": "qkcore runs distributed under torchrun (see README)",
     "inference.backend": "qkcore runs distributed under torchrun (see README)",
-    "capture.max_rows_per_batch": "rows are bounded by the sampler and output.flush_threshold_mb",
-    "capture.capture_token_strings": "capturing token strings is not supported",
     "inference.mps_cleanup_every_batches": "qkcore does no periodic MPS cache cleanup",
 }
 
@@ -270,13 +268,15 @@ class CaptureConfig(_Section):
     head_sampling: HeadSamplingConfig | None = None
     full_attention_only: bool = False
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
-    max_rows_per_batch: int | None = None  # legacy: stored, ignored
+    #: At most this many rows per (document, layer, kind), picked as sniff-qk picks them (a seeded permutation).
+    max_rows_per_batch: int | None = None
     min_bucket_size: int = Field(default=128, ge=1)
     capture_pre_rope: bool = False
     #: Undo a family's post-RoPE query scaling (e.g. Ministral 3's position scale) so query
     #: rows are exactly post-RoPE; by default they are the query the attention kernel receives.
     unscaled_queries: bool = False
-    capture_token_strings: bool = False  # legacy: not supported, ignored
+    #: Add a ``token_str`` column: the tokenizer's token at each row (``convert_ids_to_tokens``, as in sniff-qk).
+    capture_token_strings: bool = False
 
     @field_validator("layers", "heads")
     @classmethod

@@ -29,6 +29,8 @@ MANIFEST_FILE = "qkcore.json"
 CONFIG_RE = re.compile(r"^l(\d{2,})h(\d{2,})([qk])$")
 #: Column names of a data file, in order.
 COLUMNS = ("bucket", "example_id", "position", "vector", "sliding_window")
+#: The optional last column: the token at each row (``capture.capture_token_strings``, as in sniff-qk).
+TOKEN_COLUMN = "token_str"
 
 
 def config_name(layer: int, head: int, kind: str) -> str:
@@ -71,17 +73,18 @@ def config_file(name: str) -> str:
     return f"{name}/{DATA_FILE}"
 
 
-def output_schema(head_dim: int) -> pa.Schema:
-    """Schema of a final ``data.parquet`` file for vectors of ``head_dim``."""
-    return pa.schema(
-        [
-            pa.field("bucket", pa.int32()),
-            pa.field("example_id", pa.int32()),
-            pa.field("position", pa.int32()),
-            pa.field("vector", pa.list_(pa.float32(), head_dim)),
-            pa.field("sliding_window", pa.int32()),
-        ]
-    )
+def output_schema(head_dim: int, token_strings: bool = False) -> pa.Schema:
+    """Schema of a final ``data.parquet`` file for vectors of ``head_dim`` (``token_str`` last, if captured)."""
+    fields = [
+        pa.field("bucket", pa.int32()),
+        pa.field("example_id", pa.int32()),
+        pa.field("position", pa.int32()),
+        pa.field("vector", pa.list_(pa.float32(), head_dim)),
+        pa.field("sliding_window", pa.int32()),
+    ]
+    if token_strings:
+        fields.append(pa.field(TOKEN_COLUMN, pa.string()))
+    return pa.schema(fields)
 
 
 def low32_ids(ids: np.ndarray) -> np.ndarray:

@@ -179,7 +179,11 @@ class Sniffer:
         self.plan = plan_capture(self.model, self.family, cfg, installed_summary(inputs.pm))
         self.backbone = self.family.hooks.qkcore_backbone(model=self.model)
         self.model_name = cfg.model.name or f"random-{self.family.model_type}"
-        self.session = CaptureSession(self.plan, self.sampler, postprocess_query=self._postprocess)
+        self.session = CaptureSession(
+            self.plan, self.sampler, postprocess_query=self._postprocess,
+            max_rows=cfg.capture.max_rows_per_batch,
+            token_strings=self.tokenizer.convert_ids_to_tokens if cfg.capture.capture_token_strings else None,
+        )
         # Autocast only where it changes something: a bf16 model under bf16 autocast would
         # only add casts (and cached weight copies) to the forward.
         autocast_dtype = resolve_dtype(cfg.inference.autocast_dtype)
@@ -232,7 +236,7 @@ class Sniffer:
 
         def prepare() -> tuple[Batch, Any] | None:
             batch = next(batches, None)
-            return None if batch is None else (batch, self.session.select(batch.example_ids, batch.lengths))
+            return None if batch is None else (batch, self.session.select(batch.example_ids, batch.lengths, batch.input_ids))
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qkcore-prefetch") as pool:
             upcoming = pool.submit(prepare)
@@ -242,7 +246,7 @@ class Sniffer:
 
     def capture_batch(self, batch: Batch, selections: Any = None) -> list[CapturedChunk]:
         """Run the backbone on ``batch`` (inside :meth:`instrumented`) and return its kept rows."""
-        self.session.begin_batch(batch.example_ids, batch.lengths, selections, device=self.device)
+        self.session.begin_batch(batch.example_ids, batch.lengths, selections, device=self.device, input_ids=batch.input_ids)
         input_ids = batch.input_ids.to(self.device, non_blocking=True)
         if self._autocast_dtype is not None:
             with torch.autocast(device_type="cuda", dtype=self._autocast_dtype):
@@ -593,6 +597,7 @@ class _Run:
             return DatasetWriter(
                 staging, flush_threshold_mb=self.cfg.output.flush_threshold_mb,
                 row_group_size=self.cfg.output.write_batch_size, run_key=key,
+                token_strings=self.cfg.capture.capture_token_strings,
             )
         except StagingConflict as exc:  # the rule checked the staged key: this is a damaged staging
             raise QkcoreError(f"{exc}; rerun with --restart to discard it") from None

@@ -43,7 +43,15 @@ import pyarrow.parquet as pq
 
 from qkcore.errors import QkcoreError
 from qkcore.fsutil import remove_tree, sha256_file, write_durably, write_text_durably
-from qkcore.layout import DATA_FILE, config_name, low32, low32_ids, output_schema, parse_config_name  # noqa: F401 (re-exported)
+from qkcore.layout import (  # noqa: F401 (config_name, parse_config_name re-exported)
+    DATA_FILE,
+    TOKEN_COLUMN,
+    config_name,
+    low32,
+    low32_ids,
+    output_schema,
+    parse_config_name,
+)
 
 JOURNAL_FILE = "journal.json"
 DEFAULT_ROW_GROUP_SIZE = 65536
@@ -122,6 +130,7 @@ class CapturedChunk:
     buckets: np.ndarray  # int64, shape (n,)
     vectors: np.ndarray  # float32, shape (len(heads), n, head_dim)
     sliding_window: int | None
+    token_strings: np.ndarray | None = None  # object (str), shape (n,): the token at each row (shared by heads)
 
 
 
@@ -157,15 +166,17 @@ class _Rows:
     positions: np.ndarray  # int32
     buckets: np.ndarray  # int32
     vectors: np.ndarray  # float32, (n, head_dim)
+    tokens: np.ndarray | None = None  # object (str), (n,): the token_str column, when captured
 
     @classmethod
-    def concat(cls, parts: Sequence[_Rows], head_dim: int) -> _Rows:
+    def concat(cls, parts: Sequence[_Rows], head_dim: int, tokens: bool = False) -> _Rows:
         if not parts:
             return cls(
                 np.empty(0, np.int64),
                 np.empty(0, np.int32),
                 np.empty(0, np.int32),
                 np.empty((0, head_dim), np.float32),
+                np.empty(0, object) if tokens else None,
             )
         if len(parts) == 1:
             return parts[0]
@@ -174,6 +185,7 @@ class _Rows:
             np.concatenate([p.positions for p in parts]),
             np.concatenate([p.buckets for p in parts]),
             np.concatenate([p.vectors for p in parts]),
+            np.concatenate([p.tokens for p in parts]) if parts[0].tokens is not None else None,
         )
 
     def __len__(self) -> int:
@@ -181,22 +193,27 @@ class _Rows:
 
     @property
     def nbytes(self) -> int:
-        return self.ids64.nbytes + self.positions.nbytes + self.buckets.nbytes + self.vectors.nbytes
+        # Token strings: the pointers plus a typical short token (an estimate; they are small).
+        text = 0 if self.tokens is None else self.tokens.nbytes + 56 * len(self.tokens)
+        return self.ids64.nbytes + self.positions.nbytes + self.buckets.nbytes + self.vectors.nbytes + text
 
     def take(self, index: np.ndarray | slice) -> _Rows:
         """Rows selected by a mask, an index array (copies) or a slice (views)."""
-        return _Rows(self.ids64[index], self.positions[index], self.buckets[index], self.vectors[index])
+        tokens = None if self.tokens is None else self.tokens[index]
+        return _Rows(self.ids64[index], self.positions[index], self.buckets[index], self.vectors[index], tokens)
 
     def copy(self) -> _Rows:
-        return _Rows(self.ids64.copy(), self.positions.copy(), self.buckets.copy(), self.vectors.copy())
+        tokens = None if self.tokens is None else self.tokens.copy()
+        return _Rows(self.ids64.copy(), self.positions.copy(), self.buckets.copy(), self.vectors.copy(), tokens)
 
     @classmethod
-    def sorted_concat(cls, parts: Sequence[_Rows], head_dim: int) -> _Rows:
+    def sorted_concat(cls, parts: Sequence[_Rows], head_dim: int, tokens: bool = False) -> _Rows:
         """``parts`` concatenated and sorted by key, copying the vectors only once."""
         if not parts:
-            return cls.concat([], head_dim)
+            return cls.concat([], head_dim, tokens)
         order, ids64, positions, buckets = _sorted_columns(parts)
-        return cls(ids64, positions, buckets, _gather([p.vectors for p in parts], order, head_dim))
+        text = np.concatenate([p.tokens for p in parts])[order] if parts[0].tokens is not None else None
+        return cls(ids64, positions, buckets, _gather([p.vectors for p in parts], order, head_dim), text)
 
     def within(self, lo: _Key, hi: _Key) -> np.ndarray:
         """Mask of rows whose sort key lies in ``[lo, hi]`` (lexicographic)."""
@@ -246,21 +263,29 @@ def _row_bytes(head_dim: int) -> int:
     return 16 + 4 * head_dim
 
 
+def _part_schema(tokens: bool) -> pa.Schema:
+    return _PART_SCHEMA.append(pa.field(TOKEN_COLUMN, pa.large_string())) if tokens else _PART_SCHEMA
+
+
 def _part_batch(rows: _Rows) -> pa.RecordBatch:
     n, head_dim = rows.vectors.shape
     offsets = pa.array(np.arange(n + 1, dtype=np.int64) * head_dim)
     vec = pa.LargeListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(rows.vectors).reshape(-1)))
     cols = [pa.array(rows.ids64), pa.array(rows.positions), pa.array(rows.buckets), vec]
-    return pa.RecordBatch.from_arrays(cols, schema=_PART_SCHEMA)
+    if rows.tokens is not None:
+        cols.append(pa.array(rows.tokens, type=pa.large_string()))
+    return pa.RecordBatch.from_arrays(cols, schema=_part_schema(rows.tokens is not None))
 
 
 def _rows_from_batch(batch: pa.RecordBatch, head_dim: int) -> _Rows:
     flat = batch.column(3).flatten().to_numpy(zero_copy_only=False)
+    tokens = batch.column(4).to_numpy(zero_copy_only=False) if batch.num_columns > 4 else None
     return _Rows(
         batch.column(0).to_numpy(zero_copy_only=False),
         batch.column(1).to_numpy(zero_copy_only=False),
         batch.column(2).to_numpy(zero_copy_only=False),
         flat.reshape(-1, head_dim),
+        tokens,
     )
 
 
@@ -272,7 +297,9 @@ def _final_table(rows: _Rows, head_dim: int, sliding_window: int | None) -> pa.T
         np.full(n, sliding_window, dtype=np.int32)
     )
     cols = [pa.array(rows.buckets), pa.array(low32_ids(rows.ids64)), pa.array(rows.positions), vec, sw]
-    return pa.Table.from_arrays(cols, schema=output_schema(head_dim))
+    if rows.tokens is not None:
+        cols.append(pa.array(rows.tokens, type=pa.string()))
+    return pa.Table.from_arrays(cols, schema=output_schema(head_dim, token_strings=rows.tokens is not None))
 
 
 def _pack(sizes: np.ndarray, budget: int) -> list[tuple[int, int]]:
@@ -361,8 +388,11 @@ class DatasetWriter:
         row_group_size: int | None = None,
         run_key: str | None = None,
         restart: bool = False,
+        token_strings: bool = False,
     ) -> None:
         """Open a writer; resume the staged run of the same ``run_key`` if there is one.
+
+        ``token_strings``: rows carry a ``token_str`` column (``capture.capture_token_strings``).
 
         Raises :class:`StagingConflict` if ``staging_dir`` holds a committed run of a
         different ``run_key`` (or this writer has none), unless ``restart`` discards it.
@@ -376,6 +406,7 @@ class DatasetWriter:
         # A fixed default (not derived from the threshold) so bytes never depend on it.
         self.row_group_size = row_group_size or DEFAULT_ROW_GROUP_SIZE
         self.run_key = run_key
+        self.token_strings = token_strings
         self._staging = Path(staging_dir)
         self._buffers: dict[str, _ConfigBuffer] = {}
         self._buffered = 0
@@ -433,6 +464,13 @@ class DatasetWriter:
         positions = _to_int32(chunk.positions, "position")
         buckets = _to_int32(chunk.buckets, "bucket")
         sw = None if chunk.sliding_window is None else int(chunk.sliding_window)
+        if (chunk.token_strings is not None) != self.token_strings:
+            raise ValueError(f"this writer {'needs' if self.token_strings else 'takes no'} token_strings")
+        tokens = None
+        if chunk.token_strings is not None:
+            tokens = np.asarray(chunk.token_strings, dtype=object).reshape(-1)
+            if len(tokens) != n:
+                raise ValueError("token_strings must have n rows")
         for i, head in enumerate(chunk.heads):
             name = config_name(chunk.layer, int(head), chunk.kind)
             buf = self._buffers.get(name)
@@ -447,7 +485,7 @@ class DatasetWriter:
             if n == 0:
                 continue  # the config is still recorded, so finalize() writes an empty file
             # Copy: the caller may reuse its capture buffer after add() returns.
-            rows = _Rows(ids64, positions, buckets, np.array(vectors[i], dtype=np.float32, copy=True))
+            rows = _Rows(ids64, positions, buckets, np.array(vectors[i], dtype=np.float32, copy=True), tokens)
             buf.pending.append(rows)
             buf.nbytes += rows.nbytes
             self._buffered += rows.nbytes
@@ -656,7 +694,7 @@ class DatasetWriter:
             )
             plans.append((buf, order, ids64, positions, buckets, starts))
             n_batches += len(bounds)
-        schema = _PART_SCHEMA.with_metadata({_INDEX_KEY: json.dumps(index, separators=(",", ":"))})
+        schema = _part_schema(self.token_strings).with_metadata({_INDEX_KEY: json.dumps(index, separators=(",", ":"))})
 
         def write(tmp: Path) -> None:
             # Pass 2: gather each batch's vectors in sorted order and write it at once,
@@ -664,10 +702,12 @@ class DatasetWriter:
             with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema, options=_IPC_OPTS) as out:
                 for buf, order, ids64, positions, buckets, starts in plans:
                     vectors = [r.vectors for r in buf.pending]
+                    tokens = np.concatenate([r.tokens for r in buf.pending]) if self.token_strings else None
                     for s in starts:
                         sl = slice(s, s + starts.step)
                         gathered = _gather(vectors, order[sl], buf.head_dim)
-                        out.write_batch(_part_batch(_Rows(ids64[sl], positions[sl], buckets[sl], gathered)))
+                        text = None if tokens is None else tokens[order[sl]]
+                        out.write_batch(_part_batch(_Rows(ids64[sl], positions[sl], buckets[sl], gathered, text)))
 
         self._ensure_staging()
         name = f"part-{self._next_part:06d}.arrow"
@@ -756,15 +796,21 @@ class DatasetWriter:
 
         def write(tmp: Path) -> None:
             nonlocal total
-            with pq.ParquetWriter(tmp, output_schema(head_dim), **_PARQUET_OPTS) as out:
-                carry = _Rows.concat([], head_dim)  # < row_group_size rows awaiting their row group
+            schema = output_schema(head_dim, token_strings=self.token_strings)
+            options = dict(_PARQUET_OPTS)
+            if self.token_strings:
+                options["use_dictionary"] = [*options["use_dictionary"], TOKEN_COLUMN]
+            with pq.ParquetWriter(tmp, schema, **options) as out:
+                carry = _Rows.concat([], head_dim, self.token_strings)  # < row_group_size rows awaiting their row group
                 for lo, hi in self._plan_ranges(slices, budget, head_dim):
-                    rows = _Rows.sorted_concat(list(self._iter_range(slices, lo, hi, head_dim)), head_dim)
+                    rows = _Rows.sorted_concat(
+                        list(self._iter_range(slices, lo, hi, head_dim)), head_dim, self.token_strings
+                    )
                     self._finalize_peak_rows = max(self._finalize_peak_rows, len(rows) + len(carry))
                     total += len(rows)
                     if len(carry):
                         need = group - len(carry)
-                        carry = _Rows.concat([carry, rows.take(slice(0, need))], head_dim)
+                        carry = _Rows.concat([carry, rows.take(slice(0, need))], head_dim, self.token_strings)
                         rows = rows.take(slice(need, None))
                         if len(carry) < group:
                             continue
