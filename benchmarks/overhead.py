@@ -421,9 +421,8 @@ def run_sniff(
 ) -> dict[str, float]:
     """One document through the whole sniff path into a fresh ``data_root``."""
     from qkcore.batching import tokenize_batches
-    from qkcore.card import write_card
-    from qkcore.example_ids import find_int32_collisions
-    from qkcore.sniff import _model_entry
+    from qkcore.card import render_card
+    from qkcore.sniff import RunState
     from qkcore.sources.documents import Document
     from qkcore.writer import DatasetWriter
 
@@ -437,7 +436,8 @@ def run_sniff(
     start = time.perf_counter()
     with timers.time("attach"):
         writer = DatasetWriter(
-            data_root, flush_threshold_mb=cfg.output.flush_threshold_mb, row_group_size=cfg.output.write_batch_size
+            data_root / ".staging", flush_threshold_mb=cfg.output.flush_threshold_mb,
+            row_group_size=cfg.output.write_batch_size,
         )
         instrumented = sniffer.instrumented()
         instrumented.__enter__()
@@ -460,12 +460,13 @@ def run_sniff(
     with timers.time("detach"):
         instrumented.__exit__(None, None, None)
     with timers.time("close"):
-        rows = writer.close()
+        stats = writer.finalize(data_root)
+        writer.discard()
+        rows = {name: s.rows for name, s in stats.items()}
     with timers.time("card"):
-        collisions = find_int32_collisions(set(batch.example_ids))
-        entry = _model_entry(sniffer, len(batch.lengths), tokens, collisions)
-        readme = cfg.output.readme_path.expanduser()
-        write_card(data_root, readme if readme.is_absolute() else data_root / readme, entry)
+        state = RunState("bench", sniffer.inputs.identity, documents=len(batch.lengths), tokens=tokens,
+                         example_ids=list(batch.example_ids))
+        (data_root / "README.md").write_text(render_card(sniffer.model_entry(state, stats), stats), encoding="utf-8")
     sync(device)
     total = time.perf_counter() - start
     gpu_peak, gpu_delta = gpu.peak()
@@ -511,7 +512,7 @@ def bench_shape(
 
     print(f"\n== {shape}: building (random weights, {cfg.model.dtype}, sdpa) ...", flush=True)
     started = time.perf_counter()
-    sniffer = Sniffer(cfg)  # random weights are initialised directly on the device
+    sniffer = Sniffer.from_config(cfg)  # random weights are initialised directly on the device
     sync(device)
     build_s = time.perf_counter() - started
     bare = sniffer.backbone

@@ -1,4 +1,4 @@
-"""Tests for qkcore.card: front matter, datasets loading, merging, error handling."""
+"""Tests for qkcore.card: front matter, Hub metadata, the body's words, datasets loading."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import yaml
 
-from qkcore.card import ModelEntry, read_front_matter, write_card
-from qkcore.writer import CapturedChunk, DatasetWriter, read_config
+from qkcore.card import ModelEntry, card_run_key, read_card, read_front_matter, render_card
+from qkcore.samplers import UniformSampler
+from qkcore.writer import CapturedChunk, ConfigStats, DatasetWriter, read_config
 
 HEAD_DIM = 4
 
@@ -29,7 +30,7 @@ def make_model(name: str = "org/tiny", revision: str | None = "main", **kw) -> M
             path="wikitext", name="raw", split="train", text_column="text",
             id_column=None, max_samples=10,
         ),
-        sampler=dict(kind="uniform", buckets=[0, 1, 2]),
+        sampler=UniformSampler(base_rate=1.0, min_bucket_size=16).describe(),
         capture=dict(capture_pre_rope=False, full_attention_only=True, layers=None,
                      heads=None, head_sampling=None),
         selected_heads={0: [0, 1], 1: [0]},
@@ -49,10 +50,10 @@ def make_model(name: str = "org/tiny", revision: str | None = "main", **kw) -> M
     return ModelEntry(**base)
 
 
-def populate(root: Path) -> None:
-    """l00h00q, l00h01q, l00h00k, l01h00q with known buckets."""
+def populate(root: Path) -> dict[str, ConfigStats]:
+    """l00h00q, l00h01q, l00h00k, l01h00q with known buckets, finalized into ``root``."""
     rng = np.random.default_rng(0)
-    w = DatasetWriter(root)
+    w = DatasetWriter(root / ".staging")
     n = 6
     common = dict(
         example_ids=np.array([2**33 + 1, 2, 2, 7, 7, 7], np.int64),
@@ -65,45 +66,91 @@ def populate(root: Path) -> None:
                         sliding_window=None, **common))
     w.add(CapturedChunk(1, "q", [0], vectors=rng.standard_normal((1, n, HEAD_DIM)).astype(np.float32),
                         sliding_window=64, **common))
-    w.close()
+    stats = w.finalize(root)
+    w.discard()
+    return stats
 
 
-def test_front_matter_lists_configs_and_stats(tmp_path):
-    populate(tmp_path)
-    (tmp_path / ".hidden").mkdir()
-    (tmp_path / "notes").mkdir()
-    (tmp_path / "l05h00q").mkdir()  # no data.parquet: ignored
-    front = write_card(tmp_path, tmp_path / "README.md", make_model())
+def write(root: Path, stats: dict[str, ConfigStats], entry: ModelEntry, **kw) -> str:
+    text = render_card(entry, stats, **kw)
+    (root / "README.md").write_text(text, encoding="utf-8")
+    return text
+
+
+def test_front_matter_lists_configs_coverage_and_the_model(tmp_path):
+    stats = populate(tmp_path)
+    write(tmp_path, stats, make_model(run_key="abc123"))
+    front, body = read_front_matter(tmp_path / "README.md")
     names = [c["config_name"] for c in front["configs"]]
     assert names == ["l00h00k", "l00h00q", "l00h01q", "l01h00q"]
     assert front["configs"][1]["data_files"] == [{"split": "train", "path": "l00h00q/data.parquet"}]
     qk = front["qkcore"]
-    assert qk["stats"]["l00h00q"] == {"rows": 6, "bucket_counts": {0: 1, 1: 2, 2: 3}}
-    assert qk["coverage"] == {"layers": 2, "query_head_configs": 3, "key_head_configs": 1}
-    # Round trip through the file: int keys survive.
-    again, body = read_front_matter(tmp_path / "README.md")
-    assert again == front
-    assert again["qkcore"]["models"][0]["selected_heads"] == {0: [0, 1], 1: [0]}
+    assert qk["run_key"] == "abc123"
+    assert qk["coverage"] == {"layers": 2, "query_head_configs": 3, "key_head_configs": 1, "rows": 24}
+    assert "stats" not in qk  # per-config statistics live in the manifest (qkcore.json)
+    assert len(qk["models"]) == 1
+    model = qk["models"][0]
+    assert model == dataclasses.asdict(make_model(run_key="abc123"))  # int keys survive the round trip
+    assert model["key_head_of_query"] == {0: {0: 0, 1: 0}, 1: {0: 0}}
     assert 'load_dataset("' in body and "l00h00k" in body
     assert "NoPE" in body and "| bucket | query rows | key rows |" in body
-    assert not list(tmp_path.glob(".README*"))
+    assert card_run_key((tmp_path / "README.md").read_text()) == "abc123"
 
 
-def test_bucket_counts_match_data(tmp_path):
-    populate(tmp_path)
-    front = write_card(tmp_path, tmp_path / "README.md")
-    for name, st in front["qkcore"]["stats"].items():
+def test_hub_metadata_users_expect(tmp_path):
+    stats = populate(tmp_path)
+    front = read_card(render_card(make_model(), stats, license="apache-2.0"))
+    assert front["pretty_name"] == "Query/key vectors of org/tiny"
+    assert front["license"] == "apache-2.0"
+    assert "qkcore" in front["tags"] and front["task_categories"] == ["feature-extraction"]
+    assert "license" not in read_card(render_card(make_model(), stats))  # unknown: left out, not guessed
+
+
+def test_bucket_table_sums_the_written_rows(tmp_path):
+    stats = populate(tmp_path)
+    body = render_card(make_model(), stats)
+    for name, st in stats.items():
         buckets = read_config(tmp_path / name).column("bucket").to_pylist()
-        assert st["rows"] == len(buckets)
-        assert st["bucket_counts"] == {b: buckets.count(b) for b in set(buckets)}
+        assert st.rows == len(buckets)
+        assert st.bucket_counts == {b: buckets.count(b) for b in set(buckets)}
+    # 3 query configs and 1 key config, each with buckets 0: 1 row, 1: 2 rows, 2: 3 rows.
+    assert "| 0 | 3 | 1 |" in body and "| 1 | 6 | 2 |" in body and "| 2 | 9 | 3 |" in body
 
 
-def test_load_dataset_reads_folder(tmp_path, monkeypatch):
+def test_no_python_none_and_no_machine_paths_in_the_prose(tmp_path):
+    stats = populate(tmp_path)
+    entry = make_model(revision=None, source_dataset=dict(path="corpus.jsonl", name=None, split="train",
+                                                          text_column="text", id_column=None, max_samples=None))
+    text = render_card(entry, stats)
+    body = text.split("\n---\n", 1)[1]
+    assert "None" not in body
+    assert "default revision" in body and "ids are row indices" in body
+    assert str(tmp_path) not in text
+
+
+def test_pre_rope_runs_are_not_called_post_rope(tmp_path):
+    stats = populate(tmp_path)
+    capture = dict(capture_pre_rope=True, full_attention_only=True, layers=None, heads=None, head_sampling=None)
+    body = render_card(make_model(capture=capture), stats).split("\n---\n", 1)[1]
+    intro = body.split("## Model")[0]
+    assert "Pre-RoPE (before rotary embedding)" in intro and "post" not in intro.lower()
+    assert "the pre-RoPE query or key" in body
+
+
+def test_nonfinite_rows_are_stated_only_when_there_are_some(tmp_path):
+    stats = populate(tmp_path)
+    assert "NaN" not in render_card(make_model(), stats)
+    stats["l00h00q"] = dataclasses.replace(stats["l00h00q"], nonfinite_rows=2)
+    text = render_card(make_model(nonfinite_rows=2), stats)
+    assert "2 rows hold a NaN or an infinity" in text and "l00h00q: 2" in text
+
+
+def test_load_dataset_reads_the_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     data = tmp_path / "data"
-    populate(data)
-    write_card(data, data / "README.md", make_model())
+    data.mkdir()
+    write(data, populate(data), make_model())
     import datasets
 
     ds = datasets.load_dataset(str(data), "l00h00q", split="train", cache_dir=str(tmp_path / "cache"))
@@ -118,75 +165,25 @@ def test_load_dataset_reads_folder(tmp_path, monkeypatch):
     assert set(sw["sliding_window"]) == {64}
 
 
-def test_merge_keeps_other_models_and_unknown_keys(tmp_path):
-    populate(tmp_path)
-    readme = tmp_path / "README.md"
-    write_card(tmp_path, readme, make_model("org/a"))
-    front, body = read_front_matter(readme)
-    front = {"license": "mit", **front, "tags": ["attention"], "dataset_info": {"stale": True}}
-    front["qkcore"]["custom"] = "kept"
-    readme.write_text("---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n" + body)
-
-    new = write_card(tmp_path, readme, make_model("org/b"))
-    assert [m["name"] for m in new["qkcore"]["models"]] == ["org/a", "org/b"]
-    assert new["license"] == "mit" and new["tags"] == ["attention"]
-    assert list(new)[0] == "license"
-    assert new["qkcore"]["custom"] == "kept"
-    assert "dataset_info" not in new  # stale split sizes would break load_dataset
-    assert read_front_matter(readme)[0] == new
-
-
-def test_rerun_same_model_replaces_entry(tmp_path):
-    populate(tmp_path)
-    readme = tmp_path / "README.md"
-    write_card(tmp_path, readme, make_model("org/a"))
-    write_card(tmp_path, readme, make_model("org/b"))
-    write_card(tmp_path, readme, make_model("org/a", revision="v2"))
-    front = write_card(tmp_path, readme, make_model("org/a", tokens=999))
-    models = front["qkcore"]["models"]
-    assert [(m["name"], m["revision"]) for m in models] == [
-        ("org/a", "main"), ("org/b", "main"), ("org/a", "v2"),
-    ]
-    assert models[0]["tokens"] == 999
-    assert models[0] == dataclasses.asdict(make_model("org/a", tokens=999))
-
-
-def test_no_model_keeps_existing_entries(tmp_path):
-    populate(tmp_path)
-    readme = tmp_path / "README.md"
-    write_card(tmp_path, readme, make_model("org/a"))
-    front = write_card(tmp_path, readme)
-    assert [m["name"] for m in front["qkcore"]["models"]] == ["org/a"]
-
-
 @pytest.mark.parametrize(
     "text",
     [
         "---\nconfigs: [unclosed\n---\nbody\n",
         "---\nlicense: mit\nno closing fence\n",
-        "---\n- just\n- a list\n---\n",
-        "---\nqkcore:\n  models: 3\n---\n",
+        "# just a README\n",
+        "---\nqkcore: 3\n---\n",
     ],
 )
-def test_broken_front_matter_raises_naming_file(tmp_path, text):
-    populate(tmp_path)
-    readme = tmp_path / "README.md"
-    readme.write_text(text)
-    with pytest.raises(ValueError, match="README.md"):
-        write_card(tmp_path, readme, make_model())
-    assert readme.read_text() == text  # never overwritten
+def test_cards_that_are_not_qkcore_cards_have_no_run_key(text):
+    assert card_run_key(text) is None
 
 
-def test_readme_without_front_matter_is_regenerated(tmp_path):
-    populate(tmp_path)
-    readme = tmp_path / "README.md"
-    readme.write_text("# old notes\n")
-    front = write_card(tmp_path, readme, make_model())
-    assert readme.read_text().startswith("---\n")
-    assert len(front["configs"]) == 4
+def test_the_log_sampler_is_named_as_sniff_qk_names_it_with_its_effective_bucket(tmp_path):
+    from qkcore.samplers import LogUniformSampler
 
-
-def test_empty_root(tmp_path):
-    front = write_card(tmp_path, tmp_path / "README.md")
-    assert front["configs"] == []
-    assert front["qkcore"]["coverage"] == {"layers": 0, "query_head_configs": 0, "key_head_configs": 0}
+    stats = populate(tmp_path)
+    sampler = LogUniformSampler(base_rate=1.0, min_bucket_size=100).describe()
+    assert sampler["effective_min_bucket_size"] == 128
+    body = render_card(make_model(sampler=sampler), stats)
+    assert "`log_uniform` (sniff-qk calls it `log`)" in body
+    assert "min_bucket_size 100 (effective 128: the power of two used)" in body

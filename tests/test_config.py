@@ -83,7 +83,7 @@ def test_sniff_qk_example_loads(tmp_path: Path) -> None:
     assert cfg.capture.full_attention_only is True and cfg.capture.min_bucket_size == 2048
     assert (cfg.capture.sampler.type, cfg.capture.sampler.base_rate) == ("uniform", 10.0)
     assert cfg.output.data_root == tmp_path / "data" / "attention-plasticity"
-    assert cfg.output.readme_file == tmp_path / "data" / "attention-plasticity" / "README.md"
+    assert cfg.output.readme_path == Path("README.md")
     assert cfg.output.hf_branch == "qwen3-8b-longbench-pro-128k-plus"
 
 
@@ -134,7 +134,7 @@ def test_unknown_key_is_error_naming_file_and_key(tmp_path: Path, extra: str, ke
 def test_legacy_keys_warn_and_load(tmp_path: Path) -> None:
     yaml_text = MINIMAL_YAML + (
         "capture: {queue_size: 16, max_rows_per_batch: 1000, capture_token_strings: true}\n"
-        "inference: {mps_cleanup_every_batches: 4}\n"
+        "inference: {mps_cleanup_every_batches: 4, distributed: true, backend: nccl}\n"
         "output: {write_batch_size: 5000}\n"
     )
     with pytest.warns(QkcoreConfigWarning) as record:
@@ -164,7 +164,7 @@ def test_legacy_key_with_false_value_does_not_warn(tmp_path: Path) -> None:
         ({"model": {"name": "m", "dtype": "fp8"}}, "run.yaml: model.dtype: unknown dtype 'fp8'"),
         ({"inference": {"autocast_dtype": "int8"}}, "run.yaml: inference.autocast_dtype: unknown dtype"),
         ({"capture": {"layers": [0, "x"]}}, "run.yaml: capture.layers.1: Input should be a valid integer"),
-        ({"dataset": {"path": "d", "max_samples": 0}}, "run.yaml: dataset.max_samples: Input should be greater than 0"),
+        ({"dataset": {"path": "d", "max_samples": -1}}, "run.yaml: dataset.max_samples: Input should be greater than or equal to 0"),
         ({"capture": {"head_sampling": {"seed": 1}}}, "run.yaml: capture.head_sampling.count: Field required"),
         ({"tokenizer": {"padding_side": "middle"}}, "run.yaml: tokenizer.padding_side: Input should be 'left' or 'right'"),
     ],
@@ -276,13 +276,12 @@ def test_bad_set(tmp_path: Path, override: str, expected: str) -> None:
         load(write(tmp_path, MINIMAL_YAML), (override,))
 
 
-def test_relative_readme_path(tmp_path: Path) -> None:
-    cfg = load(write(tmp_path, MINIMAL_YAML + "output: {data_root: out, readme_path: cards/README.md}\n"))
-    assert cfg.output.data_root == tmp_path / "out"
-    assert cfg.output.readme_file == tmp_path / "out" / "cards" / "README.md"
-    absolute = tmp_path / "elsewhere" / "CARD.md"
-    cfg = load(write(tmp_path, MINIMAL_YAML + f"output: {{readme_path: '{absolute}'}}\n"))
-    assert cfg.output.readme_file == absolute
+def test_readme_path_other_than_readme_md_is_ignored_with_a_warning(tmp_path: Path) -> None:
+    """sniff-qk always writes DATA_ROOT/README.md; a card elsewhere would hide the configs from load_dataset."""
+    for value in ("cards/README.md", str(tmp_path / "elsewhere" / "CARD.md")):
+        with pytest.warns(QkcoreConfigWarning, match="readme_path.*ignored.*DATA_ROOT/README.md"):
+            cfg = load_config(write(tmp_path, MINIMAL_YAML + f"output: {{data_root: out, readme_path: '{value}'}}\n"), env={})
+        assert cfg.output.data_root == tmp_path / "out"
 
 
 def test_paths_relative_to_cwd_not_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -341,3 +340,37 @@ def test_no_raw_validation_error_escapes(tmp_path: Path) -> None:
         load(write(tmp_path, "dataset: 5\nmodel: {name: m, device_map: 3}\n"))
     assert not isinstance(exc.value, ValidationError)
     assert "run.yaml: dataset:" in str(exc.value) and "model.device_map" in str(exc.value)
+
+
+# -- configs the original sniff-qk accepts ----------------------------------------------------
+
+
+def test_unknown_inference_keys_load_with_a_warning_naming_them(tmp_path: Path) -> None:
+    with pytest.warns(QkcoreConfigWarning, match="'inference.prefetch' is not a qkcore key; ignored"):
+        cfg = load_config(write(tmp_path, MINIMAL_YAML + "inference: {batch_size: 2, prefetch: 4}\n"), env={})
+    assert cfg.inference.batch_size == 2
+
+
+def test_max_samples_zero_loads(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, "dataset: {path: d, max_samples: 0}\nmodel: {name: m}\n"))
+    assert cfg.dataset.max_samples == 0  # a run refuses it (it would capture nothing); plan shows it
+
+
+def test_empty_layer_and_head_lists_mean_no_filter(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, MINIMAL_YAML + "capture: {layers: [], heads: []}\n"))
+    assert cfg.capture.layers is None and cfg.capture.heads is None
+
+
+def test_left_padding_and_other_padding_are_ignored_with_a_warning(tmp_path: Path) -> None:
+    with pytest.warns(QkcoreConfigWarning, match="padding_side: 'left' is ignored: qkcore right-pads"):
+        cfg = load_config(write(tmp_path, MINIMAL_YAML + "tokenizer: {padding_side: left}\n"), env={})
+    assert cfg.tokenizer.padding_side == "left"
+    with pytest.warns(QkcoreConfigWarning, match="tokenizer.padding: 'max_length' is ignored"):
+        load_config(write(tmp_path, MINIMAL_YAML + "tokenizer: {padding: max_length}\n"), env={})
+
+
+@pytest.mark.parametrize(("written", "meant"), [("Uniform", "uniform"), ("ALL", "all"), ("log", "log_uniform"),
+                                                 ("Log_Uniform", "log_uniform")])
+def test_sampler_type_is_case_insensitive_and_log_is_log_uniform(tmp_path: Path, written: str, meant: str) -> None:
+    cfg = load(write(tmp_path, MINIMAL_YAML + f"capture: {{sampler: {{type: {written}}}}}\n"))
+    assert cfg.capture.sampler.type == meant

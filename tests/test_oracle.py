@@ -89,4 +89,6 @@ def test_key_configs_follow_the_gqa_mapping_of_selected_query_heads(tiny_config)
     result = run_sniff(cfg)
     assert sorted(result.rows) == ["l00h00k", "l00h00q", "l00h01q", "l00h03q", "l02h00k", "l02h00q", "l02h01q", "l02h03q"]
     cfg = load_config(tiny_config(capture={"layers": [1], "heads": [4, 7], "sampler": {"type": "uniform"}}))
-    assert sorted(run_sniff(cfg).rows) == ["l01h01k", "l01h04q", "l01h07q"]
+    # A different run into the same data root replaces the first one's files (with --replace).
+    assert sorted(run_sniff(cfg, replace=True).rows) == ["l01h01k", "l01h04q", "l01h07q"]
+    assert sorted(p.parent.name for p in result.data_root.glob("l*/data.parquet")) == ["l01h01k", "l01h04q", "l01h07q"]

@@ -135,8 +135,13 @@ def test_outputs_cover_every_captured_query_head(dataset: Path, tmp_path: Path) 
 
     buckets = _read_csv(out / "head_bucket_plasticity.csv")
     heads = _read_csv(out / "head_metrics.csv")
-    assert list(buckets[0]) == ["layer", "q_head", "k_head", "bucket", "n_queries", "n_pairs", "plasticity", "reason"]
-    assert list(heads[0]) == ["layer", "q_head", "k_head", "plasticity", "n_buckets", "nope", "sliding_window"]
+    assert list(buckets[0]) == [
+        "layer", "q_head", "k_head", "bucket", "n_queries", "skipped_queries", "n_pairs", "plasticity", "small_bucket", "reason"
+    ]
+    assert list(heads[0]) == [
+        "layer", "q_head", "k_head", "plasticity", "n_buckets", "n_small_buckets", "skipped_queries", "skipped_keys",
+        "nope", "sliding_window", "reason",
+    ]
     captured = {(layer, h) for layer, hs in Q_HEADS.items() for h in hs}
     assert {(int(r["layer"]), int(r["q_head"])) for r in heads} == captured
     assert {(int(r["layer"]), int(r["q_head"])) for r in buckets} == captured
@@ -203,9 +208,9 @@ def test_pair_sampler_respects_causality_window_and_locality(dataset: Path, wind
         assert np.all(keys.example_id[a] == keys.example_id[b])  # same example
         assert np.all(keys.bucket[pairs] < t)  # causal
         if window is not None:
-            ok = (keys.position[pairs] >= start - window) | (keys.bucket[pairs] == t - 1)
-            assert np.all(ok)
-            if t == 3:  # window [28, 48): bucket 0 excluded, tail of bucket 1 kept
+            # Only keys some query of the bucket can see (transformers: p - w < k <= p).
+            assert np.all(keys.position[pairs] > start - window)
+            if t == 3:  # window (28, 48): bucket 0 excluded, tail of bucket 1 kept
                 assert not np.any(keys.bucket[pairs] == 0)
                 assert np.any(keys.bucket[pairs] == 1)
         # Locality: 5% of the example's captured length, never empty.
@@ -259,6 +264,7 @@ def test_hub_repo_path_offline(dataset: Path, tmp_path: Path, monkeypatch: pytes
     monkeypatch.chdir(tmp_path)
     assert _run(Path("someone/sniffed-qk"), None, "--revision", "tiny-branch") == 0
     assert {c[2] for c in calls} == {"tiny-branch"}
+    assert "someone/sniffed-qk@tiny-branch" in (tmp_path / "plasticity" / "README.md").read_text(encoding="utf-8")
     hub_rows = (tmp_path / "plasticity" / "head_bucket_plasticity.csv").read_bytes()
     assert _run(dataset, tmp_path / "local") == 0
     assert hub_rows == (tmp_path / "local" / "head_bucket_plasticity.csv").read_bytes()

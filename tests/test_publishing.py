@@ -1,11 +1,15 @@
 """Real data in, Hub dataset out: string ids, uneven lengths, batching, branch-per-model push.
 
-The Hub is replaced at the ``HfApi`` boundary by a recording fake; everything
-above it (pull → write → push, one commit) is the code path real runs use.
+The Hub is a local server speaking its HTTP API (``tests/hub_server.py``), so the whole
+path real runs take (preflight → capture → publish → push in one commit, or a pull of the
+same run) runs unchanged, down to huggingface_hub's requests.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +21,14 @@ from qkcore.card import read_front_matter
 from qkcore.cli import main
 from qkcore.config import load_config
 from qkcore.errors import QkcoreError
-from qkcore.hub import PENDING_MARKER
+from qkcore.dataroot import DataRoot
+from qkcore.hub import GITATTRIBUTES
 from qkcore.sniff import run_sniff
 from tests.conftest import write_corpus
+from tests.hub_server import HubServer, hub_server  # noqa: F401 (fixture)
+
+REPO = "lab/sniffed-qk"
+BRANCH = "tiny-llama"
 
 UNEVEN = [
     ("alpha", "Short."),
@@ -32,46 +41,19 @@ UNEVEN = [
 ]
 
 
-class RecordingHub:
-    """A fake ``HfApi``: a dict of branches → {path: bytes}, and a log of every call."""
+def _branch_files(server: HubServer, branch: str = BRANCH) -> dict[str, bytes]:
+    files = server.files(REPO, branch)
+    files.pop(GITATTRIBUTES, None)  # the Hub's LFS settings, kept on every branch
+    return files
 
-    def __init__(self, remote: dict[str, dict[str, bytes]] | None = None, fail_commit: bool = False) -> None:
-        self.remote = remote or {}
-        self.calls: list[tuple] = []
-        self.commits: list[dict] = []
-        self.fail_commit = fail_commit
-        self.repo = bool(self.remote)
 
-    def repo_exists(self, repo_id, repo_type=None):
-        self.calls.append(("repo_exists", repo_id))
-        return self.repo
+def _local_files(root: Path) -> dict[str, bytes]:
+    return {name: (root / name).read_bytes() for name in DataRoot(root).dataset_files()}
 
-    def revision_exists(self, repo_id, revision, repo_type=None):
-        self.calls.append(("revision_exists", revision))
-        return revision in self.remote
 
-    def snapshot_download(self, repo_id, repo_type, revision, local_dir, allow_patterns):
-        self.calls.append(("snapshot_download", revision))
-        for path, data in self.remote[revision].items():
-            target = Path(local_dir) / path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-
-    def create_repo(self, repo_id, repo_type, private, exist_ok):
-        self.calls.append(("create_repo", repo_id))
-        self.repo = True
-
-    def create_branch(self, repo_id, repo_type, branch, exist_ok):
-        self.calls.append(("create_branch", branch))
-        self.remote.setdefault(branch, {})
-
-    def create_commit(self, repo_id, operations, commit_message, repo_type, revision):
-        self.calls.append(("create_commit", revision))
-        if self.fail_commit:
-            raise ConnectionError("simulated network failure")
-        files = {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations}
-        self.commits.append({"revision": revision, "files": files, "message": commit_message})
-        self.remote.setdefault(revision, {}).update(files)
+def _pushed(root: Path) -> bool:
+    record = DataRoot(root).read_record()
+    return record is not None and record.pushed
 
 
 def _config(tiny_config, tmp_path: Path, root: str, batch_size: int, **output) -> Path:
@@ -84,10 +66,9 @@ def _config(tiny_config, tmp_path: Path, root: str, batch_size: int, **output) -
     )
 
 
-def test_batched_run_equals_batch_one_and_pushes_one_commit(tiny_config, tmp_path) -> None:
-    hub = RecordingHub()
-    batched = load_config(_config(tiny_config, tmp_path, "b3", 3, hf_repo_id="lab/sniffed-qk", hf_branch="tiny-llama"))
-    result = run_sniff(batched, hub_api=hub)
+def test_batched_run_equals_batch_one_and_pushes_one_commit(tiny_config, tmp_path, hub_server) -> None:
+    batched = load_config(_config(tiny_config, tmp_path, "b3", 3, hf_repo_id=REPO, hf_branch=BRANCH))
+    result = run_sniff(batched)
     single = run_sniff(load_config(_config(tiny_config, tmp_path, "b1", 1)))
 
     # Card lists every config, and load_dataset reads each; rows equal the batch-size-1 run.
@@ -99,13 +80,16 @@ def test_batched_run_equals_batch_one_and_pushes_one_commit(tiny_config, tmp_pat
         assert len(rows) == result.rows[name]
         _assert_same_rows(result.data_root / name / "data.parquet", single.data_root / name / "data.parquet")
 
-    # Pull happened before the one commit, on the model's branch, with every file.
-    kinds = [call[0] for call in hub.calls]
-    assert kinds.index("repo_exists") < kinds.index("create_commit")
-    assert len(hub.commits) == 1 and hub.commits[0]["revision"] == "tiny-llama"
-    pushed = set(hub.commits[0]["files"])
-    assert pushed == {"README.md", *(f"{n}/data.parquet" for n in names)}
-    assert not (result.data_root / PENDING_MARKER).exists()
+    # The branch was checked (token, refs) before the one commit on the model's branch, with every file.
+    requests = [path for _, path in hub_server.requests]
+    assert requests.index("/api/whoami-v2") < requests.index(f"/api/datasets/{REPO}/refs")
+    assert requests.index(f"/api/datasets/{REPO}/refs") < requests.index(f"/api/datasets/{REPO}/commit/{BRANCH}")
+    history = hub_server.history(REPO, BRANCH)
+    assert history[0].message.startswith("qkcore: test/tiny") and history[1].oid == hub_server.head(REPO, "main")
+    assert _branch_files(hub_server) == _local_files(result.data_root)
+    assert set(_branch_files(hub_server)) == {"README.md", "qkcore.json", *(f"{n}/data.parquet" for n in names)}
+    assert "README.md" in hub_server.files(REPO, "main")  # the new repo's main explains the branches
+    assert _pushed(result.data_root)
 
 
 def _assert_same_rows(batched: Path, single: Path) -> None:
@@ -122,45 +106,82 @@ def _assert_same_rows(batched: Path, single: Path) -> None:
     np.testing.assert_allclose(va, vb, rtol=1e-5, atol=1e-6, err_msg=batched.parent.name)
 
 
-def test_pull_keeps_published_configs_and_models(tiny_config, tmp_path) -> None:
-    first = run_sniff(load_config(_config(tiny_config, tmp_path, "first", 2)))
-    remote = {"tiny-llama": {"README.md": (first.data_root / "README.md").read_bytes()}}
-    for name in first.rows:
-        remote["tiny-llama"][f"{name}/data.parquet"] = (first.data_root / name / "data.parquet").read_bytes()
-    hub = RecordingHub(remote)
-    cfg = load_config(_config(tiny_config, tmp_path, "second", 2, hf_repo_id="lab/x", hf_branch="tiny-llama"))
-    cfg.capture.head_sampling.seed = 11  # another head selection: earlier configs must survive
-    second = run_sniff(cfg, hub_api=hub)
-    front, _ = read_front_matter(second.data_root / "README.md")
-    listed = {c["config_name"] for c in front["configs"]}
-    assert set(first.rows) | set(second.rows) == listed
-    assert set(hub.commits[0]["files"]) == {"README.md", *(f"{n}/data.parquet" for n in listed)}
+def test_a_branch_holding_another_run_is_refused_before_any_compute_then_replaced(tiny_config, tmp_path, hub_server) -> None:
+    first = run_sniff(load_config(_config(tiny_config, tmp_path, "first", 2, hf_repo_id=REPO, hf_branch=BRANCH)))
+    published = _branch_files(hub_server)
+    cfg = load_config(_config(tiny_config, tmp_path, "second", 2, hf_repo_id=REPO, hf_branch=BRANCH))
+    cfg.capture.head_sampling.seed = 11  # another head selection: another run
+    with pytest.raises(QkcoreError, match=f"the Hub branch {REPO}@{BRANCH} holds run .*--replace"):
+        run_sniff(cfg)
+    assert _branch_files(hub_server) == published and not (tmp_path / "second").exists()
+    second = run_sniff(cfg, replace=True)
+    assert set(_branch_files(hub_server)) == {"README.md", "qkcore.json", *(f"{n}/data.parquet" for n in second.rows)}
+    assert _branch_files(hub_server) == _local_files(second.data_root)  # the first run's configs are gone
+    assert set(first.rows) != set(second.rows)
 
 
-def test_push_failure_keeps_files_and_push_command_retries(tiny_config, tmp_path, monkeypatch, capsys) -> None:
-    config = _config(tiny_config, tmp_path, "out", 2, hf_repo_id="lab/sniffed-qk", hf_branch="tiny-llama")
-    with pytest.raises(QkcoreError, match="qkcore push --config"):
-        run_sniff(load_config(config), hub_api=RecordingHub(fail_commit=True))
+def test_pull_write_push_pull_gives_the_same_bytes_and_leaves_other_branches_alone(tiny_config, tmp_path, hub_server) -> None:
+    other = run_sniff(load_config(_config(tiny_config, tmp_path, "other", 1, hf_repo_id=REPO, hf_branch="other-model")))
+    other_branch = _branch_files(hub_server, "other-model")
+    result = run_sniff(load_config(_config(tiny_config, tmp_path, "out", 2, hf_repo_id=REPO, hf_branch=BRANCH)))
+    assert result.action == "captured" and _branch_files(hub_server) == _local_files(result.data_root)
+    # The same run into a fresh root: pulled from the branch (checked against its manifest), not captured again.
+    fresh = run_sniff(load_config(_config(tiny_config, tmp_path, "fresh", 2, hf_repo_id=REPO, hf_branch=BRANCH)))
+    assert fresh.action == "pulled" and fresh.rows == result.rows
+    assert _local_files(fresh.data_root) == _local_files(result.data_root) == _branch_files(hub_server)
+    assert _pushed(fresh.data_root) and DataRoot(fresh.data_root).verify(DataRoot(fresh.data_root).read_record(), full=True) == []
+    assert run_sniff(load_config(_config(tiny_config, tmp_path, "fresh", 2, hf_repo_id=REPO, hf_branch=BRANCH))).action == "already complete"
+    assert _branch_files(hub_server, "other-model") == other_branch == _local_files(other.data_root)
+
+
+def test_push_failure_keeps_files_and_push_command_retries(tiny_config, tmp_path, hub_server) -> None:
+    config = _config(tiny_config, tmp_path, "out", 2, hf_repo_id=REPO, hf_branch=BRANCH, hub_retries=1)
+    hub_server.fail(500, times=1000, path=f"/commit/{BRANCH}$")
+    with pytest.raises(QkcoreError, match="qkcore push --config") as error:
+        run_sniff(load_config(config))
+    assert f"{REPO}@{BRANCH}" in str(error.value) and "HTTP 500" in str(error.value)
     root = tmp_path / "out"
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("data.parquet"))
-    assert files and (root / "README.md").is_file() and (root / PENDING_MARKER).is_file()
+    assert files and (root / "README.md").is_file() and not _pushed(root)
+    assert hub_server.head(REPO, BRANCH) == hub_server.head(REPO, "main")  # no commit reached the branch
 
-    # The same config again: the run is complete, nothing is pulled, pushed or rewritten.
-    idle = RecordingHub()
+    # The same config again: the run is complete, nothing is captured or rewritten; only the push is retried.
     before = {f: (root / f).stat().st_mtime_ns for f in files}
-    run_sniff(load_config(config), hub_api=idle)
-    assert idle.calls == [] and before == {f: (root / f).stat().st_mtime_ns for f in files}
+    with pytest.raises(QkcoreError, match="push failed"):
+        run_sniff(load_config(config))
+    assert before == {f: (root / f).stat().st_mtime_ns for f in files}
 
-    # Another capture into this root would pull over the unpushed files: it refuses and says what to do.
+    # Another capture into this root would replace the unpushed run: it refuses and says what to do.
     with pytest.raises(QkcoreError, match="never pushed"):
-        run_sniff(load_config(config, overrides=["capture.head_sampling.seed=9"]), hub_api=RecordingHub())
+        run_sniff(load_config(config, overrides=["capture.head_sampling.seed=9"]))
 
-    hub = RecordingHub()
-    monkeypatch.setattr("huggingface_hub.HfApi", lambda: hub)
+    hub_server.clear_failures()
     assert main(["push", "--config", str(config)]) == 0
-    assert len(hub.commits) == 1
-    assert set(hub.commits[0]["files"]) == {"README.md", *files}
-    assert not (root / PENDING_MARKER).exists()
+    assert _branch_files(hub_server) == _local_files(root)
+    assert set(_branch_files(hub_server)) == {"README.md", "qkcore.json", *files}
+    assert _pushed(root)
+
+
+@pytest.mark.slow
+def test_push_command_in_a_subprocess_reaches_the_hub_from_the_environment(tiny_config, tmp_path, hub_server) -> None:
+    result = run_sniff(load_config(_config(tiny_config, tmp_path, "out", 2)))  # written, never pushed
+    config = _config(tiny_config, tmp_path, "out", 2, hf_repo_id=REPO, hf_branch=BRANCH)  # same root
+    done = subprocess.run([sys.executable, "-m", "qkcore", "push", "--config", str(config)],
+                          env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert _branch_files(hub_server) == _local_files(result.data_root)
+    assert _pushed(result.data_root)
+
+    # Someone added a file to the branch: the push must commit again (to remove it), and that commit fails.
+    hub_server.commit(REPO, BRANCH, {**_branch_files(hub_server), "notes.txt": b"stray"})
+    hub_server.fail(500, times=1000, path=f"/commit/{BRANCH}$")
+    done = subprocess.run([sys.executable, "-m", "qkcore", "push", "--config", str(config),
+                           "--set", "output.hub_retries=0"],
+                          env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("qkcore: error:")]
+    assert len(errors) == 1 and f"{REPO}@{BRANCH}: push failed" in errors[0] and "HTTP 500" in errors[0], done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_push_without_repo_is_a_clear_error(tiny_config, capsys) -> None:

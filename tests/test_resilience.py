@@ -14,7 +14,8 @@ import pytest
 
 from qkcore.config import load_config
 from qkcore.sniff import run_sniff
-from qkcore.writer import JOURNAL_FILE, STAGING_DIR
+from qkcore.dataroot import DataRoot
+from qkcore.writer import JOURNAL_FILE
 from tests.conftest import write_corpus
 
 WORDS = "tide gauge sluice harbour lantern glacier stake orchard graft relay hop loom warp heddle reed".split()
@@ -49,7 +50,7 @@ def test_kill_9_then_same_command_resumes_to_identical_files(tiny_config, tmp_pa
     )
     config = tiny_config(output={"data_root": str(tmp_path / "killed"), "commit_every_s": 0, "flush_threshold_mb": 1},
                          **sections)
-    journal = tmp_path / "killed" / STAGING_DIR / JOURNAL_FILE
+    journal = DataRoot(tmp_path / "killed").staging_dir / JOURNAL_FILE
     child = subprocess.Popen(_sniff_command(config), cwd=tmp_path, env=_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
@@ -74,7 +75,7 @@ def test_kill_9_then_same_command_resumes_to_identical_files(tiny_config, tmp_pa
     run_sniff(load_config(reference))
     killed, clean = _parquet_bytes(tmp_path / "killed"), _parquet_bytes(tmp_path / "reference")
     assert killed.keys() == clean.keys() and killed == clean
-    assert not (tmp_path / "killed" / STAGING_DIR).exists()
+    assert not DataRoot(tmp_path / "killed").staging_dir.exists()
 
     again = subprocess.run(_sniff_command(config), cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "already complete" in again.stderr
@@ -82,8 +83,13 @@ def test_kill_9_then_same_command_resumes_to_identical_files(tiny_config, tmp_pa
 
 
 def test_torchrun_two_processes_equal_a_single_process_run(tiny_config, tmp_path) -> None:
-    corpus = _corpus(tmp_path / "docs.jsonl", documents=9, words=30)
-    sections = dict(dataset={"path": str(corpus)}, inference={"batch_size": 1},
+    """Whole batches go to ranks, formed as one process forms them: byte-identical files at batch_size 3.
+
+    Documents have uneven lengths, so a batch's padding (and float results) would differ if ranks
+    batched their documents differently from a single process.
+    """
+    corpus = _corpus(tmp_path / "docs.jsonl", documents=10, words=30)
+    sections = dict(dataset={"path": str(corpus)}, inference={"batch_size": 3},
                     capture={"sampler": {"type": "uniform", "base_rate": 4}, "head_sampling": {"count": 7, "seed": 2}})
     config = tiny_config(output={"data_root": str(tmp_path / "ranks")}, **sections)
     done = subprocess.run(
@@ -95,11 +101,11 @@ def test_torchrun_two_processes_equal_a_single_process_run(tiny_config, tmp_path
     single = run_sniff(load_config(tiny_config(output={"data_root": str(tmp_path / "single")}, **sections)))
     merged = _parquet_bytes(tmp_path / "ranks")
     assert merged.keys() == set(single.rows) and merged == _parquet_bytes(tmp_path / "single")
-    assert not (tmp_path / "ranks" / ".qkcore-ranks").exists()
+    assert not DataRoot(tmp_path / "ranks").ranks_dir.exists()
     from qkcore.card import read_front_matter
 
     front, _ = read_front_matter(tmp_path / "ranks" / "README.md")
-    assert front["qkcore"]["models"][0]["documents"] == 9
+    assert front["qkcore"]["models"][0]["documents"] == 10
 
 
 _PEAK = """

@@ -21,7 +21,6 @@ from hypothesis import strategies as st
 
 from qkcore.writer import (
     JOURNAL_FILE,
-    STAGING_DIR,
     CapturedChunk,
     DatasetWriter,
     StagingConflict,
@@ -33,6 +32,14 @@ from qkcore.writer import (
 
 HEAD_DIM = 4
 CONFIGS = ("l00h00q", "l00h01q")
+STAGING_DIR = "staging"  # where these tests stage, inside the folder that receives the final files
+
+
+def close(w: DatasetWriter, target: Path) -> dict[str, int]:
+    """Finalize into ``target`` and remove staging; return rows per config."""
+    stats = w.finalize(target)
+    w.discard()
+    return {name: s.rows for name, s in stats.items()}
 
 
 def make_rows(n: int, heads: int = 2, seed: int = 0, head_dim: int = HEAD_DIM) -> dict:
@@ -61,13 +68,13 @@ def chunk(rows: dict, lo: int, hi: int, *, layer=0, kind="q", heads=(0, 1), sw=N
 
 def write(root: Path, rows: dict, cuts: list[int], commits: frozenset[int] = frozenset(), **kw) -> dict[str, int]:
     """Add ``rows`` in chunks split at ``cuts``, committing after the chunks whose index is in ``commits``."""
-    w = DatasetWriter(root, **kw)
+    w = DatasetWriter(root / STAGING_DIR, **kw)
     bounds = [0, *sorted(cuts), len(rows["positions"])]
     for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
         w.add(chunk(rows, lo, hi))
         if i in commits:
             w.commit({"chunks": i + 1})
-    return w.close()
+    return close(w, root)
 
 
 def digest(path: Path) -> str:
@@ -117,11 +124,11 @@ N_DOCS = 8
 
 
 def write_docs(root: Path, docs: range, **kw) -> dict[str, int]:
-    w = DatasetWriter(root, **kw)
+    w = DatasetWriter(root / STAGING_DIR, **kw)
     for d in docs:
         for c in doc_chunks(d):
             w.add(c)
-    return w.close()
+    return close(w, root)
 
 
 # -- names, schema, ids ------------------------------------------------------
@@ -161,11 +168,11 @@ def test_schema_exact(tmp_path):
 
 def test_sliding_window_value_and_conflict(tmp_path):
     rows = make_rows(6)
-    w = DatasetWriter(tmp_path)
+    w = DatasetWriter(tmp_path / STAGING_DIR)
     w.add(chunk(rows, 0, 3, sw=128))
     with pytest.raises(ValueError, match="sliding_window"):
         w.add(chunk(rows, 3, 6, sw=64))
-    w.close()
+    close(w, tmp_path)
     assert read_config(tmp_path / "l00h01q").column("sliding_window").to_pylist() == [128] * 3
 
 
@@ -213,7 +220,7 @@ def test_sort_order_with_int32_collision(tmp_path):
 def test_position_out_of_int32_raises(tmp_path):
     rows = make_rows(3)
     rows["positions"][1] = 2**31
-    w = DatasetWriter(tmp_path)
+    w = DatasetWriter(tmp_path / STAGING_DIR)
     with pytest.raises(ValueError, match="position"):
         w.add(chunk(rows, 0, 3))
     w.abort()
@@ -244,26 +251,26 @@ def test_spill_chunking_and_commits_give_identical_bytes(tmp_path_factory, cuts,
 
 def test_spill_bounds_memory_and_writes_parts(tmp_path):
     rows = make_rows(50)
-    w = DatasetWriter(tmp_path, flush_threshold_mb=0.001)
+    w = DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=0.001)
     for lo in range(0, 50, 10):
         w.add(chunk(rows, lo, lo + 10))
         assert w.buffered_bytes() <= 0.001 * 1024 * 1024
     assert staged_parts(tmp_path)[0] == "part-000000.arrow"
-    assert w.close() == {"l00h00q": 50, "l00h01q": 50}
+    assert close(w, tmp_path) == {"l00h00q": 50, "l00h01q": 50}
     assert not (tmp_path / STAGING_DIR).exists()
 
 
 def test_part_files_scale_with_spills_not_configs(tmp_path):
     rows = make_rows(60, heads=20, seed=4)
     heads = tuple(range(20))
-    w = DatasetWriter(tmp_path, flush_threshold_mb=0.005, run_key="k")  # every add (6.4 kB) spills
+    w = DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=0.005, run_key="k")  # every add (6.4 kB) spills
     for i, lo in enumerate(range(0, 60, 10)):
         w.add(chunk(rows, lo, lo + 10, heads=heads))
         w.add(chunk(rows, lo, lo + 10, heads=heads, kind="k"))
         if i % 2:
             w.commit({"i": i})
     assert len(staged_parts(tmp_path)) == 12  # one per spill, not 12 x 40 configs
-    assert len(w.close()) == 40
+    assert len(close(w, tmp_path)) == 40
 
 
 def test_row_group_size(tmp_path):
@@ -289,21 +296,22 @@ def test_close_memory_is_bounded_by_threshold(tmp_path):
     budget = int(threshold_mb * 1024 * 1024) // (2 * (16 + 4 * head_dim))  # rows per range (~190)
 
     def run(root: Path, mb: float) -> DatasetWriter:
-        w = DatasetWriter(root, flush_threshold_mb=mb, row_group_size=100)
+        w = DatasetWriter(root / STAGING_DIR, flush_threshold_mb=mb, row_group_size=100)
         for lo in range(0, n, 500):
             w.add(chunk(rows, lo, lo + 500, heads=(0,)))
         tracemalloc.start()
-        w.close()
+        close(w, root)
         w.peak = tracemalloc.get_traced_memory()[1]  # type: ignore[attr-defined]
         tracemalloc.stop()
+        w.root = root  # type: ignore[attr-defined]
         return w
 
     small = run(tmp_path / "small", threshold_mb)
     big = run(tmp_path / "big", 1024)
-    assert digests(small.data_root) == digests(big.data_root)
-    assert read_config(small.data_root / "l00h00q").num_rows == n
-    assert small.close_peak_rows <= budget + 100  # a range plus < one row group of carry
-    assert big.close_peak_rows == n
+    assert digests(small.root) == digests(big.root)
+    assert read_config(small.root / "l00h00q").num_rows == n
+    assert small.finalize_peak_rows <= budget + 100  # a range plus < one row group of carry
+    assert big.finalize_peak_rows == n
     assert small.peak < total_bytes / 3  # type: ignore[attr-defined]
 
 
@@ -314,7 +322,7 @@ def test_commit_then_crash_resumes_identically(tmp_path):
     ref = tmp_path / "ref"
     write_docs(ref, range(N_DOCS))
     root = tmp_path / "run"
-    w = DatasetWriter(root, flush_threshold_mb=0.0006, run_key="run-A")
+    w = DatasetWriter(root / STAGING_DIR, flush_threshold_mb=0.0006, run_key="run-A")
     for d in range(N_DOCS):
         for c in doc_chunks(d):
             w.add(c)
@@ -323,13 +331,13 @@ def test_commit_then_crash_resumes_identically(tmp_path):
     committed = journal(root)["parts"]
     assert w.buffered_bytes() > 0 and len(staged_parts(root)) > len(committed)  # spilled + buffered after commit
     del w  # simulated crash: no close, no abort
-    w2 = DatasetWriter(root, flush_threshold_mb=0.002, run_key="run-A")
+    w2 = DatasetWriter(root / STAGING_DIR, flush_threshold_mb=0.002, run_key="run-A")
     assert w2.resumed_state == {"documents_done": 4}
     assert staged_parts(root) == committed  # uncommitted parts deleted
     for d in range(4, N_DOCS):
         for c in doc_chunks(d):
             w2.add(c)
-    w2.close()
+    close(w2, root)
     assert digests(root) == digests(ref) and len(digests(ref)) == 5
     assert not (root / STAGING_DIR).exists()
 
@@ -340,7 +348,7 @@ CHILD_SRC = DOC_SRC + textwrap.dedent(
     from qkcore.writer import DatasetWriter
 
     root, mode = sys.argv[1], sys.argv[2]
-    w = DatasetWriter(root, flush_threshold_mb=0.0, run_key="run-A")
+    w = DatasetWriter(root + "/staging", flush_threshold_mb=0.0, run_key="run-A")
     for d in range({n_docs}):
         for i, c in enumerate(doc_chunks(d)):
             w.add(c)  # threshold 0: every add spills an uncommitted part
@@ -378,54 +386,54 @@ def test_sigkill_between_commits_resumes_identically(tmp_path, mode):
     if mode == "pause":
         assert journal(root)["state"] == {"documents_done": 3}
         assert len(staged_parts(root)) > len(journal(root)["parts"])
-    w = DatasetWriter(root, run_key="run-A")
+    w = DatasetWriter(root / STAGING_DIR, run_key="run-A")
     done = w.resumed_state["documents_done"]
     assert done >= (3 if mode == "pause" else 2)
     assert sorted(p.name for p in w.staging_dir.iterdir()) == sorted([JOURNAL_FILE, *journal(root)["parts"]])
     for d in range(done, N_DOCS):
         for c in doc_chunks(d):
             w.add(c)
-    w.close()
+    close(w, root)
     assert digests(root) == digests(ref)
 
 
 def test_different_run_key_conflicts_and_restart_discards(tmp_path):
-    w = DatasetWriter(tmp_path, flush_threshold_mb=0.0, run_key="A")
+    w = DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=0.0, run_key="A")
     for c in doc_chunks(0):
         w.add(c)
     w.commit({"documents_done": 1})
     w.abort()
     for other in ({"run_key": "B"}, {}):  # different key, or none at all
         with pytest.raises(StagingConflict, match="configuration differs") as info:
-            DatasetWriter(tmp_path, **other)
+            DatasetWriter(tmp_path / STAGING_DIR, **other)
         assert str(tmp_path / STAGING_DIR) in str(info.value)
         assert isinstance(info.value, ValueError)
-    w = DatasetWriter(tmp_path, run_key="B", restart=True)
+    w = DatasetWriter(tmp_path / STAGING_DIR, run_key="B", restart=True)
     assert w.resumed_state is None and not (tmp_path / STAGING_DIR).exists()
     for c in doc_chunks(1):
         w.add(c)
-    w.close()
+    close(w, tmp_path)
     ref = tmp_path / "ref"
     write_docs(ref, range(1, 2))
     assert digests(tmp_path) == digests(ref)
 
 
 def test_missing_committed_part_conflicts(tmp_path):
-    w = DatasetWriter(tmp_path, flush_threshold_mb=0.0, run_key="A")
+    w = DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=0.0, run_key="A")
     w.add(chunk(make_rows(4), 0, 4))
     w.commit({})
     w.abort()
     (tmp_path / STAGING_DIR / journal(tmp_path)["parts"][0]).unlink()
     with pytest.raises(StagingConflict, match="incomplete"):
-        DatasetWriter(tmp_path, run_key="A")
+        DatasetWriter(tmp_path / STAGING_DIR, run_key="A")
 
 
 def test_commit_validation(tmp_path):
-    w = DatasetWriter(tmp_path / "out")
+    w = DatasetWriter(tmp_path / "out" / STAGING_DIR)
     w.add(chunk(make_rows(4), 0, 4))
     with pytest.raises(ValueError, match="run_key"):
         w.commit({})
-    w = DatasetWriter(tmp_path / "out", run_key="A")
+    w = DatasetWriter(tmp_path / "out" / STAGING_DIR, run_key="A")
     w.add(chunk(make_rows(4), 0, 4))
     with pytest.raises(TypeError):
         w.commit({"bad": object()})
@@ -433,14 +441,14 @@ def test_commit_validation(tmp_path):
 
 
 def test_resumed_zero_row_configs_and_no_new_rows(tmp_path):
-    w = DatasetWriter(tmp_path, run_key="A")
+    w = DatasetWriter(tmp_path / STAGING_DIR, run_key="A")
     w.add(chunk(make_rows(0, heads=1), 0, 0, layer=2, kind="k", heads=(3,)))
     w.add(chunk(make_rows(5), 0, 5))
     w.commit({"done": True})
     del w
-    w = DatasetWriter(tmp_path, run_key="A")
+    w = DatasetWriter(tmp_path / STAGING_DIR, run_key="A")
     assert w.resumed_state == {"done": True}
-    assert w.close() == {"l00h00q": 5, "l00h01q": 5, "l02h03k": 0}
+    assert close(w, tmp_path) == {"l00h00q": 5, "l00h01q": 5, "l02h03k": 0}
 
 
 # -- replacement, abort, discard, leftovers -----------------------------------
@@ -451,18 +459,18 @@ def test_replaces_captured_config_and_keeps_others(tmp_path):
     other = tmp_path / "l00h01q" / "data.parquet"
     before_other = digest(other)
     rows = make_rows(4, heads=1, seed=2)
-    w = DatasetWriter(tmp_path)
+    w = DatasetWriter(tmp_path / STAGING_DIR)
     w.add(chunk(rows, 0, 4, heads=(0,)))
-    assert w.close() == {"l00h00q": 4}
+    assert close(w, tmp_path) == {"l00h00q": 4}
     assert read_config(tmp_path / "l00h00q").num_rows == 4
     assert digest(other) == before_other
 
 
 def test_zero_row_config(tmp_path):
     rows = make_rows(0)
-    w = DatasetWriter(tmp_path)
+    w = DatasetWriter(tmp_path / STAGING_DIR)
     w.add(chunk(rows, 0, 0, layer=2, kind="k", heads=(3, 4)))
-    assert w.close() == {"l02h03k": 0, "l02h04k": 0}
+    assert close(w, tmp_path) == {"l02h03k": 0, "l02h04k": 0}
     t = read_config(tmp_path / "l02h03k")
     assert t.num_rows == 0
     assert t.schema.field("vector").type == pa.list_(pa.float32(), HEAD_DIM)
@@ -472,7 +480,7 @@ def test_zero_row_config(tmp_path):
 def test_abort_without_commit_removes_staging_and_keeps_final_files(tmp_path):
     write(tmp_path, make_rows(10), [])
     before = digest(tmp_path / "l00h00q" / "data.parquet")
-    w = DatasetWriter(tmp_path, flush_threshold_mb=0.0)
+    w = DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=0.0)
     w.add(chunk(make_rows(5, seed=9), 0, 5))
     w.add(chunk(make_rows(5, seed=9), 0, 5, layer=1))
     assert (tmp_path / STAGING_DIR).exists()
@@ -483,7 +491,7 @@ def test_abort_without_commit_removes_staging_and_keeps_final_files(tmp_path):
 
 
 def test_abort_keeps_committed_state_and_discard_removes_it(tmp_path):
-    w = DatasetWriter(tmp_path, flush_threshold_mb=0.0, run_key="A")
+    w = DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=0.0, run_key="A")
     w.add(chunk(make_rows(5), 0, 5))
     w.commit({"documents_done": 1})
     w.add(chunk(make_rows(5, seed=2), 0, 5))  # spilled, uncommitted
@@ -492,29 +500,69 @@ def test_abort_keeps_committed_state_and_discard_removes_it(tmp_path):
     w.abort()
     assert staged_parts(tmp_path) == committed
     assert sorted(p.name for p in w.staging_dir.iterdir()) == sorted([JOURNAL_FILE, *committed])
-    w = DatasetWriter(tmp_path, run_key="A")
+    w = DatasetWriter(tmp_path / STAGING_DIR, run_key="A")
     assert w.resumed_state == {"documents_done": 1}
     w.discard()
     assert not w.staging_dir.exists()
-    assert DatasetWriter(tmp_path, run_key="B").resumed_state is None  # no conflict left
+    assert DatasetWriter(tmp_path / STAGING_DIR, run_key="B").resumed_state is None  # no conflict left
 
 
-def test_context_manager_aborts_on_error(tmp_path):
-    with pytest.raises(RuntimeError):
-        with DatasetWriter(tmp_path, flush_threshold_mb=0.0) as w:
-            w.add(chunk(make_rows(5), 0, 5))
-            raise RuntimeError("boom")
-    assert list(tmp_path.iterdir()) == []
+def test_finalize_reports_what_it_wrote(tmp_path):
+    """Rows, buckets, non-finite rows and the file hash come from the rows as written (no reread)."""
+    rows = make_rows(40, seed=3)
+    rows["vectors"][0, 5, 1] = np.nan
+    rows["vectors"][0, 9, 0] = np.inf
+    rows["vectors"][1, 5, 2] = -np.inf
+    w = DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=0.0005, row_group_size=7)
+    for lo in range(0, 40, 9):
+        w.add(chunk(rows, lo, lo + 9))
+    stats = w.finalize(tmp_path / "final")
+    for name, head in (("l00h00q", 0), ("l00h01q", 1)):
+        table = read_config(tmp_path / "final" / name)
+        path = tmp_path / "final" / name / "data.parquet"
+        buckets, counts = np.unique(table.column("bucket").to_numpy(), return_counts=True)
+        vectors = np.stack(table.column("vector").to_numpy(zero_copy_only=False))
+        assert stats[name].rows == table.num_rows == 40
+        assert stats[name].bucket_counts == dict(zip(buckets.tolist(), counts.tolist()))
+        assert stats[name].nonfinite_rows == int((~np.isfinite(vectors).all(axis=1)).sum()) == (2 if head == 0 else 1)
+        assert stats[name].size == path.stat().st_size and stats[name].sha256 == digest(path)
+        assert (stats[name].head_dim, stats[name].sliding_window) == (HEAD_DIM, None)
+    assert w.staging_dir.exists(), "finalize leaves staging to the caller"
+
+
+def test_drop_parts_after_a_finalized_commit_resumes_without_parts(tmp_path):
+    w = DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=0.0, run_key="A")
+    w.add(chunk(make_rows(6), 0, 6))
+    w.commit({"phase": "capturing"})
+    stats = w.finalize(tmp_path / "final")
+    w.commit({"phase": "finalized", "rows": {n: s.rows for n, s in stats.items()}})
+    w.drop_parts()
+    assert staged_parts(tmp_path) == [] and journal(tmp_path)["parts"] == []
+    w.abort()
+    again = DatasetWriter(tmp_path / STAGING_DIR, run_key="A")
+    assert again.resumed_state == {"phase": "finalized", "rows": {"l00h00q": 6, "l00h01q": 6}}
+
+
+def test_orphan_parts_after_drop_parts_crash_are_removed(tmp_path):
+    """A kill between the journal rewrite and the unlinks leaves parts the next writer removes."""
+    w = DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=0.0, run_key="A")
+    w.add(chunk(make_rows(6), 0, 6))
+    w.commit({"phase": "finalized"})
+    parts = staged_parts(tmp_path)
+    w._write_journal([], {"phase": "finalized"})  # the first step of drop_parts(), then "killed"
+    assert staged_parts(tmp_path) == parts
+    DatasetWriter(tmp_path / STAGING_DIR, run_key="A")
+    assert staged_parts(tmp_path) == []
 
 
 def test_nothing_created_before_first_add_or_commit(tmp_path):
     root = tmp_path / "new" / "root"
-    w = DatasetWriter(root, flush_threshold_mb=1.0, run_key="A")
+    w = DatasetWriter(root / STAGING_DIR, flush_threshold_mb=1.0, run_key="A")
     assert not (tmp_path / "new").exists()
     w.add(chunk(make_rows(3), 0, 3))  # buffered, below the threshold
     assert not (tmp_path / "new").exists()
     w.abort()
-    w = DatasetWriter(root, flush_threshold_mb=0.0, run_key="A")
+    w = DatasetWriter(root / STAGING_DIR, flush_threshold_mb=0.0, run_key="A")
     w.add(chunk(make_rows(3), 0, 3))
     assert w.staging_dir.exists()
     w.abort()  # no commit: the run leaves nothing, not even the directories it created

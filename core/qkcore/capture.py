@@ -19,7 +19,7 @@ from torch import nn
 
 from qkcore.errors import QkcoreError
 from qkcore.layers import AttentionLayer, RopeSite
-from qkcore.samplers import Sampler, keep_indices
+from qkcore.samplers import Sampler, cap_rows, keep_indices
 from qkcore.writer import CapturedChunk
 
 
@@ -50,6 +50,7 @@ class _Selection:
     positions: torch.Tensor  # (n,) int64, CPU
     buckets: np.ndarray
     example_ids: np.ndarray
+    tokens: np.ndarray | None = None  # object (str), (n,): the token at each kept position
     on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def to_device(self, device: torch.device, heads: torch.Tensor) -> None:
@@ -76,10 +77,17 @@ class CaptureSession:
         plan: CapturePlan,
         sampler: Sampler,
         postprocess_query: Callable[..., Any] | None = None,
+        *,
+        max_rows: int | None = None,
+        token_strings: Callable[[list[int]], list[str]] | None = None,
     ) -> None:
+        """``max_rows``: ``capture.max_rows_per_batch`` (rows kept per document, layer and kind);
+        ``token_strings``: the tokenizer's ``convert_ids_to_tokens``, to record each row's token."""
         self.plan = plan
         self.sampler = sampler
         self.postprocess_query = postprocess_query
+        self.max_rows = max_rows
+        self.token_strings = token_strings
         self._layer_by_module = {id(layer.module): layer for layer in plan.layers.values()}
         self._head_tensors = {key: torch.tensor(heads, dtype=torch.long) for key, heads in plan.heads.items()}
         self._selections: dict[tuple[int, str], _Selection] = {}
@@ -88,22 +96,40 @@ class CaptureSession:
         self._seq_len = 0
 
     # -- per batch -----------------------------------------------------
-    def select(self, example_ids: list[int], lengths: list[int]) -> dict[tuple[int, str], _Selection]:
-        """Decide which positions each (layer, kind) keeps for a batch (CPU only, thread-safe)."""
+    def select(
+        self, example_ids: list[int], lengths: list[int], input_ids: torch.Tensor | None = None
+    ) -> dict[tuple[int, str], _Selection]:
+        """Decide which positions each (layer, kind) keeps for a batch (CPU only, thread-safe).
+
+        ``input_ids`` is needed only to record token strings.
+        """
+        tokens_of: list[np.ndarray] = []
+        if self.token_strings is not None:
+            if input_ids is None:
+                raise ValueError("recording token strings needs the batch's input_ids")
+            tokens_of = [
+                np.asarray(self.token_strings(input_ids[b, :length].tolist()), dtype=object)
+                for b, length in enumerate(lengths)
+            ]
         selections = {}
-        for layer, kind in self.plan.heads:
-            batch_parts, pos_parts, id_parts = [], [], []
+        for (layer, kind), heads in self.plan.heads.items():
+            batch_parts, pos_parts, id_parts, token_parts = [], [], [], []
             for b, (example_id, length) in enumerate(zip(example_ids, lengths)):
                 kept = keep_indices(self.sampler, length, example_id, layer, kind)
+                kept = cap_rows(kept, self.max_rows, example_id, layer, kind, heads[0])
                 batch_parts.append(torch.full_like(kept, b))
                 pos_parts.append(kept)
                 id_parts.append(np.full(kept.numel(), example_id, dtype=np.int64))
+                if tokens_of:
+                    token_parts.append(tokens_of[b][kept.numpy()])
             positions = torch.cat(pos_parts) if pos_parts else torch.empty(0, dtype=torch.long)
             selections[(layer, kind)] = _Selection(
                 batch_index=torch.cat(batch_parts) if batch_parts else torch.empty(0, dtype=torch.long),
                 positions=positions,
                 buckets=self.sampler.buckets(positions).numpy().astype(np.int64),
                 example_ids=np.concatenate(id_parts) if id_parts else np.empty(0, dtype=np.int64),
+                tokens=(np.concatenate(token_parts) if token_parts else np.empty(0, object))
+                if self.token_strings is not None else None,
             )
         return selections
 
@@ -113,6 +139,7 @@ class CaptureSession:
         lengths: list[int],
         selections: dict[tuple[int, str], _Selection] | None = None,
         device: torch.device | None = None,
+        input_ids: torch.Tensor | None = None,
     ) -> None:
         """Arm the capture for the next forward with the kept positions (from :meth:`select`).
 
@@ -120,7 +147,7 @@ class CaptureSession:
         pinned memory and without blocking, so nothing inside the forward waits on
         a host-to-device copy. Modules on other devices get theirs on first use.
         """
-        self._selections = selections if selections is not None else self.select(example_ids, lengths)
+        self._selections = selections if selections is not None else self.select(example_ids, lengths, input_ids)
         if device is not None and device.type == "cuda":
             for key, selection in self._selections.items():
                 selection.to_device(device, self._head_tensors[key])
@@ -159,6 +186,7 @@ class CaptureSession:
                     buckets=selection.buckets,
                     vectors=rows.to(torch.float32).numpy(),
                     sliding_window=self.plan.layers[layer].sliding_window,
+                    token_strings=selection.tokens,
                 )
             )
         self._pending.clear()

@@ -1,11 +1,17 @@
-"""The ``qkcore`` command line: ``sniff``, ``plugins list`` and one subcommand per analysis."""
+"""The ``qkcore`` command line: ``sniff``, ``push``, ``plan``, ``inspect``, ``plugins list`` and one subcommand per analysis.
+
+Exit status: 0 on success, 2 on an error the user can act on (one ``qkcore: error:``
+line naming the key, file or row at fault), 130 when interrupted (Ctrl-C or SIGTERM;
+the same command resumes from the last commit).
+"""
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import warnings
-from typing import Sequence
+from typing import Any, Sequence
 
 from qkcore import ENTRY_POINT_GROUP, __version__
 from qkcore.config import ConfigError, QkcoreConfigWarning, load_config
@@ -30,12 +36,18 @@ def build_parser(commands_by_name: dict) -> argparse.ArgumentParser:
     sniff.add_argument("--debug", action="store_true", help="debug logging")
     sniff.add_argument(
         "--restart", action="store_true",
-        help="discard an unfinished (or finished) run of this data root and capture from the start",
+        help="discard the data root's staged progress (of this or another run) and capture from the start",
+    )
+    sniff.add_argument(
+        "--replace", action="store_true",
+        help="let this run replace the different run (or foreign files) the data root or Hub branch holds, "
+             "when it finishes",
     )
 
     push = commands.add_parser("push", help="upload a finished data root to its Hub branch (retry after a failed push)")
     push.add_argument("--config", required=True, help="the run configuration that wrote the data")
     push.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    push.add_argument("--replace", action="store_true", help="replace a different run the Hub branch holds")
 
     plugins = commands.add_parser("plugins", help="installed model-family plugins")
     plugins_commands = plugins.add_subparsers(dest="plugins_command", required=True)
@@ -61,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra.update(provided or {})
     args = build_parser(extra).parse_args(argv)
     configure_logging(debug=getattr(args, "debug", False))
+    previous = _terminate_like_interrupt()
     try:
         if args.command == "sniff":
             return _sniff(args, pm)
@@ -72,6 +85,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, QkcoreError) as exc:
         print(f"qkcore: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("qkcore: error: interrupted; the same command resumes from the last commit", file=sys.stderr)
+        return 130
+    except OSError as exc:  # disk full, permissions, a vanished mount: the environment, not a bug
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"qkcore: error: {where}{exc.strerror or exc}; the same command resumes from the last commit "
+              "once this is fixed", file=sys.stderr)
+        return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate_like_interrupt() -> Any:
+    """Make SIGTERM (what schedulers send before killing a job) stop a run as cleanly as Ctrl-C does."""
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread (e.g. called from a test runner thread)
+        return None
 
 
 def _sniff(args: argparse.Namespace, pm) -> int:
@@ -80,20 +115,14 @@ def _sniff(args: argparse.Namespace, pm) -> int:
     cfg = _load(args)
     if cfg.inference.debug_logging:  # the original tool's switch for verbose logs
         configure_logging(debug=True)
-    run_sniff(cfg, pm, restart=args.restart)
+    run_sniff(cfg, pm, restart=args.restart, replace=args.replace)
     return 0
 
 
 def _push(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from qkcore.sniff import run_push
 
-    from qkcore.hub import hub_sync
-
-    cfg = _load(args)
-    sync = hub_sync(cfg.output)
-    if sync is None:
-        raise QkcoreError(f"{args.config}: output.hf_repo_id is not set; nothing to push to")
-    sync.push(Path(cfg.output.data_root), cfg.output.readme_file, f"qkcore push: {cfg.model.name or 'model'}")
+    run_push(_load(args), replace=args.replace)
     return 0
 
 

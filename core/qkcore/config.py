@@ -53,9 +53,9 @@ _ENV_DELIMITER = "__"
 #: A key listed here that is also a model field is kept (stored); otherwise it is
 #: dropped. Either way a warning is issued when its value is set (not null/false).
 LEGACY_KEYS: dict[str, str] = {
-    "capture.queue_size": "qkcore has no background writer queue",
-    "capture.max_rows_per_batch": "rows are bounded by the sampler and output.flush_threshold_mb",
-    "capture.capture_token_strings": "capturing token strings is not supported",
+    "capture.queue_size": "qkcore sizes its writer queue by output.flush_threshold_mb",
+    "inference.distributed": "qkcore runs distributed under torchrun (see README)",
+    "inference.backend": "qkcore runs distributed under torchrun (see README)",
     "inference.mps_cleanup_every_batches": "qkcore does no periodic MPS cache cleanup",
 }
 
@@ -79,6 +79,14 @@ class ConfigError(ValueError):
 
 class QkcoreConfigWarning(UserWarning):
     """A config key was accepted but has no effect in qkcore."""
+
+
+#: Other spellings of sampler types (lower-cased) -> the registered name.
+SAMPLER_ALIASES = {"log": "log_uniform"}
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, QkcoreConfigWarning, stacklevel=2)
 
 
 def _canonical_dtype(name: str) -> str:
@@ -118,7 +126,8 @@ class DatasetConfig(_Section):
     split: str = "train"
     text_column: str = "text"
     id_column: str | None = None
-    max_samples: int | None = Field(default=None, gt=0)
+    # 0 loads (as in sniff-qk), but a run refuses it: it would capture nothing.
+    max_samples: int | None = Field(default=None, ge=0)
     streaming: bool = False
 
     @field_validator("path")
@@ -187,6 +196,22 @@ class TokenizerConfig(_Section):
     trust_remote_code: bool = False
     padding_side: Literal["left", "right"] = "right"
 
+    @field_validator("padding")
+    @classmethod
+    def _padding(cls, value: str) -> str:
+        if value != "longest":
+            _warn(f"tokenizer.padding: {value!r} is ignored: qkcore tokenises each document alone and right-pads "
+                  "batches to their longest document")
+        return value
+
+    @field_validator("padding_side")
+    @classmethod
+    def _padding_side(cls, value: str) -> str:
+        if value == "left":
+            _warn("tokenizer.padding_side: 'left' is ignored: qkcore right-pads, so a token's position is its index "
+                  "in its document and padding is never attended to")
+        return value
+
 
 class InferenceConfig(_Section):
     """Forward-pass settings."""
@@ -216,10 +241,20 @@ class HeadSamplingConfig(_Section):
 
 
 class SamplerConfig(_Section):
-    """Which rows (token positions) to keep; ``type`` is checked by the sniff step."""
+    """Which rows (token positions) to keep; ``type`` is checked by the sniff step.
+
+    Like sniff-qk, ``type`` is case-insensitive; ``log`` (sniff-qk's name for it in its
+    cards) means ``log_uniform``.
+    """
 
     type: str = "log_uniform"
     base_rate: float = Field(default=1.0, gt=0)
+
+    @field_validator("type")
+    @classmethod
+    def _type(cls, value: str) -> str:
+        name = value.strip().lower()
+        return SAMPLER_ALIASES.get(name, name)
 
 
 class CaptureConfig(_Section):
@@ -227,24 +262,34 @@ class CaptureConfig(_Section):
 
     capture_queries: bool = True
     capture_keys: bool = True
+    # An empty list means "no filter", as in sniff-qk.
     layers: list[int] | None = None
     heads: list[int] | None = None
     head_sampling: HeadSamplingConfig | None = None
     full_attention_only: bool = False
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
-    max_rows_per_batch: int | None = None  # legacy: stored, ignored
+    #: At most this many rows per (document, layer, kind), picked as sniff-qk picks them (a seeded permutation).
+    max_rows_per_batch: int | None = None
     min_bucket_size: int = Field(default=128, ge=1)
     capture_pre_rope: bool = False
     #: Undo a family's post-RoPE query scaling (e.g. Ministral 3's position scale) so query
     #: rows are exactly post-RoPE; by default they are the query the attention kernel receives.
     unscaled_queries: bool = False
-    capture_token_strings: bool = False  # legacy: not supported, ignored
+    #: Add a ``token_str`` column: the tokenizer's token at each row (``convert_ids_to_tokens``, as in sniff-qk).
+    capture_token_strings: bool = False
+
+    @field_validator("layers", "heads")
+    @classmethod
+    def _empty_is_no_filter(cls, value: list[int] | None) -> list[int] | None:
+        return value or None
 
 
 class OutputConfig(_Section):
     """Where the dataset goes (locally and on the Hub)."""
 
     data_root: Path = Field(default=Path("data"), validate_default=True)  # resolved like a given value
+    #: Kept for sniff-qk configs; the card is always DATA_ROOT/README.md (as in sniff-qk), so
+    #: ``load_dataset(data_root, config)`` finds its configs.
     readme_path: Path = Path("README.md")
     hf_repo_id: str | None = None
     hf_branch: str | None = None
@@ -256,17 +301,26 @@ class OutputConfig(_Section):
     #: Commit progress (for crash-resume) after a batch once this many seconds passed
     #: since the last commit; 0 commits after every batch.
     commit_every_s: float = Field(default=10.0, ge=0)
+    #: Seconds any one Hub request may wait (connect, send, each read) before it fails.
+    hub_timeout_s: float = Field(default=60.0, gt=0)
+    #: Retries of a Hub step after a transient failure (5xx, 429, timeout, connection error).
+    hub_retries: int = Field(default=5, ge=0)
+
+    #: The dataset's licence for the card's metadata, when known (e.g. the model's licence).
+    license: str | None = None
 
     @field_validator("data_root")
     @classmethod
     def _data_root(cls, value: Path) -> Path:
         return _abspath(value)  # cwd-relative, like sniff-qk (not config-file-relative)
 
-    @property
-    def readme_file(self) -> Path:
-        """The dataset card path: ``readme_path`` if absolute, else under ``data_root``."""
-        path = self.readme_path.expanduser()
-        return path if path.is_absolute() else self.data_root / path
+    @field_validator("readme_path")
+    @classmethod
+    def _readme_path(cls, value: Path) -> Path:
+        if value != Path("README.md"):
+            _warn(f"output.readme_path: {str(value)!r} is ignored: the card is always DATA_ROOT/README.md "
+                  "(as in sniff-qk), where load_dataset(data_root, config) finds it")
+        return value
 
 
 class SniffConfig(_Section):
@@ -393,6 +447,11 @@ def _check_keys(
             if key not in fields:
                 del data[key]
             continue
+        if key not in fields and prefix == ("inference",):
+            # sniff-qk drops unknown inference keys: accept them, but say so.
+            warnings.warn(f"{origin_of(path)}: '{dotted}' is not a qkcore key; ignored", QkcoreConfigWarning, stacklevel=4)
+            del data[key]
+            continue
         if key not in fields:
             known = [_dotted((*prefix, name)) for name in fields]
             close = difflib.get_close_matches(dotted, known, n=1)
@@ -453,6 +512,8 @@ def load_config(
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{label}: cannot read config file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{label}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -470,11 +531,13 @@ def load_config(
         origins[key_path] = origin
 
     def origin_of(key_path: _Key) -> str:
-        # The override that set this key or one of its parents, else the file.
+        # The override that set this key or one of its parents, else one that set a key
+        # below it (``--set capture.samplr.type=all`` created ``capture.samplr``), else the file.
         for n in range(len(key_path), 0, -1):
             if key_path[:n] in origins:
                 return origins[key_path[:n]]
-        return label
+        below = [origin for path, origin in origins.items() if path[: len(key_path)] == key_path]
+        return below[-1] if below else label
 
     errors: list[str] = []
     _check_keys(data, SniffConfig, (), origin_of, errors)

@@ -1,9 +1,11 @@
-"""Running under ``torchrun``: one process per GPU, documents sharded by rank.
+"""Running under ``torchrun``: one process per GPU, whole batches sharded by rank.
 
-Document ``i`` (in dataset order) belongs to rank ``i % world_size``. Each rank
-writes its own part; rank 0 merges the parts (the writer's sort makes the
-merged files identical to a single-process run), writes the card and pushes.
-Outside torchrun this is a no-op context of one rank.
+Batch ``b`` (documents ``b * batch_size`` to ``(b + 1) * batch_size - 1``, formed exactly
+as one process forms them, see :func:`qkcore.batching.batch_of`) belongs to rank
+``b % world_size``. Every batch therefore runs with the same shape and padding as in a
+single process, so its rows are bit-identical; each rank stages its own parts and rank 0
+merges them (the writer's sort makes the merged files byte-identical to a single-process
+run), finishes, publishes and pushes. Outside torchrun this is a no-op context of one rank.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from qkcore.batching import batch_of
 
 
 @dataclass(frozen=True)
@@ -32,9 +36,17 @@ class Ranks:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def owns(self, document_index: int) -> bool:
-        """Whether this rank captures the document at ``document_index``."""
-        return document_index % self.world_size == self.rank
+    def owns(self, document_index: int, batch_size: int) -> bool:
+        """Whether this rank captures the document at ``document_index`` (it owns that document's whole batch)."""
+        return batch_of(document_index, batch_size) % self.world_size == self.rank
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's ``value`` (picklable), on every rank."""
+        if not self.distributed:
+            return value
+        holder = [value if self.is_main else None]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
 
     def device(self, requested: torch.device) -> torch.device:
         """One GPU per rank: ``cuda:LOCAL_RANK`` when the run asked for CUDA."""

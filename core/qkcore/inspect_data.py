@@ -3,9 +3,9 @@
 Per-config row counts, the bucket histogram, coverage (layers, query heads,
 key heads, examples) and a PNG of rows per bucket, one line per layer. Only the
 ``bucket`` and ``example_id`` columns are read (batch by batch), never the
-vectors, so it stays fast on large captures. The dataset card is optional: when
-``README.md`` has qkcore front matter, its models are named and its stats are
-checked against what is on disk.
+vectors, so it stays fast on large captures. The dataset card and the manifest are
+optional: when ``README.md`` has qkcore front matter its models are named, and the
+rows on disk are checked against the manifest (``qkcore.json``).
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from qkcore.card import read_front_matter, scan_configs
+from qkcore.card import card_models, read_front_matter
 from qkcore.errors import QkcoreError
-from qkcore.layout import DATA_FILE, parse_config_name
+from qkcore.layout import DATA_FILE, MANIFEST_FILE, configs_in, parse_config_name
+from qkcore.manifest import read_manifest
 
 __all__ = [
     "DEFAULT_PLOT",
@@ -115,25 +116,33 @@ def _read_config(name: str, path: Path) -> tuple[ConfigSummary, np.ndarray]:
 
 
 def _check_card(root: Path, configs: list[ConfigSummary]) -> tuple[list[dict[str, Any]], list[str]]:
-    """The card's models, and notes where the card is missing, broken or disagrees with disk."""
-    path = root / _CARD
-    if not path.is_file():
-        return [], [f"no dataset card ({_CARD}); showing what is on disk"]
-    try:
-        front, _ = read_front_matter(path)
-    except ValueError as exc:
-        return [], [f"dataset card unreadable: {exc}"]
-    qk = front.get("qkcore") or {}
-    models = [m for m in qk.get("models") or [] if isinstance(m, dict)]
+    """The card's models, and notes where the card or manifest is missing, broken or disagrees with disk."""
     notes: list[str] = []
-    stats = qk.get("stats") or {}
+    path = root / _CARD
+    models: list[dict[str, Any]] = []
+    if path.is_file():
+        front, _ = read_front_matter(path)
+        models = card_models(front)
+        if not models:
+            notes.append(f"the dataset card ({_CARD}) has no qkcore front matter")
+    else:
+        notes.append(f"no dataset card ({_CARD}); showing what is on disk")
+    try:
+        manifest = read_manifest(root / MANIFEST_FILE)
+    except QkcoreError as exc:
+        return models, [*notes, str(exc)]
+    if manifest is None:
+        return models, [*notes, f"no manifest ({MANIFEST_FILE}); row counts are not checked"]
     on_disk = {c.name: c for c in configs}
-    stale = sorted(n for n, c in on_disk.items() if not isinstance(stats.get(n), dict) or stats[n].get("rows") != c.rows)
+    stale = sorted(n for n, c in on_disk.items() if n not in manifest.configs or manifest.configs[n].rows != c.rows)
     if stale:
-        notes.append(f"card stats differ from disk for {len(stale)} config(s) (e.g. {stale[0]}); rerun sniff to refresh")
-    missing = sorted(set(stats) - set(on_disk))
+        notes.append(f"{MANIFEST_FILE} disagrees with disk for {len(stale)} config(s) (e.g. {stale[0]})")
+    missing = sorted(set(manifest.configs) - set(on_disk))
     if missing:
-        notes.append(f"card lists {len(missing)} config(s) not on disk (e.g. {missing[0]})")
+        notes.append(f"{MANIFEST_FILE} lists {len(missing)} config(s) not on disk (e.g. {missing[0]})")
+    nonfinite = sum(s.nonfinite_rows for s in manifest.configs.values())
+    if nonfinite:
+        notes.append(f"{nonfinite} rows hold NaN or infinity (see {MANIFEST_FILE})")
     return models, notes
 
 
@@ -142,7 +151,7 @@ def inspect_data(root: str | Path) -> Inspection:
     root = Path(root)
     if not root.is_dir():
         raise QkcoreError(f"{root}: no such data folder")
-    names = scan_configs(root)
+    names = configs_in(root)
     if not names:
         raise QkcoreError(f"{root}: no lXXhYY[qk]/{DATA_FILE} configs found")
     configs: list[ConfigSummary] = []

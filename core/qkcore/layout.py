@@ -5,6 +5,7 @@ A data root holds one folder per captured (layer, head, kind)::
     lXXhYYq/data.parquet   queries of decoder layer XX, query head YY
     lXXhYYk/data.parquet   keys of decoder layer XX, key/value head YY
     README.md              the dataset card (front matter lists every config)
+    qkcore.json            the manifest: the run's identity and each config's rows, buckets and sha256
 
 Every reader and writer of that layout (the writer, the card, the Hub sync,
 ``inspect``, the analyses) takes names and the schema from here.
@@ -13,6 +14,7 @@ Every reader and writer of that layout (the writer, the card, the Hub sync,
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -21,10 +23,14 @@ import pyarrow as pa
 DATA_FILE = "data.parquet"
 #: File name of the dataset card at the data root.
 CARD_FILE = "README.md"
+#: File name of the run manifest at the data root (identity, per-config statistics and hashes).
+MANIFEST_FILE = "qkcore.json"
 #: A canonical config name: ``l`` + layer (>= 2 digits) + ``h`` + head (>= 2 digits) + ``q``/``k``.
 CONFIG_RE = re.compile(r"^l(\d{2,})h(\d{2,})([qk])$")
 #: Column names of a data file, in order.
 COLUMNS = ("bucket", "example_id", "position", "vector", "sliding_window")
+#: The optional last column: the token at each row (``capture.capture_token_strings``, as in sniff-qk).
+TOKEN_COLUMN = "token_str"
 
 
 def config_name(layer: int, head: int, kind: str) -> str:
@@ -46,22 +52,39 @@ def parse_config_name(name: str) -> tuple[int, int, str] | None:
     return (layer, head, kind) if config_name(layer, head, kind) == name else None
 
 
+def configs_in(root: Path) -> list[str]:
+    """Config names with a data file under ``root``, sorted by (layer, head, kind) so l100 follows l99."""
+    if not root.is_dir():
+        return []
+    names = [p.name for p in root.iterdir() if p.is_dir() and parse_config_name(p.name) and (p / DATA_FILE).is_file()]
+    return sorted(names, key=lambda n: parse_config_name(n) or (0, 0, ""))
+
+
+def is_dataset_file(path: str) -> bool:
+    """Whether repo path ``path`` is part of a published dataset: the card, the manifest, or a config's data."""
+    if path in (CARD_FILE, MANIFEST_FILE):
+        return True
+    folder, _, name = path.partition("/")
+    return name == DATA_FILE and parse_config_name(folder) is not None
+
+
 def config_file(name: str) -> str:
     """Path of a config's data file relative to the data root (``lXXhYYq/data.parquet``)."""
     return f"{name}/{DATA_FILE}"
 
 
-def output_schema(head_dim: int) -> pa.Schema:
-    """Schema of a final ``data.parquet`` file for vectors of ``head_dim``."""
-    return pa.schema(
-        [
-            pa.field("bucket", pa.int32()),
-            pa.field("example_id", pa.int32()),
-            pa.field("position", pa.int32()),
-            pa.field("vector", pa.list_(pa.float32(), head_dim)),
-            pa.field("sliding_window", pa.int32()),
-        ]
-    )
+def output_schema(head_dim: int, token_strings: bool = False) -> pa.Schema:
+    """Schema of a final ``data.parquet`` file for vectors of ``head_dim`` (``token_str`` last, if captured)."""
+    fields = [
+        pa.field("bucket", pa.int32()),
+        pa.field("example_id", pa.int32()),
+        pa.field("position", pa.int32()),
+        pa.field("vector", pa.list_(pa.float32(), head_dim)),
+        pa.field("sliding_window", pa.int32()),
+    ]
+    if token_strings:
+        fields.append(pa.field(TOKEN_COLUMN, pa.string()))
+    return pa.schema(fields)
 
 
 def low32_ids(ids: np.ndarray) -> np.ndarray:

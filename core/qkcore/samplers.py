@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from qkcore.seeding import mask_generator
+from qkcore.seeding import mask_generator, subsample_seed
 
 _INT64_MAX = 2**63 - 1
 
@@ -188,6 +188,10 @@ class LogUniformSampler(Sampler):
             "ceil(log2(min_bucket_size)))"
         )
 
+    def describe(self) -> dict[str, Any]:
+        """The settings, plus the smallest bucket actually used: the power of two at or above ``min_bucket_size``."""
+        return {**super().describe(), "effective_min_bucket_size": 2**self.min_bucket}
+
 
 def keep_mask(sampler: Sampler, seq_len: int, example_id: int, layer: int, kind: str) -> torch.Tensor:
     """Return the bool mask (shape ``(seq_len,)``) of positions ``0..seq_len-1`` to keep.
@@ -236,6 +240,20 @@ def _thresholds(sampler: Sampler, seq_len: int) -> torch.Tensor | None:
 def keep_indices(sampler: Sampler, seq_len: int, example_id: int, layer: int, kind: str) -> torch.Tensor:
     """Return the kept positions (int64, ascending) of :func:`keep_mask`."""
     return keep_mask(sampler, seq_len, example_id, layer, kind).nonzero().squeeze(1).to(torch.int64)
+
+
+def cap_rows(kept: torch.Tensor, limit: int | None, example_id: int, layer: int, kind: str, first_head: int) -> torch.Tensor:
+    """At most ``limit`` of a document's ``kept`` positions (``capture.max_rows_per_batch``), as sniff-qk picks them.
+
+    Over the limit, ``torch.randperm(len(kept))`` from a generator seeded with
+    :func:`qkcore.seeding.subsample_seed` orders the positions and the first ``limit`` stay
+    (in that order; the writer sorts rows anyway). The same mask is shared by every head.
+    """
+    if limit is None or limit <= 0 or kept.numel() <= limit:
+        return kept
+    generator = torch.Generator()
+    generator.manual_seed(subsample_seed(example_id, layer, first_head, kind))
+    return kept[torch.randperm(kept.numel(), generator=generator)[:limit]]
 
 
 from qkcore import hookimpl  # noqa: E402  (module-bottom registration, after the classes)

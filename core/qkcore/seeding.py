@@ -50,3 +50,13 @@ def mask_generator(example_id: int, layer: int, kind: str) -> torch.Generator:
     generator = torch.Generator(device="cpu")
     generator.manual_seed(mask_seed(example_id, layer, kind))
     return generator
+
+
+def subsample_seed(example_id: int, layer: int, head: int, kind: str) -> int:
+    """Seed of the permutation that caps a document's rows (``capture.max_rows_per_batch``), as sniff-qk builds it.
+
+    ``head`` is the first (smallest) captured head of the (layer, kind); the bits are
+    laid out ``layer | head << 16 | kind << 32 | low 32 bits of the id << 40``, mod 2**64.
+    """
+    seed = (layer & 0xFFFF) ^ ((head & 0xFFFF) << 16) ^ ((ord(kind[0]) & 0xFF) << 32) ^ ((example_id & 0xFFFFFFFF) << 40)
+    return seed & _MASK64

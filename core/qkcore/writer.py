@@ -1,22 +1,7 @@
-"""Buffered, crash-resumable Parquet writer for captured query/key vectors.
+"""Buffered, crash-resumable staging of captured rows, and the final Parquet files.
 
-Layout written under ``data_root``::
-
-    lXXhYYq/data.parquet   queries of decoder layer XX, head YY
-    lXXhYYk/data.parquet   keys of decoder layer XX, key head YY
-    .qkcore-staging/       only while a run is unfinished (see below)
-
-Each final file has exactly the columns ``bucket`` int32, ``example_id`` int32 (low
-32 bits of the normalised 64-bit id, signed), ``position`` int32, ``vector``
-fixed_size_list<float32>[head_dim] and ``sliding_window`` int32 (nullable); it is
-zstd-compressed and sorted by (``example_id``, 64-bit id, ``position``), stably:
-rows with equal keys keep their arrival order. Sorting on the visible column first
-makes it sorted on disk; the 64-bit id second keeps two documents whose int32 ids
-collide contiguous. Row groups hold exactly ``row_group_size`` rows (the last one
-fewer), so the bytes depend only on the rows and their arrival order, never on
-chunking, spill threshold, commit frequency or a crash + resume (same pyarrow).
-
-Staging (``.qkcore-staging/``)::
+A :class:`DatasetWriter` owns one staging directory (the run layer puts it at
+``DATA_ROOT/.qkcore/staging``)::
 
     part-000000.arrow ...  one Arrow IPC file (zstd) per spill, holding every config
                            that had buffered rows, in config-name order; each config's
@@ -28,30 +13,52 @@ Staging (``.qkcore-staging/``)::
 A part is written to a temp file, fsynced and renamed, so it is complete or absent.
 Parts written after the last commit are not in the journal: a resumed run deletes
 them and the caller re-adds those rows.
+
+:meth:`DatasetWriter.finalize` writes every config's final file into a folder the
+caller names (``lXXhYY[qk]/data.parquet``, see :mod:`qkcore.layout`) and returns
+their statistics; it never touches a data root's published files. Each final file
+has exactly the columns ``bucket`` int32, ``example_id`` int32 (low 32 bits of the
+normalised 64-bit id, signed), ``position`` int32, ``vector``
+fixed_size_list<float32>[head_dim] and ``sliding_window`` int32 (nullable); it is
+zstd-compressed and sorted by (``example_id``, 64-bit id, ``position``), stably:
+rows with equal keys keep their arrival order. Sorting on the visible column first
+makes it sorted on disk; the 64-bit id second keeps two documents whose int32 ids
+collide contiguous. Row groups hold exactly ``row_group_size`` rows (the last one
+fewer), so the bytes depend only on the rows and their arrival order, never on
+chunking, spill threshold, commit frequency or a crash + resume (same pyarrow).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qkcore.layout import DATA_FILE, config_name, low32, low32_ids, output_schema, parse_config_name  # noqa: F401 (re-exported)
+from qkcore.errors import QkcoreError
+from qkcore.fsutil import remove_tree, sha256_file, write_durably, write_text_durably
+from qkcore.layout import (  # noqa: F401 (config_name, parse_config_name re-exported)
+    DATA_FILE,
+    TOKEN_COLUMN,
+    config_name,
+    low32,
+    low32_ids,
+    output_schema,
+    parse_config_name,
+)
 
-STAGING_DIR = ".qkcore-staging"
 JOURNAL_FILE = "journal.json"
 DEFAULT_ROW_GROUP_SIZE = 65536
 _JOURNAL_FORMAT = 1
 _INDEX_KEY = b"qkcore.index"
 _ID64 = "_example_id64"  # kept in parts only: the final sort needs the full id
-_PART_BATCH_MAX_ROWS = 8192  # small batches let close() read only the key ranges it needs
+_PART_BATCH_MAX_ROWS = 8192  # small batches let finalize() read only the key ranges it needs
 _INT32_MIN, _INT32_MAX = int(np.iinfo(np.int32).min), int(np.iinfo(np.int32).max)
 
 # Writer options of the final files. No option here writes a timestamp;
@@ -85,8 +92,30 @@ _IPC_OPTS = pa.ipc.IpcWriteOptions(compression="zstd")
 _Key = tuple[int, int, int]  # (low 32 bits of id as int32, 64-bit id, position): the sort key
 
 
-class StagingConflict(ValueError):
-    """``data_root`` holds the staging of an unfinished run that this writer cannot resume."""
+class StagingConflict(QkcoreError, ValueError):
+    """The staging directory holds an unfinished run that this writer cannot resume.
+
+    ``staged_run_key`` and ``staged_state`` describe what is there (``None`` when unreadable),
+    so the caller can say how it differs from the run it wanted.
+    """
+
+    def __init__(self, message: str, staged_run_key: str | None = None, staged_state: Any = None) -> None:
+        super().__init__(message)
+        self.staged_run_key = staged_run_key
+        self.staged_state = staged_state
+
+
+@dataclass(frozen=True)
+class ConfigStats:
+    """What :meth:`DatasetWriter.finalize` wrote for one config."""
+
+    rows: int
+    bucket_counts: dict[int, int]  # bucket -> rows
+    nonfinite_rows: int  # rows whose vector holds a NaN or an infinity
+    head_dim: int
+    sliding_window: int | None
+    size: int  # bytes of data.parquet
+    sha256: str  # of data.parquet
 
 
 @dataclass
@@ -101,6 +130,7 @@ class CapturedChunk:
     buckets: np.ndarray  # int64, shape (n,)
     vectors: np.ndarray  # float32, shape (len(heads), n, head_dim)
     sliding_window: int | None
+    token_strings: np.ndarray | None = None  # object (str), shape (n,): the token at each row (shared by heads)
 
 
 
@@ -126,29 +156,6 @@ def read_config(path: Path | str) -> pa.Table:
     return pq.read_table(path)
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make renames inside ``path`` durable (they live in the directory entry)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durably(path: Path, write: Callable[[Path], None]) -> None:
-    """Write ``path`` via ``write(temp)``, fsync, rename: a reader or a crash sees old or new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # data on disk before the rename makes it visible
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
 
 
 @dataclass
@@ -159,15 +166,17 @@ class _Rows:
     positions: np.ndarray  # int32
     buckets: np.ndarray  # int32
     vectors: np.ndarray  # float32, (n, head_dim)
+    tokens: np.ndarray | None = None  # object (str), (n,): the token_str column, when captured
 
     @classmethod
-    def concat(cls, parts: Sequence[_Rows], head_dim: int) -> _Rows:
+    def concat(cls, parts: Sequence[_Rows], head_dim: int, tokens: bool = False) -> _Rows:
         if not parts:
             return cls(
                 np.empty(0, np.int64),
                 np.empty(0, np.int32),
                 np.empty(0, np.int32),
                 np.empty((0, head_dim), np.float32),
+                np.empty(0, object) if tokens else None,
             )
         if len(parts) == 1:
             return parts[0]
@@ -176,6 +185,7 @@ class _Rows:
             np.concatenate([p.positions for p in parts]),
             np.concatenate([p.buckets for p in parts]),
             np.concatenate([p.vectors for p in parts]),
+            np.concatenate([p.tokens for p in parts]) if parts[0].tokens is not None else None,
         )
 
     def __len__(self) -> int:
@@ -183,22 +193,27 @@ class _Rows:
 
     @property
     def nbytes(self) -> int:
-        return self.ids64.nbytes + self.positions.nbytes + self.buckets.nbytes + self.vectors.nbytes
+        # Token strings: the pointers plus a typical short token (an estimate; they are small).
+        text = 0 if self.tokens is None else self.tokens.nbytes + 56 * len(self.tokens)
+        return self.ids64.nbytes + self.positions.nbytes + self.buckets.nbytes + self.vectors.nbytes + text
 
     def take(self, index: np.ndarray | slice) -> _Rows:
         """Rows selected by a mask, an index array (copies) or a slice (views)."""
-        return _Rows(self.ids64[index], self.positions[index], self.buckets[index], self.vectors[index])
+        tokens = None if self.tokens is None else self.tokens[index]
+        return _Rows(self.ids64[index], self.positions[index], self.buckets[index], self.vectors[index], tokens)
 
     def copy(self) -> _Rows:
-        return _Rows(self.ids64.copy(), self.positions.copy(), self.buckets.copy(), self.vectors.copy())
+        tokens = None if self.tokens is None else self.tokens.copy()
+        return _Rows(self.ids64.copy(), self.positions.copy(), self.buckets.copy(), self.vectors.copy(), tokens)
 
     @classmethod
-    def sorted_concat(cls, parts: Sequence[_Rows], head_dim: int) -> _Rows:
+    def sorted_concat(cls, parts: Sequence[_Rows], head_dim: int, tokens: bool = False) -> _Rows:
         """``parts`` concatenated and sorted by key, copying the vectors only once."""
         if not parts:
-            return cls.concat([], head_dim)
+            return cls.concat([], head_dim, tokens)
         order, ids64, positions, buckets = _sorted_columns(parts)
-        return cls(ids64, positions, buckets, _gather([p.vectors for p in parts], order, head_dim))
+        text = np.concatenate([p.tokens for p in parts])[order] if parts[0].tokens is not None else None
+        return cls(ids64, positions, buckets, _gather([p.vectors for p in parts], order, head_dim), text)
 
     def within(self, lo: _Key, hi: _Key) -> np.ndarray:
         """Mask of rows whose sort key lies in ``[lo, hi]`` (lexicographic)."""
@@ -248,21 +263,29 @@ def _row_bytes(head_dim: int) -> int:
     return 16 + 4 * head_dim
 
 
+def _part_schema(tokens: bool) -> pa.Schema:
+    return _PART_SCHEMA.append(pa.field(TOKEN_COLUMN, pa.large_string())) if tokens else _PART_SCHEMA
+
+
 def _part_batch(rows: _Rows) -> pa.RecordBatch:
     n, head_dim = rows.vectors.shape
     offsets = pa.array(np.arange(n + 1, dtype=np.int64) * head_dim)
     vec = pa.LargeListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(rows.vectors).reshape(-1)))
     cols = [pa.array(rows.ids64), pa.array(rows.positions), pa.array(rows.buckets), vec]
-    return pa.RecordBatch.from_arrays(cols, schema=_PART_SCHEMA)
+    if rows.tokens is not None:
+        cols.append(pa.array(rows.tokens, type=pa.large_string()))
+    return pa.RecordBatch.from_arrays(cols, schema=_part_schema(rows.tokens is not None))
 
 
 def _rows_from_batch(batch: pa.RecordBatch, head_dim: int) -> _Rows:
     flat = batch.column(3).flatten().to_numpy(zero_copy_only=False)
+    tokens = batch.column(4).to_numpy(zero_copy_only=False) if batch.num_columns > 4 else None
     return _Rows(
         batch.column(0).to_numpy(zero_copy_only=False),
         batch.column(1).to_numpy(zero_copy_only=False),
         batch.column(2).to_numpy(zero_copy_only=False),
         flat.reshape(-1, head_dim),
+        tokens,
     )
 
 
@@ -274,7 +297,9 @@ def _final_table(rows: _Rows, head_dim: int, sliding_window: int | None) -> pa.T
         np.full(n, sliding_window, dtype=np.int32)
     )
     cols = [pa.array(rows.buckets), pa.array(low32_ids(rows.ids64)), pa.array(rows.positions), vec, sw]
-    return pa.Table.from_arrays(cols, schema=output_schema(head_dim))
+    if rows.tokens is not None:
+        cols.append(pa.array(rows.tokens, type=pa.string()))
+    return pa.Table.from_arrays(cols, schema=output_schema(head_dim, token_strings=rows.tokens is not None))
 
 
 def _pack(sizes: np.ndarray, budget: int) -> list[tuple[int, int]]:
@@ -310,14 +335,23 @@ class _ConfigBuffer:
     nbytes: int = 0
 
 
-def staged_state(data_root: Path | str, run_key: str) -> Any:
-    """The committed ``state`` staged under ``data_root`` for ``run_key``, or ``None``."""
-    path = Path(data_root) / STAGING_DIR / JOURNAL_FILE
+def read_journal(staging_dir: Path | str) -> dict[str, Any] | None:
+    """The committed journal of a staging directory (``run_key``, ``state``, ...), or ``None``.
+
+    An unreadable journal raises :class:`StagingConflict`: it is not silently treated as absent.
+    """
+    path = Path(staging_dir) / JOURNAL_FILE
     try:
-        journal = json.loads(path.read_text())
-    except (OSError, ValueError):
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
         return None
-    return journal.get("state") if journal.get("run_key") == run_key else None
+    try:
+        journal = json.loads(text)
+        if not isinstance(journal, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        raise StagingConflict(f"{path} is unreadable ({exc}); rerun with --restart to discard the staged progress") from None
+    return journal
 
 
 class DatasetWriter:
@@ -328,7 +362,7 @@ class DatasetWriter:
     * capture: buffered rows stay below ``T`` plus the last added chunk. The ``add``
       that crosses ``T`` spills every config into one part file, gathering one part
       batch at a time (no second copy of the buffer).
-    * ``close()`` never loads a whole config. It splits each config, in sort order,
+    * ``finalize()`` never loads a whole config. It splits each config, in sort order,
       into key ranges of at most ``T/2`` of rows (whole documents, or position ranges
       of a document larger than that), gathers a range from the part batches that
       overlap it (each at most ``T/8`` and 8192 rows) and sorts it into a second
@@ -342,21 +376,25 @@ class DatasetWriter:
 
     Crash-resume: ``commit(state)`` makes every row added so far durable and records
     ``state``; a writer opened later with the same ``run_key`` resumes there
-    (``resumed_state``). One writer per ``data_root`` at a time.
+    (``resumed_state``). One writer per staging directory at a time (the run layer
+    holds the data root's lock).
     """
 
     def __init__(
         self,
-        data_root: Path | str,
+        staging_dir: Path | str,
         *,
         flush_threshold_mb: float = 256.0,
         row_group_size: int | None = None,
         run_key: str | None = None,
         restart: bool = False,
+        token_strings: bool = False,
     ) -> None:
         """Open a writer; resume the staged run of the same ``run_key`` if there is one.
 
-        Raises :class:`StagingConflict` if ``data_root`` holds a committed run of a
+        ``token_strings``: rows carry a ``token_str`` column (``capture.capture_token_strings``).
+
+        Raises :class:`StagingConflict` if ``staging_dir`` holds a committed run of a
         different ``run_key`` (or this writer has none), unless ``restart`` discards it.
         Creates nothing on disk: that waits for the first spill or commit.
         """
@@ -364,12 +402,12 @@ class DatasetWriter:
             raise ValueError(f"flush_threshold_mb must be >= 0, got {flush_threshold_mb}")
         if row_group_size is not None and row_group_size < 1:
             raise ValueError(f"row_group_size must be >= 1, got {row_group_size}")
-        self.data_root = Path(data_root)
         self.flush_threshold_bytes = int(flush_threshold_mb * 1024 * 1024)
         # A fixed default (not derived from the threshold) so bytes never depend on it.
         self.row_group_size = row_group_size or DEFAULT_ROW_GROUP_SIZE
         self.run_key = run_key
-        self._staging = self.data_root / STAGING_DIR
+        self.token_strings = token_strings
+        self._staging = Path(staging_dir)
         self._buffers: dict[str, _ConfigBuffer] = {}
         self._buffered = 0
         self._committed: list[str] = []  # part file names listed in the journal
@@ -378,19 +416,19 @@ class DatasetWriter:
         self._resumed_state: Any = None
         self._created_top: Path | None = None  # highest directory this writer created
         self._done = False
-        self._close_peak_rows = 0
+        self._finalize_peak_rows = 0
         if restart:
-            shutil.rmtree(self._staging, ignore_errors=True)
+            remove_tree(self._staging)
         if (self._staging / JOURNAL_FILE).exists():
             self._resume()
         elif self._staging.exists():
             # No journal: the previous run died before its first commit, nothing to keep.
-            shutil.rmtree(self._staging)
+            remove_tree(self._staging)
 
     # -- properties ---------------------------------------------------------
     @property
     def staging_dir(self) -> Path:
-        """Where parts and the journal live until ``close()``."""
+        """Where parts and the journal live until the run layer removes them."""
         return self._staging
 
     @property
@@ -399,9 +437,9 @@ class DatasetWriter:
         return self._resumed_state
 
     @property
-    def close_peak_rows(self) -> int:
-        """Most rows the last ``close()`` held at once while sorting (a diagnostic)."""
-        return self._close_peak_rows
+    def finalize_peak_rows(self) -> int:
+        """Most rows the last ``finalize()`` held at once while sorting (a diagnostic)."""
+        return self._finalize_peak_rows
 
     def buffered_bytes(self) -> int:
         """Bytes currently held in memory (not yet spilled)."""
@@ -426,6 +464,13 @@ class DatasetWriter:
         positions = _to_int32(chunk.positions, "position")
         buckets = _to_int32(chunk.buckets, "bucket")
         sw = None if chunk.sliding_window is None else int(chunk.sliding_window)
+        if (chunk.token_strings is not None) != self.token_strings:
+            raise ValueError(f"this writer {'needs' if self.token_strings else 'takes no'} token_strings")
+        tokens = None
+        if chunk.token_strings is not None:
+            tokens = np.asarray(chunk.token_strings, dtype=object).reshape(-1)
+            if len(tokens) != n:
+                raise ValueError("token_strings must have n rows")
         for i, head in enumerate(chunk.heads):
             name = config_name(chunk.layer, int(head), chunk.kind)
             buf = self._buffers.get(name)
@@ -438,9 +483,9 @@ class DatasetWriter:
                     f"{name}: sliding_window {sw} conflicts with {buf.sliding_window}"
                 )
             if n == 0:
-                continue  # the config is still recorded, so close() writes an empty file
+                continue  # the config is still recorded, so finalize() writes an empty file
             # Copy: the caller may reuse its capture buffer after add() returns.
-            rows = _Rows(ids64, positions, buckets, np.array(vectors[i], dtype=np.float32, copy=True))
+            rows = _Rows(ids64, positions, buckets, np.array(vectors[i], dtype=np.float32, copy=True), tokens)
             buf.pending.append(rows)
             buf.nbytes += rows.nbytes
             self._buffered += rows.nbytes
@@ -462,32 +507,20 @@ class DatasetWriter:
         state = json.loads(json.dumps(state))
         self._spill()
         self._ensure_staging()
-        journal = {
-            "format": _JOURNAL_FORMAT,
-            "run_key": self.run_key,
-            "parts": self._committed + self._uncommitted,
-            "next_part": self._next_part,
-            "configs": {
-                name: {"head_dim": buf.head_dim, "sliding_window": buf.sliding_window}
-                for name, buf in sorted(self._buffers.items())
-            },
-            "state": state,
-        }
-        text = json.dumps(journal, indent=1, sort_keys=True)
-        _write_durably(self._staging / JOURNAL_FILE, lambda tmp: tmp.write_text(text))
+        self._write_journal(self._committed + self._uncommitted, state)
         self._committed += self._uncommitted
         self._uncommitted = []
 
-    def adopt(self, other_root: Path | str) -> None:
-        """Take over the committed parts of the writer staged at ``other_root`` (a torchrun rank's).
+    def adopt(self, other_staging: Path | str) -> None:
+        """Take over the committed parts of the writer staged at ``other_staging`` (a torchrun rank's).
 
         Parts are hard-linked in (no copy) and count as uncommitted until this
-        writer's next ``commit``; ``other_root`` is left intact so a crash before
-        that commit loses nothing. Remove it with :func:`shutil.rmtree` afterwards.
+        writer's next ``commit``; ``other_staging`` is left intact so a crash before
+        that commit loses nothing. Remove it once the commit is made.
         """
         self._check_open()
-        other = Path(other_root) / STAGING_DIR
-        journal = json.loads((other / JOURNAL_FILE).read_text())
+        other = Path(other_staging)
+        journal = json.loads((other / JOURNAL_FILE).read_text(encoding="utf-8"))
         for name, meta in journal["configs"].items():
             buf = self._buffers.setdefault(name, _ConfigBuffer(int(meta["head_dim"]), meta["sliding_window"]))
             if (buf.head_dim, buf.sliding_window) != (int(meta["head_dim"]), meta["sliding_window"]):
@@ -501,27 +534,43 @@ class DatasetWriter:
             self._uncommitted.append(target.name)
 
     # -- finishing ----------------------------------------------------------
-    def close(self) -> dict[str, int]:
-        """Write every config this run captured (atomically), remove staging; return rows per config.
+    def finalize(self, target: Path | str) -> dict[str, ConfigStats]:
+        """Write every config this run captured into ``target``; return each one's statistics.
 
-        Configs not captured by this run are left untouched.
+        Each ``target/lXXhYY[qk]/data.parquet`` is written durably (temp file, fsync,
+        rename). Staging is left as it is: the caller records the result with
+        :meth:`commit`, then frees the parts with :meth:`drop_parts`.
         """
         self._check_open()
-        self._spill()  # one code path: close() reads every row from the parts
+        self._spill()  # one code path: every row is read back from the parts
         slices = self._load_index()
-        written = {
-            name: self._write_config(name, self._buffers[name], slices.pop(name, []))
+        return {
+            name: self._write_config(Path(target), name, self._buffers[name], slices.pop(name, []))
             for name in sorted(self._buffers)
         }
-        self._finish()
-        shutil.rmtree(self._staging, ignore_errors=True)
-        return written
+
+    def drop_parts(self) -> None:
+        """Delete every part file once the committed state no longer needs them (after :meth:`finalize`).
+
+        The journal is rewritten without parts first, so a crash in between leaves
+        only orphan parts, which the next writer opened on this staging removes.
+        """
+        self._check_open()
+        if self._uncommitted or self._buffered:
+            raise RuntimeError("drop_parts() needs every row committed first")
+        journal = read_journal(self._staging)
+        if journal is None:
+            raise RuntimeError("drop_parts() needs a commit first")
+        self._write_journal([], journal["state"])
+        for part in self._committed:
+            (self._staging / part).unlink(missing_ok=True)
+        self._committed = []
 
     def abort(self) -> None:
         """Drop rows added since the last commit; keep the journal and committed parts.
 
         The same command can then resume from the last commit. Without any commit,
-        staging is removed entirely. Final files are untouched.
+        staging is removed entirely.
         """
         if self._done:
             return
@@ -535,21 +584,9 @@ class DatasetWriter:
                 path.unlink(missing_ok=True)
 
     def discard(self) -> None:
-        """Remove the staging directory entirely (committed state included); final files are untouched."""
+        """Remove the staging directory entirely (committed state included)."""
         self._finish()
         self._remove_staging()
-
-    def __enter__(self) -> DatasetWriter:
-        return self
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        """Close on success, abort on error (committed state survives for a resume)."""
-        if self._done:
-            return
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
     # -- internals ----------------------------------------------------------
     def _check_open(self) -> None:
@@ -562,9 +599,9 @@ class DatasetWriter:
         self._done = True
 
     def _remove_staging(self) -> None:
-        shutil.rmtree(self._staging, ignore_errors=True)
+        remove_tree(self._staging)
         # Remove the directories this writer created, while empty: a failed run leaves nothing.
-        path = self.data_root
+        path = self._staging.parent
         while self._created_top is not None and path != self._created_top.parent:
             try:
                 path.rmdir()
@@ -572,41 +609,55 @@ class DatasetWriter:
                 break
             path = path.parent
 
+    def _write_journal(self, parts: list[str], state: Any) -> None:
+        journal = {
+            "format": _JOURNAL_FORMAT,
+            "run_key": self.run_key,
+            "parts": parts,
+            "next_part": self._next_part,
+            "configs": {
+                name: {"head_dim": buf.head_dim, "sliding_window": buf.sliding_window}
+                for name, buf in sorted(self._buffers.items())
+            },
+            "state": state,
+        }
+        write_text_durably(self._staging / JOURNAL_FILE, json.dumps(journal, indent=1, sort_keys=True))
+
     def _ensure_staging(self) -> None:
         if self._staging.exists():
             return
-        if self._created_top is None and not self.data_root.exists():
-            top = self.data_root
+        if self._created_top is None and not self._staging.exists():
+            top = self._staging
             while not top.parent.exists():
                 top = top.parent
             self._created_top = top
         self._staging.mkdir(parents=True)
 
     def _resume(self) -> None:
-        path = self._staging / JOURNAL_FILE
+        journal = read_journal(self._staging)
+        assert journal is not None  # called only when the journal file exists
         try:
-            journal = json.loads(path.read_text())
             parts, configs = list(journal["parts"]), dict(journal["configs"])
             ok = journal.get("format") == _JOURNAL_FORMAT
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise StagingConflict(
-                f"{self._staging} holds an unreadable journal ({exc}); pass restart to discard it"
-            ) from exc
-        if not ok or self.run_key is None or journal.get("run_key") != self.run_key:
+        except (KeyError, TypeError) as exc:
+            raise StagingConflict(f"{self._staging} holds an unreadable journal (no {exc})") from exc
+        staged_key, staged_state = journal.get("run_key"), journal.get("state")
+        if not ok or self.run_key is None or staged_key != self.run_key:
             raise StagingConflict(
                 f"{self._staging} holds an unfinished run whose configuration differs from this "
-                f"one (run_key {journal.get('run_key')!r}, this run {self.run_key!r}); "
-                "restart to discard it, or rerun the previous configuration to resume it"
+                f"one (run_key {staged_key!r}, this run {self.run_key!r})",
+                staged_key,
+                staged_state,
             )
         missing = [p for p in parts if not (self._staging / p).is_file()]
         if missing:
             raise StagingConflict(
-                f"{self._staging} is incomplete (missing {', '.join(missing[:3])}); restart to discard it"
+                f"{self._staging} is incomplete (missing {', '.join(missing[:3])})", staged_key, staged_state
             )
         keep = {JOURNAL_FILE, *parts}
         for entry in self._staging.iterdir():  # parts written after the last commit, temp files
             if entry.name not in keep:
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                remove_tree(entry) if entry.is_dir() else entry.unlink()
         self._committed = parts
         self._next_part = int(journal["next_part"])
         self._buffers = {
@@ -625,7 +676,7 @@ class DatasetWriter:
             return
         # Pass 1, cheap columns only: sort each config and index the batches (the
         # index goes in the schema, which the IPC file writes first). Sorted runs let
-        # close() fetch only the batches overlapping a key range.
+        # finalize() fetch only the batches overlapping a key range.
         plans = []
         index: list[dict[str, Any]] = []
         n_batches = 0
@@ -643,7 +694,7 @@ class DatasetWriter:
             )
             plans.append((buf, order, ids64, positions, buckets, starts))
             n_batches += len(bounds)
-        schema = _PART_SCHEMA.with_metadata({_INDEX_KEY: json.dumps(index, separators=(",", ":"))})
+        schema = _part_schema(self.token_strings).with_metadata({_INDEX_KEY: json.dumps(index, separators=(",", ":"))})
 
         def write(tmp: Path) -> None:
             # Pass 2: gather each batch's vectors in sorted order and write it at once,
@@ -651,14 +702,16 @@ class DatasetWriter:
             with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema, options=_IPC_OPTS) as out:
                 for buf, order, ids64, positions, buckets, starts in plans:
                     vectors = [r.vectors for r in buf.pending]
+                    tokens = np.concatenate([r.tokens for r in buf.pending]) if self.token_strings else None
                     for s in starts:
                         sl = slice(s, s + starts.step)
                         gathered = _gather(vectors, order[sl], buf.head_dim)
-                        out.write_batch(_part_batch(_Rows(ids64[sl], positions[sl], buckets[sl], gathered)))
+                        text = None if tokens is None else tokens[order[sl]]
+                        out.write_batch(_part_batch(_Rows(ids64[sl], positions[sl], buckets[sl], gathered, text)))
 
         self._ensure_staging()
         name = f"part-{self._next_part:06d}.arrow"
-        _write_durably(self._staging / name, write)
+        write_durably(self._staging / name, write)
         for buf, *_ in plans:  # only now: a failed write loses nothing
             buf.pending, buf.nbytes = [], 0
         self._next_part += 1
@@ -723,28 +776,41 @@ class DatasetWriter:
                 ranges.append(((k32, first, int(values[a])), (k32, first, int(values[b - 1]))))
         return ranges
 
-    def _write_config(self, name: str, buf: _ConfigBuffer, slices: list[_Slice]) -> int:
+    def _write_config(self, target: Path, name: str, buf: _ConfigBuffer, slices: list[_Slice]) -> ConfigStats:
         head_dim, group = buf.head_dim, self.row_group_size
         # Half the threshold per range: sorting makes a second copy of it.
         budget = max(1, self.flush_threshold_bytes // (2 * _row_bytes(head_dim)))
         total = 0
+        nonfinite = 0
+        buckets: Counter[int] = Counter()
 
         def emit(out: pq.ParquetWriter, rows: _Rows) -> None:
+            nonlocal nonfinite
             # Each write_table call is exactly one row group, from contiguous arrays, so
             # row groups and pages never depend on how the rows were chunked.
             out.write_table(_final_table(rows, head_dim, buf.sliding_window))
+            # Statistics come from the rows as written: the card never rereads the files.
+            nonfinite += int(len(rows) - np.isfinite(rows.vectors).all(axis=1).sum())
+            values, counts = np.unique(rows.buckets, return_counts=True)
+            buckets.update(dict(zip(values.tolist(), counts.tolist())))
 
         def write(tmp: Path) -> None:
             nonlocal total
-            with pq.ParquetWriter(tmp, output_schema(head_dim), **_PARQUET_OPTS) as out:
-                carry = _Rows.concat([], head_dim)  # < row_group_size rows awaiting their row group
+            schema = output_schema(head_dim, token_strings=self.token_strings)
+            options = dict(_PARQUET_OPTS)
+            if self.token_strings:
+                options["use_dictionary"] = [*options["use_dictionary"], TOKEN_COLUMN]
+            with pq.ParquetWriter(tmp, schema, **options) as out:
+                carry = _Rows.concat([], head_dim, self.token_strings)  # < row_group_size rows awaiting their row group
                 for lo, hi in self._plan_ranges(slices, budget, head_dim):
-                    rows = _Rows.sorted_concat(list(self._iter_range(slices, lo, hi, head_dim)), head_dim)
-                    self._close_peak_rows = max(self._close_peak_rows, len(rows) + len(carry))
+                    rows = _Rows.sorted_concat(
+                        list(self._iter_range(slices, lo, hi, head_dim)), head_dim, self.token_strings
+                    )
+                    self._finalize_peak_rows = max(self._finalize_peak_rows, len(rows) + len(carry))
                     total += len(rows)
                     if len(carry):
                         need = group - len(carry)
-                        carry = _Rows.concat([carry, rows.take(slice(0, need))], head_dim)
+                        carry = _Rows.concat([carry, rows.take(slice(0, need))], head_dim, self.token_strings)
                         rows = rows.take(slice(need, None))
                         if len(carry) < group:
                             continue
@@ -756,7 +822,15 @@ class DatasetWriter:
                 if len(carry) or total == 0:
                     emit(out, carry)  # a config with no rows still gets a file with the schema
 
-        out_dir = self.data_root / name
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _write_durably(out_dir / DATA_FILE, write)  # replaces an older run's file atomically
-        return total
+        path = target / name / DATA_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_durably(path, write)
+        return ConfigStats(
+            rows=total,
+            bucket_counts=dict(sorted(buckets.items())),
+            nonfinite_rows=nonfinite,
+            head_dim=head_dim,
+            sliding_window=buf.sliding_window,
+            size=path.stat().st_size,
+            sha256=sha256_file(path),
+        )

@@ -82,7 +82,7 @@ def test_card_lists_nope_layers(tmp_path) -> None:
     card = (result.data_root / "README.md").read_text(encoding="utf-8")
     assert "smollm3 0.1.0" in card
     assert "SmolLM3 NoPE layers (no_rope_layers == 0): [1]." in card
-    assert "NoPE layers (no rotary embedding; post-RoPE = pre-RoPE): [1]" in card
+    assert "NoPE layers (no rotary embedding; post-RoPE equals pre-RoPE there): [1]" in card
 
 
 def test_key_configs_follow_gqa_mapping(tmp_path) -> None:

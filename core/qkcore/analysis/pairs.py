@@ -4,10 +4,13 @@ Rules for query bucket ``t`` (see :func:`eligible_keys`):
 
 * both keys come from the same ``example_id``;
 * only keys in buckets ``c < t`` are eligible (causal);
-* with a sliding window ``w``, a key is eligible only if it lies inside the
-  window of the bucket's earliest query (``position >= bucket_start - w``) or
-  in the immediately previous bucket ``t - 1``, which is always kept so a
-  sliding layer never loses its nearest context.
+* with a sliding window of ``w`` tokens, a key is eligible only if some query
+  of the bucket can attend to it. transformers' sliding mask lets a query at
+  position ``p`` see keys at ``p - w < k <= p``, and the bucket's earliest
+  query (``bucket_start``) reaches furthest back, so the rule is
+  ``position > bucket_start - w``. It is applied by position, never by whole
+  buckets: a window narrower than a bucket keeps only the tail of the
+  previous bucket, and a key no query of the bucket can see is never paired.
 
 Sampling (see :func:`sample_key_pairs`): an example with probability
 proportional to its number of eligible keys, an anchor uniformly among them,
@@ -73,14 +76,13 @@ def eligible_keys(keys: KeyIndex, query_bucket: int, window: int | None = None, 
     """Boolean mask of the key rows a query in ``query_bucket`` may be paired with.
 
     ``bucket_start`` is the earliest position of the query bucket; it is needed
-    only when ``window`` is set.
+    only when ``window`` is set (see the module docstring for the rule).
     """
     mask = keys.bucket < query_bucket
     if window is not None:
         if bucket_start is None:
             raise ValueError("bucket_start is required with a sliding window")
-        in_window = keys.position >= bucket_start - window
-        mask &= in_window | (keys.bucket == query_bucket - 1)
+        mask &= keys.position > bucket_start - window
     return mask
 
 

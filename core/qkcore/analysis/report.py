@@ -10,49 +10,104 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["BucketResult", "HeadMetrics", "head_metrics", "plot_plasticity", "write_csv"]
+__all__ = ["BucketResult", "HeadInfo", "HeadMetrics", "counts_in_mean", "head_metrics", "plot_plasticity", "write_csv"]
 
 
 @dataclass(frozen=True)
 class BucketResult:
-    """Plasticity of one query head in one query bucket (NaN with a ``reason`` if undefined)."""
+    """Plasticity of one query head in one query bucket (NaN with a ``reason`` if undefined).
+
+    ``bucket`` is ``None`` only on the single row of a head with no rows at all.
+    ``n_queries`` counts the finite query rows the Gaussian was fitted to;
+    ``skipped_queries`` the non-finite ones left out. ``small_bucket`` flags a
+    bucket with at most ``head_dim`` queries (its sample covariance is singular
+    and had to be shrunk).
+    """
 
     layer: int
     q_head: int
     k_head: int
-    bucket: int
+    bucket: int | None
     n_queries: int
+    skipped_queries: int
     n_pairs: int
     plasticity: float
+    small_bucket: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class HeadInfo:
+    """What the analysis of one query head reports besides its bucket rows."""
+
+    layer: int
+    q_head: int
+    k_head: int
+    sliding_window: int | None
+    head_dim: int
+    skipped_queries: int
+    skipped_keys: int
+    #: Why the head has no plasticity at all, when that is known before any bucket ("no rows").
     reason: str = ""
 
 
 @dataclass(frozen=True)
 class HeadMetrics:
-    """Per-head summary: mean plasticity over the buckets where it is defined."""
+    """Per-head summary: mean plasticity over the buckets that count (see :func:`counts_in_mean`)."""
 
     layer: int
     q_head: int
     k_head: int
     plasticity: float
     n_buckets: int
+    n_small_buckets: int
+    skipped_queries: int
+    skipped_keys: int
     nope: bool | None
     sliding_window: int | None
+    reason: str = ""
+
+
+def counts_in_mean(row: BucketResult, keep_small_buckets: bool) -> bool:
+    """Whether ``row`` enters head means and the plot: defined, and not small unless kept."""
+    return not math.isnan(row.plasticity) and (keep_small_buckets or not row.small_bucket)
 
 
 def head_metrics(
-    rows: Sequence[BucketResult], nope: dict[int, bool], windows: dict[tuple[int, int], int | None]
+    rows: Sequence[BucketResult], infos: Sequence[HeadInfo], nope: dict[int, bool], keep_small_buckets: bool
 ) -> list[HeadMetrics]:
-    """Summarise ``rows`` per ``(layer, q_head)``; ``windows`` is keyed the same way."""
-    by_head: dict[tuple[int, int, int], list[float]] = {}
+    """One summary per head of ``infos``, from its ``rows``; a NaN mean always carries a reason."""
+    by_head: dict[tuple[int, int], list[BucketResult]] = {}
     for r in rows:
-        by_head.setdefault((r.layer, r.q_head, r.k_head), [])
-        if not math.isnan(r.plasticity):
-            by_head[(r.layer, r.q_head, r.k_head)].append(r.plasticity)
+        by_head.setdefault((r.layer, r.q_head), []).append(r)
     out = []
-    for (layer, q, k), vals in sorted(by_head.items()):
-        mean = float(np.mean(vals)) if vals else math.nan
-        out.append(HeadMetrics(layer, q, k, mean, len(vals), nope.get(layer), windows.get((layer, q))))
+    for info in sorted(infos, key=lambda i: (i.layer, i.q_head)):
+        mine = by_head.get((info.layer, info.q_head), [])
+        used = [r.plasticity for r in mine if counts_in_mean(r, keep_small_buckets)]
+        small = sum(1 for r in mine if r.small_bucket and not math.isnan(r.plasticity))
+        reason = ""
+        if not used:
+            if info.reason:
+                reason = info.reason
+            elif small:
+                reason = "only small buckets (fewer queries than head_dim + 1; see --keep-small-buckets)"
+            else:
+                reason = "no bucket defined: " + "; ".join(sorted({r.reason for r in mine if r.reason}))
+        out.append(
+            HeadMetrics(
+                info.layer,
+                info.q_head,
+                info.k_head,
+                float(np.mean(used)) if used else math.nan,
+                len(used),
+                small,
+                info.skipped_queries,
+                info.skipped_keys,
+                nope.get(info.layer),
+                info.sliding_window,
+                reason,
+            )
+        )
     return out
 
 
@@ -76,8 +131,11 @@ def write_csv(path: Path, rows: Iterable[BucketResult | HeadMetrics], cls: type)
             writer.writerow([_cell(v) for v in asdict(row).values()])
 
 
-def plot_plasticity(path: Path, rows: Sequence[BucketResult], title: str) -> None:
-    """Plasticity per bucket: one thin line per head coloured by layer, bold mean curve."""
+def plot_plasticity(path: Path, rows: Sequence[BucketResult], title: str, keep_small_buckets: bool = False) -> None:
+    """Plasticity per bucket: one thin line per head coloured by layer, bold mean curve.
+
+    Only rows that :func:`counts_in_mean` are drawn, so the curves show what the head means average.
+    """
     # Figure + Agg canvas directly: no pyplot global state, works headless.
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -89,6 +147,9 @@ def plot_plasticity(path: Path, rows: Sequence[BucketResult], title: str) -> Non
     fig = Figure(figsize=(9, 5), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    rows = [r for r in rows if r.bucket is not None]
+    # Rows left out of the means are drawn as gaps, not bridged.
+    shown = {id(r): r.plasticity if counts_in_mean(r, keep_small_buckets) else math.nan for r in rows}
     heads: dict[tuple[int, int], list[BucketResult]] = {}
     for r in rows:
         heads.setdefault((r.layer, r.q_head), []).append(r)
@@ -97,14 +158,12 @@ def plot_plasticity(path: Path, rows: Sequence[BucketResult], title: str) -> Non
     cmap = colormaps["viridis"]
     for (layer, _), series in sorted(heads.items()):
         series = sorted(series, key=lambda r: r.bucket)
-        ax.plot([r.bucket for r in series], [r.plasticity for r in series], lw=0.7, alpha=0.35, color=cmap(norm(layer)))
-    buckets = sorted({r.bucket for r in rows})
-    means = []
-    for b in buckets:
-        vals = [r.plasticity for r in rows if r.bucket == b and not math.isnan(r.plasticity)]
-        means.append(float(np.mean(vals)) if vals else math.nan)
+        ax.plot([r.bucket for r in series], [shown[id(r)] for r in series], lw=0.7, alpha=0.35, color=cmap(norm(layer)))
+    buckets = sorted({r.bucket for r in rows if not math.isnan(shown[id(r)])})
+    means = [float(np.mean([shown[id(r)] for r in rows if r.bucket == b and not math.isnan(shown[id(r)])])) for b in buckets]
     if buckets:
-        ax.plot(buckets, means, lw=2.6, color="black", label="mean over heads")
+        label = "mean over heads" + ("" if keep_small_buckets else " (small buckets left out)")
+        ax.plot(buckets, means, lw=2.6, color="black", label=label)
         ax.legend(loc="best")
     cbar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="layer")
     cbar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))

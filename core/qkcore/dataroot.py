@@ -1,0 +1,320 @@
+"""The data root as a transaction: one run's files, a record of them, and a lock.
+
+Layout (names in :mod:`qkcore.layout` for the published part)::
+
+    DATA_ROOT/
+      README.md, qkcore.json, lXXhYY[qk]/data.parquet    the published dataset: one run
+      .qkcore/
+        lock, lock.json      one qkcore process per data root, and who holds it
+        run.json             the record: which run the published files belong to, their
+                             sizes and hashes, whether they were pushed
+        staging/             the capture in progress (spill parts + journal, see writer.py)
+        final/               the next run's finished files, waiting to be published
+        ranks/rank-NNN/      torchrun ranks' staging until rank 0 merges them
+
+**The rule.** A data root holds exactly one run. A run with another identity (see
+:mod:`qkcore.identity`) is refused, naming both, unless ``--replace``; then the previous
+run's dataset files are removed when the new run *publishes*, never before, so a failed
+or interrupted new run leaves the old one intact. Files pulled from a Hub branch count
+as a previous run.
+
+**Publishing** (:meth:`DataRoot.publish`) moves finished files from ``final/`` into place
+under a record that says so first: ``run.json`` is written with state ``publishing``,
+dataset files not in the new run are removed, the new files are renamed in, and
+``run.json`` is rewritten with state ``complete``. A kill anywhere in between leaves a
+record saying which run is half-published; the same command finishes it, and
+``qkcore push`` refuses such a root.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import socket
+import sys
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import structlog
+
+from qkcore.errors import QkcoreError
+from qkcore.fsutil import fsync_dir, move_durably, remove_tree, sha256_file, write_text_durably
+from qkcore.layout import CARD_FILE, MANIFEST_FILE, config_file, configs_in
+
+log = structlog.get_logger(__name__)
+
+STATE_DIR = ".qkcore"
+RECORD_FILE = "run.json"
+_LOCK_FILE = "lock"
+_HOLDER_FILE = "lock.json"
+_PROBE_FILE = ".write-probe"
+_RECORD_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One published file as recorded: size, modification time (quick check) and sha256 (full check)."""
+
+    size: int
+    sha256: str
+    mtime_ns: int = 0
+
+
+@dataclass
+class Record:
+    """``.qkcore/run.json``: the run whose files the data root publishes."""
+
+    state: Literal["publishing", "complete"]
+    run_key: str
+    identity: dict[str, Any]
+    files: dict[str, FileEntry]  # repo path -> entry, every published file (card and manifest included)
+    summary: dict[str, Any] = field(default_factory=dict)  # model, created, documents, tokens
+    hub: dict[str, Any] | None = None  # {"repo", "branch", "pushed_commit"} when the run has a Hub target
+
+    def describe(self) -> str:
+        """One phrase naming the run for messages: key, model, size, date."""
+        model = self.summary.get("model") or "unknown model"
+        created = self.summary.get("created") or "unknown date"
+        configs = sum(1 for name in self.files if name not in (CARD_FILE, MANIFEST_FILE))
+        return f"run {self.run_key} ({model}, {configs} configs, created {created})"
+
+    @property
+    def pushed(self) -> bool:
+        """Whether the files were pushed to the Hub target they were captured for."""
+        return bool(self.hub and self.hub.get("pushed_commit"))
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["format"] = _RECORD_FORMAT
+        return json.dumps(data, indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: Path) -> Record:
+        try:
+            data = json.loads(text)
+            if data.get("format") != _RECORD_FORMAT:
+                raise ValueError(f"unknown format {data.get('format')!r}")
+            return cls(
+                state=data["state"],
+                run_key=data["run_key"],
+                identity=data.get("identity") or {},
+                files={name: FileEntry(**entry) for name, entry in data["files"].items()},
+                summary=data.get("summary") or {},
+                hub=data.get("hub"),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise QkcoreError(
+                f"{where} is unreadable ({exc}); qkcore cannot tell which run this data root holds: "
+                "move the data root aside, or rerun with --restart --replace to rebuild it"
+            ) from None
+
+
+def file_entry(path: Path) -> FileEntry:
+    """The :class:`FileEntry` of a file on disk (reads it to hash it)."""
+    stat = path.stat()
+    return FileEntry(size=stat.st_size, sha256=sha256_file(path), mtime_ns=stat.st_mtime_ns)
+
+
+class DataRoot:
+    """One ``output.data_root``: its published files, its record, its lock and its work folders."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.state_dir = self.path / STATE_DIR
+        self.staging_dir = self.state_dir / "staging"
+        self.final_dir = self.state_dir / "final"
+        self.ranks_dir = self.state_dir / "ranks"
+        self._created: Path | None = None  # the highest directory check_usable() created
+
+    # -- checks -------------------------------------------------------------
+    def check_usable(self) -> None:
+        """Fail now, with one line, if the data root cannot hold a run: a file, unwritable, read-only.
+
+        Creates ``DATA_ROOT/.qkcore/`` (and the data root) with a probe file; :meth:`forget_if_unused`
+        removes what this created when the run ends without writing anything.
+        """
+        if self.path.exists() and not self.path.is_dir():
+            raise QkcoreError(f"output.data_root: {self.path} is a file, not a directory")
+        missing = self.path
+        while not missing.parent.exists():
+            missing = missing.parent
+        try:
+            if not self.path.exists():
+                self._created = missing
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.state_dir / _PROBE_FILE
+            probe.write_bytes(b"qkcore")
+            probe.unlink()
+        except OSError as exc:
+            raise QkcoreError(f"output.data_root: cannot write to {self.path}: {exc.strerror or exc}") from None
+
+    def forget_if_unused(self) -> None:
+        """Remove the data root :meth:`check_usable` created, if the run left nothing in it.
+
+        An existing data root keeps its hidden ``.qkcore/`` (the lock file is never deleted
+        there: deleting a lock file another process has open would let two processes hold it).
+        """
+        if self._created is None or not self.state_dir.is_dir():
+            return
+        if any(p.name not in (_LOCK_FILE, _HOLDER_FILE) for p in self.state_dir.iterdir()):
+            return
+        if any(p.name != STATE_DIR for p in self.path.iterdir()):
+            return
+        remove_tree(self.state_dir)
+        path = self.path
+        while path != self._created.parent:
+            try:
+                path.rmdir()
+            except OSError:
+                break
+            path = path.parent
+
+    @contextmanager
+    def locked(self, command: str) -> Iterator[None]:
+        """Hold the data root's exclusive lock; a second process fails at once, naming the holder."""
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(str(self.state_dir / _LOCK_FILE), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise QkcoreError(f"output.data_root: {self.path} is in use by {self._holder()}; wait for it to finish") from None
+        except OSError as exc:
+            raise QkcoreError(f"output.data_root: cannot lock {self.path}: {exc.strerror or exc}") from None
+        try:
+            holder = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "user": _user(),
+                "since": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "command": command,
+            }
+            (self.state_dir / _HOLDER_FILE).write_text(json.dumps(holder), encoding="utf-8")
+            yield
+        finally:
+            (self.state_dir / _HOLDER_FILE).unlink(missing_ok=True)
+            lock.release()
+
+    def _holder(self) -> str:
+        try:
+            holder = json.loads((self.state_dir / _HOLDER_FILE).read_text(encoding="utf-8"))
+            return (
+                f"process {holder['pid']} on {holder['host']} (user {holder.get('user', '?')}, since {holder['since']}: "
+                f"{holder['command']})"
+            )
+        except (OSError, ValueError, KeyError):
+            return "another qkcore process"
+
+    # -- what is there --------------------------------------------------------
+    def read_record(self) -> Record | None:
+        """The record of the run this root publishes, or ``None`` when there is none."""
+        path = self.state_dir / RECORD_FILE
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        return Record.from_json(text, path)
+
+    def write_record(self, record: Record) -> None:
+        """Write the record durably (temp file, fsync, rename)."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        write_text_durably(self.state_dir / RECORD_FILE, record.to_json())
+
+    def dataset_files(self) -> list[str]:
+        """Published files on disk (repo paths): the card, the manifest and every config's data file."""
+        if not self.path.is_dir():
+            return []
+        files = [name for name in (CARD_FILE, MANIFEST_FILE) if (self.path / name).is_file()]
+        return files + [config_file(name) for name in configs_in(self.path)]
+
+    def verify(self, record: Record, *, full: bool = False) -> list[str]:
+        """Problems with the published files against ``record`` (empty: they match exactly).
+
+        The quick check compares size and modification time; ``full`` rehashes every file.
+        Extra dataset files that the record does not list are problems too.
+        """
+        problems: list[str] = []
+        for name, entry in record.files.items():
+            path = self.path / name
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                problems.append(f"{name} is missing")
+                continue
+            if stat.st_size != entry.size:
+                problems.append(f"{name} has {stat.st_size} bytes, recorded {entry.size}")
+            elif full and sha256_file(path) != entry.sha256:
+                problems.append(f"{name} differs from the recorded sha256")
+            elif not full and stat.st_mtime_ns != entry.mtime_ns:
+                problems.append(f"{name} was modified after the run recorded it")
+        extra = sorted(set(self.dataset_files()) - set(record.files))
+        problems += [f"{name} is not part of the run" for name in extra]
+        return problems
+
+    # -- publishing -----------------------------------------------------------
+    def publish(self, record: Record) -> Record:
+        """Make the root hold exactly ``record.files``, taking new files from ``final/``; return the complete record.
+
+        Resumable: called again after a kill, it finishes the same publish (files already
+        moved are checked against the record, the rest are moved).
+        """
+        record.state = "publishing"
+        self.write_record(record)
+        wanted = set(record.files)
+        for name in self.dataset_files():
+            if name not in wanted:  # the previous run's files (approved with --replace)
+                (self.path / name).unlink()
+                _remove_empty_config_dir(self.path / name)
+        for name, entry in record.files.items():
+            source, target = self.final_dir / name, self.path / name
+            if source.is_file():
+                move_durably(source, target)
+            elif not (target.is_file() and target.stat().st_size == entry.size and sha256_file(target) == entry.sha256):
+                raise QkcoreError(
+                    f"{self.path}: {name} of run {record.run_key} is neither waiting in {self.final_dir} nor in place; "
+                    "rerun with --restart to capture again"
+                )
+        fsync_dir(self.path)
+        record.files = {name: FileEntry(e.size, e.sha256, (self.path / name).stat().st_mtime_ns) for name, e in record.files.items()}
+        record.state = "complete"
+        self.write_record(record)
+        remove_tree(self.final_dir)
+        return record
+
+    def discard_work(self) -> None:
+        """Remove staged and finished-but-unpublished work (staging, final, ranks); published files stay."""
+        for folder in (self.staging_dir, self.final_dir, self.ranks_dir):
+            remove_tree(folder)
+
+    def rank_staging(self, rank: int) -> Path:
+        """Where torchrun rank ``rank`` stages its parts."""
+        return self.ranks_dir / f"rank-{rank:03d}"
+
+    def staged_ranks(self) -> list[int]:
+        """Ranks whose staging exists."""
+        if not self.ranks_dir.is_dir():
+            return []
+        return sorted(int(p.name.split("-")[1]) for p in self.ranks_dir.iterdir() if p.name.startswith("rank-"))
+
+
+def _remove_empty_config_dir(path: Path) -> None:
+    try:
+        path.parent.rmdir()
+    except OSError:
+        pass
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name is no reason to fail
+        return str(os.getuid()) if hasattr(os, "getuid") else "?"
+
+
+def command_line() -> str:
+    """This process's command line, for the lock holder file."""
+    return " ".join(sys.argv) or "python"
