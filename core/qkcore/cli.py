@@ -33,7 +33,9 @@ def build_parser(commands_by_name: dict) -> argparse.ArgumentParser:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config key, e.g. --set capture.sampler.type=all (repeatable)",
     )
-    sniff.add_argument("--debug", action="store_true", help="debug logging")
+    sniff.add_argument("--debug", action="store_true", help="debug logging (a line per batch)")
+    sniff.add_argument("--quiet", action="store_true", help="warnings and errors only, no progress line")
+    sniff.add_argument("--json-logs", action="store_true", help="log lines as JSON objects, no progress line")
     sniff.add_argument(
         "--restart", action="store_true",
         help="discard the data root's staged progress (of this or another run) and capture from the start",
@@ -72,7 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for provided in pm.hook.qkcore_analyses():
         extra.update(provided or {})
     args = build_parser(extra).parse_args(argv)
-    configure_logging(debug=getattr(args, "debug", False))
+    configure_logging(debug=getattr(args, "debug", False), quiet=getattr(args, "quiet", False),
+                      json=getattr(args, "json_logs", False))
     previous = _terminate_like_interrupt()
     try:
         if args.command == "sniff":
@@ -114,7 +117,7 @@ def _sniff(args: argparse.Namespace, pm) -> int:
 
     cfg = _load(args)
     if cfg.inference.debug_logging:  # the original tool's switch for verbose logs
-        configure_logging(debug=True)
+        configure_logging(debug=True, quiet=args.quiet, json=args.json_logs)
     run_sniff(cfg, pm, restart=args.restart, replace=args.replace)
     return 0
 

@@ -1,29 +1,73 @@
-"""structlog set-up: key=value lines on stderr, with a run id bound to every line."""
+"""Console output: log lines above one live progress line, or JSON lines for machines.
+
+* Log lines (structlog, ``key=value``) go to stderr through ``tqdm.write``, so they print
+  above the live progress bar instead of breaking it into frozen copies.
+* The progress bar shows only on a terminal (and not with ``--quiet`` or ``--json-logs``);
+  without it, the run logs a progress line at each commit instead.
+* Levels: ``--quiet`` shows warnings and errors, the default shows info (steps, commits,
+  warnings), ``--debug`` (or ``inference.debug_logging``) adds a line per batch.
+* ``--json-logs`` writes one JSON object per line (no bar), for log collectors.
+
+A run id is bound to every line, so the lines of two runs in one log can be told apart.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
 import uuid
+from typing import Any, TextIO
 
 import structlog
 
+_state = {"progress": True}
 
-def configure_logging(debug: bool = False) -> str:
-    """Configure structlog once per process; return the run id bound to every line."""
-    level = logging.DEBUG if debug else logging.INFO
+
+class _AboveProgress:
+    """A stderr that writes whole lines through ``tqdm.write`` (above any live bar)."""
+
+    def __init__(self) -> None:
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        from tqdm import tqdm
+
+        self._pending += text
+        while "\n" in self._pending:
+            line, self._pending = self._pending.split("\n", 1)
+            tqdm.write(line, file=sys.stderr)  # resolved per line: pytest and redirects replace it
+        return len(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def configure_logging(debug: bool = False, *, quiet: bool = False, json: bool = False) -> str:
+    """Configure structlog for this process; return the run id bound to every line."""
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    _state["progress"] = not (quiet or json)
+    renderer: Any = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+
+    def logger_factory(*args: Any) -> structlog.PrintLogger:
+        stream: TextIO | _AboveProgress = sys.stderr if json else _AboveProgress()
+        return structlog.PrintLogger(file=stream)  # type: ignore[arg-type]
+
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.dev.ConsoleRenderer(colors=False),
+            renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        # Resolve sys.stderr per logger, not once: it may be replaced (pytest, redirects).
-        logger_factory=lambda *args: structlog.PrintLogger(file=sys.stderr),
+        logger_factory=logger_factory,
         cache_logger_on_first_use=False,
     )
     run_id = uuid.uuid4().hex[:8]
     structlog.contextvars.bind_contextvars(run_id=run_id)
     return run_id
+
+
+def progress_disable() -> bool | None:
+    """tqdm's ``disable`` for progress bars: ``None`` lets tqdm decide (a bar on a terminal only), ``True`` never."""
+    return None if _state["progress"] else True

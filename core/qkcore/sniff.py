@@ -52,6 +52,7 @@ from qkcore.hub import GITATTRIBUTES, HubSync, hub_sync, main_branch_readme
 from qkcore.identity import dataset_fingerprint, model_fingerprint, run_identity, run_key, tokenizer_fingerprint
 from qkcore.layers import AttentionLayer
 from qkcore.layout import CARD_FILE, MANIFEST_FILE, config_file
+from qkcore.logs import progress_disable
 from qkcore.manifest import Manifest, read_manifest
 from qkcore.planning import build_sampler, plan_capture
 from qkcore.plugins import Family, installed_summary, make_plugin_manager, resolve_family
@@ -256,18 +257,23 @@ class Sniffer:
         return self.session.end_batch()
 
     def capture(self, writer: DatasetWriter, state: RunState) -> None:
-        """Capture this rank's documents from ``state.next_index`` on, committing progress as it goes."""
+        """Capture this rank's documents from ``state.next_index`` on, committing progress as it goes.
+
+        On a terminal one progress line shows documents, tokens/s and the time left; without
+        one (a log file, ``--quiet``, ``--json-logs``) each commit logs a progress line instead.
+        A line per batch is logged at debug level.
+        """
         total = self.inputs.documents.documents
         batch_size = self.cfg.inference.batch_size
         share = None if total is None else sum(1 for i in range(total) if self.ranks.owns(i, batch_size))
         progress = tqdm(
             total=share, initial=state.documents + state.skipped, unit="doc", dynamic_ncols=True,
-            desc=f"sniff[{self.ranks.rank}]" if self.ranks.distributed else "sniff",
+            desc=f"sniff[{self.ranks.rank}]" if self.ranks.distributed else "sniff", disable=progress_disable(),
         )
         started, tokens_before, last_commit = time.perf_counter(), state.tokens, time.monotonic()
         # Rows are handed to a writer thread: spills and commits overlap the next forward.
         background = BackgroundWriter(writer, max_pending_bytes=int(self.cfg.output.flush_threshold_mb * 2**20))
-        log_every = self.cfg.inference.debug_log_every_n_batches or 1
+        debug_every = self.cfg.inference.debug_log_every_n_batches or 1
         warned: set[str] = set()
         try:
             with self.instrumented():
@@ -289,10 +295,12 @@ class Sniffer:
                     elapsed = max(time.perf_counter() - started, 1e-9)
                     rate = (state.tokens - tokens_before) / elapsed
                     progress.set_postfix(tok_s=f"{rate:,.0f}", refresh=False)
-                    if committed or count % log_every == 0:
-                        log.info("batch captured", documents=state.documents, next_index=state.next_index,
-                                 tokens=batch.tokens, tok_s=round(rate), elapsed_s=round(elapsed, 1),
-                                 committed=committed)
+                    if count % debug_every == 0:
+                        log.debug("batch captured", batch_documents=len(batch.lengths), batch_tokens=batch.tokens,
+                                  documents=state.documents, tokens=state.tokens, next_index=state.next_index)
+                    if committed and progress.disable:  # no live line: say how far the run is at each commit
+                        log.info("progress", documents=state.documents, of=share, tokens=state.tokens,
+                                 tok_s=round(rate), elapsed_s=round(elapsed, 1))
             background.drain()
         finally:
             background.stop()
