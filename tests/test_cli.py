@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from datasets import load_dataset
 
@@ -14,6 +15,7 @@ from qkcore.cli import main
 from tests.conftest import REPO, TEXTS, TINY_LLAMA
 
 
+@pytest.mark.slow
 def test_sniff_cli_writes_a_dataset_that_load_dataset_reads(tiny_config, tmp_path) -> None:
     config = tiny_config(capture={"head_sampling": {"count": 5, "seed": 0}, "sampler": {"type": "uniform", "base_rate": 8}})
     done = subprocess.run(

@@ -18,6 +18,8 @@ from qkcore.dataroot import DataRoot
 from qkcore.writer import JOURNAL_FILE
 from tests.conftest import write_corpus
 
+pytestmark = pytest.mark.slow  # subprocesses: kill -9, torchrun, peak RSS
+
 WORDS = "tide gauge sluice harbour lantern glacier stake orchard graft relay hop loom warp heddle reed".split()
 
 
