@@ -352,8 +352,9 @@ def config_to_dict(cfg: SniffConfig) -> dict[str, Any]:
 #
 # The layers are read and merged here, not by a ``BaseSettings`` with ``settings_customise_sources``,
 # because pydantic-settings' other sources would each lose a guarantee of load_config:
-# - ``YamlConfigSettingsSource`` returns {} for a missing file, fails with a bare ValueError on a top
-#   level that is not a mapping, and parses a stream, which changes PyYAML's error messages.
+# - ``YamlConfigSettingsSource`` returns {} for a missing file, fails with dict.update's bare
+#   ValueError/TypeError on a top level that is not a mapping, and parses a stream, which
+#   changes PyYAML's error messages.
 # - ``CliSettingsSource`` parses argparse flags, not ``key.path=value`` items: it cannot reach into a
 #   free dict (``model.config_overrides.rope_scaling.factor``), reads values as JSON, not YAML, and
 #   answers an unknown key with argparse's "unrecognized arguments" instead of naming the key.
