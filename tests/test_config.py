@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -240,6 +241,36 @@ def test_env_bad_value_names_variable(tmp_path: Path) -> None:
 def test_env_none_reads_os_environ(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QKCORE_DATASET__SPLIT", "validation")
     assert load_config(write(tmp_path, MINIMAL_YAML)).dataset.split == "validation"
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        # not a mapping where a section is expected: one line (was a SettingsError traceback)
+        ({"QKCORE_CAPTURE__SAMPLER": "uniform"}, r"\$QKCORE_CAPTURE__SAMPLER: capture\.sampler: Input should be a valid dict"),
+        # keys inside a mapping value are blamed on the variable that holds them
+        ({"QKCORE_CAPTURE__SAMPLER": '{"typ": "all"}'}, r"\$QKCORE_CAPTURE__SAMPLER: unknown key 'capture\.sampler\.typ'"),
+        ({"QKCORE_MODEL__CONFIG": '{"hidden_size": 8}'}, r"\$QKCORE_MODEL__CONFIG: model\.config: an inline model config"),
+    ],
+)
+def test_env_error_is_one_line_naming_the_variable(tmp_path: Path, env: dict[str, str], expected: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load(write(tmp_path, MINIMAL_YAML), env=env)
+    assert re.match(expected, str(exc.value)) and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("child_first", [False, True])
+def test_env_key_variable_beats_its_sections_variable_whatever_their_order(tmp_path: Path, child_first: bool) -> None:
+    variables = [("QKCORE_CAPTURE__SAMPLER", '{"type": "uniform", "base_rate": 2}'), ("QKCORE_CAPTURE__SAMPLER__TYPE", "all")]
+    cfg = load(write(tmp_path, SNIFF_QK_YAML), env=dict(reversed(variables) if child_first else variables))
+    assert (cfg.capture.sampler.type, cfg.capture.sampler.base_rate) == ("all", 2.0)
+
+
+@pytest.mark.parametrize("value", ['{"layers": [0, 2]}', "{layers: [0, 2]}"])
+def test_env_mapping_merges_into_the_files_section_in_json_or_yaml(tmp_path: Path, value: str) -> None:
+    cfg = load(write(tmp_path, SNIFF_QK_YAML), env={"QKCORE_CAPTURE": value})
+    assert cfg.capture.layers == [0, 2]
+    assert (cfg.capture.sampler.type, cfg.capture.min_bucket_size) == ("uniform", 2048)  # the file's, kept
 
 
 def test_set_beats_env_and_file(tmp_path: Path) -> None:

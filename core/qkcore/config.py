@@ -5,10 +5,10 @@ environment variables > the YAML file > defaults. YAML written for the original
 ``sniff-qk`` tool loads unchanged; keys qkcore no longer uses are accepted with a
 :class:`QkcoreConfigWarning` (see :data:`LEGACY_KEYS`), truly unknown keys are an error.
 
-pydantic-settings reads the environment (:class:`_MappingEnvSource`); the layers are
-then merged here rather than by ``BaseSettings`` itself, because env values are parsed
-as YAML scalars like ``--set`` values, tests inject their own env mapping, and every
-error must name where the bad key came from (file, variable or ``--set``).
+pydantic-settings' environment source reads the variables; the file and ``--set`` items are
+read, and the layers merged, here (the comment above :func:`load_config`'s helpers says why
+pydantic-settings' other sources would not do), so that every error names where the bad
+key came from: the file, the variable or the ``--set`` item.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ from __future__ import annotations
 import difflib
 import os
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+from pydantic_settings.sources.utils import parse_env_vars
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -348,24 +349,47 @@ def config_to_dict(cfg: SniffConfig) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- loading
+#
+# The layers are read and merged here, not by a ``BaseSettings`` with ``settings_customise_sources``,
+# because pydantic-settings' other sources would each lose a guarantee of load_config:
+# - ``YamlConfigSettingsSource`` returns {} for a missing file, fails with dict.update's bare
+#   ValueError/TypeError on a top level that is not a mapping, and parses a stream, which
+#   changes PyYAML's error messages.
+# - ``CliSettingsSource`` parses argparse flags, not ``key.path=value`` items: it cannot reach into a
+#   free dict (``model.config_overrides.rope_scaling.factor``), reads values as JSON, not YAML, and
+#   answers an unknown key with argparse's "unrecognized arguments" instead of naming the key.
+# - ``BaseSettings`` merges its sources with ``deep_update`` and keeps only the result: an error could
+#   no longer name the layer that set the key, and a mapping given by ``--set`` would be merged into
+#   the file's section instead of replacing it.
+# pydantic-settings' ``EnvSettingsSource`` reads the environment (:func:`_env_items`).
 
 _Key = tuple[str, ...]
-_OriginOf = Callable[[_Key], str]  # dotted key path -> where its value came from
+_Item = tuple[_Key, Any, str]  # (key path, value, where the value came from)
+_OriginOf = Callable[[_Key], str]
+
+
+class _EnvSettings(BaseSettings):
+    """How run config keys are spelled as environment variables (``QKCORE_CAPTURE__SAMPLER__TYPE``).
+
+    Decoding is off, so each variable arrives as its raw string, to be parsed as YAML like a
+    ``--set`` value (pydantic-settings would parse some as JSON).
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter=_ENV_DELIMITER, enable_decoding=False
+    )
+
+
+#: The run config's sections, for pydantic-settings' environment source (which reads only these).
+_EnvSections = create_model(
+    "_EnvSections",
+    __base__=_EnvSettings,
+    **{name: (info.annotation, None) for name, info in SniffConfig.model_fields.items() if not info.exclude},
+)
 
 
 def _dotted(path: Sequence[str | int]) -> str:
     return ".".join(str(p) for p in path)
-
-
-def _set_path(tree: dict[str, Any], path: _Key, value: Any) -> None:
-    """Set ``tree[path[0]][path[1]]... = value``, creating (or replacing non-dict) parents."""
-    node = tree
-    for part in path[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = node[part] = {}
-        node = child
-    node[path[-1]] = value
 
 
 def _parse_value(text: str, origin: str) -> Any:
@@ -376,96 +400,114 @@ def _parse_value(text: str, origin: str) -> Any:
         raise ConfigError(f"{origin}: value is not valid YAML: {exc}") from None
 
 
-def _env_layer(env: Mapping[str, str], sections: set[str]) -> list[tuple[_Key, Any, str]]:
-    """``QKCORE_<SECTION>__<KEY>[__<SUBKEY>]`` variables as (path, value, origin).
+def _read_file(path: str | Path) -> dict[str, Any]:
+    """The YAML file's mapping of sections; a missing, unreadable or malformed file is a ConfigError."""
+    label = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{label}: cannot read config file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{label}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{label}: invalid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label}: top level must be a mapping of sections, got {type(data).__name__}")
+    return data
 
-    pydantic-settings reads the variables (prefix, ``__`` nesting, case, JSON for
-    lists and mappings); each leaf is then parsed as a YAML scalar like ``--set``
-    values, and keeps its variable name for error messages. Variables that are
-    not config keys (e.g. ``QKCORE_LOG_LEVEL``) are ignored; unknown keys inside a
-    section are kept so the key check reports them.
+
+def _leaves(tree: Any, path: _Key = ()) -> Iterator[tuple[_Key, Any]]:
+    """(key path, value) for each value in nested mappings below ``path``; ``{}`` there is a value."""
+    if isinstance(tree, dict) and (tree or not path):
+        for key, child in tree.items():
+            yield from _leaves(child, (*path, str(key)))
+    else:
+        yield path, tree
+
+
+def _env_items(env: Mapping[str, str] | None) -> list[_Item]:
+    """``QKCORE_<SECTION>__<KEY>[__<SUBKEY>]`` variables as items, in rising precedence.
+
+    pydantic-settings' source maps each variable to its key path (prefix, ``__`` nesting, any
+    case) and ignores those that name no section (``QKCORE_LOG_LEVEL``). A value that parses to
+    a mapping is spread into its keys, so it merges into the file's section key by key.
     """
-    found: list[tuple[_Key, Any, str]] = []
-
-    def leaves(path: _Key, value: Any) -> None:
-        if isinstance(value, dict) and value:
-            for key, child in value.items():
-                leaves((*path, str(key).lower()), child)
-            return
-        origin = "$" + ENV_PREFIX + _ENV_DELIMITER.join(str(p) for p in path).upper()
-        found.append((path, _parse_value(value, origin) if isinstance(value, str) else value, origin))
-
-    for section, value in _MappingEnvSource(env)().items():
-        if section in sections:
-            leaves((section,), value)
-    # Shorter paths first, so QKCORE_CAPTURE__SAMPLER__TYPE beats QKCORE_CAPTURE__SAMPLER.
-    return sorted(found, key=lambda item: (len(item[0]), item[0]))
-
-
-def _set_layer(overrides: Sequence[str]) -> list[tuple[_Key, Any, str]]:
-    """``--set key.path=value`` strings as (path, value, origin), in order given."""
+    source = EnvSettingsSource(_EnvSections)
     found = []
+    for name, text in (os.environ if env is None else env).items():
+        if not name.upper().startswith(ENV_PREFIX):
+            continue  # not ours; skipped here only because a call to the source is slow (~0.4 ms)
+        # The source reads os.environ and takes no other mapping (pydantic-settings#653), so each
+        # variable is put in env_vars, the mapping it looks variables up in. One at a time, because
+        # of QKCORE_CAPTURE__SAMPLER and QKCORE_CAPTURE__SAMPLER__TYPE it would keep only one.
+        source.env_vars = parse_env_vars({name: text})
+        found += [(path, raw, "$" + name) for path, raw in _leaves(source())]
+    items: list[_Item] = []
+    # Shorter paths first, so QKCORE_CAPTURE__SAMPLER__TYPE beats QKCORE_CAPTURE__SAMPLER.
+    for path, raw, origin in sorted(found, key=lambda item: len(item[0])):
+        items += [(key_path, value, origin) for key_path, value in _leaves(_parse_value(raw, origin), path)]
+    return items
+
+
+def _set_items(overrides: Sequence[str]) -> list[_Item]:
+    """``--set key.path=value`` strings as items, in the order given."""
+    items = []
     for item in overrides:
         origin = f"--set {item}"
         key, sep, text = item.partition("=")
         path = tuple(part.strip() for part in key.split("."))
         if not sep or not all(path):
             raise ConfigError(f"{origin}: expected key.path=value")
-        found.append((path, _parse_value(text, origin), origin))
-    return found
+        items.append((path, _parse_value(text, origin), origin))
+    return items
+
+
+def _set_path(tree: dict[str, Any], path: _Key, value: Any) -> None:
+    """Set ``tree[path[0]][path[1]]... = value``, creating (or replacing non-dict) parents."""
+    for part in path[:-1]:
+        if not isinstance(tree.get(part), dict):
+            tree[part] = {}
+        tree = tree[part]
+    tree[path[-1]] = value
 
 
 def _section_type(annotation: Any) -> type[BaseModel] | None:
     """The model class behind a field annotation (``X`` or ``X | None``), if any."""
-    candidates = getattr(annotation, "__args__", (annotation,))
-    for candidate in candidates:
+    for candidate in getattr(annotation, "__args__", (annotation,)):
         if isinstance(candidate, type) and issubclass(candidate, BaseModel):
             return candidate
     return None
 
 
-def _check_keys(
-    data: dict[str, Any],
-    model: type[BaseModel],
-    prefix: _Key,
-    origin_of: _OriginOf,
-    errors: list[str],
-) -> None:
-    """Drop/warn legacy keys and collect unknown-key errors, recursing into sub-sections."""
+def _check_keys(data: dict[str, Any], model: type[BaseModel], prefix: _Key, origin_of: _OriginOf) -> list[str]:
+    """Drop legacy and unknown ``inference`` keys (with a warning); return an error per unknown key."""
     fields = {name: info for name, info in model.model_fields.items() if not info.exclude}
+    errors = []
     for key in list(data):
         path = (*prefix, str(key))
-        dotted = _dotted(path)
-        value = data[key]
-        if dotted in LEGACY_KEYS:
-            if value is not None and value is not False:
-                warnings.warn(
-                    f"{origin_of(path)}: '{dotted}' is ignored by qkcore ({LEGACY_KEYS[dotted]})",
-                    QkcoreConfigWarning,
-                    stacklevel=4,
-                )
-            if key not in fields:
-                del data[key]
-            continue
-        if key not in fields and prefix == ("inference",):
+        dotted, value, info = _dotted(path), data[key], fields.get(key)
+        if dotted in LEGACY_KEYS or (info is None and prefix == ("inference",)):
             # sniff-qk drops unknown inference keys: accept them, but say so.
-            warnings.warn(f"{origin_of(path)}: '{dotted}' is not a qkcore key; ignored", QkcoreConfigWarning, stacklevel=4)
-            del data[key]
-            continue
-        if key not in fields:
-            known = [_dotted((*prefix, name)) for name in fields]
-            close = difflib.get_close_matches(dotted, known, n=1)
+            if dotted not in LEGACY_KEYS:
+                _warn(f"{origin_of(path)}: '{dotted}' is not a qkcore key; ignored")
+            elif value is not None and value is not False:
+                _warn(f"{origin_of(path)}: '{dotted}' is ignored by qkcore ({LEGACY_KEYS[dotted]})")
+            if info is None:
+                del data[key]
+        elif info is None:
+            close = difflib.get_close_matches(dotted, [_dotted((*prefix, name)) for name in fields], n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             errors.append(f"{origin_of(path)}: unknown key '{dotted}'{hint}")
-            continue
-        info = fields[key]
-        sub = _section_type(info.annotation)
-        if sub is None:
-            continue
-        if value is None and not info.is_required() and info.default is not None:
-            del data[key]  # an empty section (``capture:``) means "all defaults"
-        elif isinstance(value, dict):
-            _check_keys(value, sub, path, origin_of, errors)
+        elif (section := _section_type(info.annotation)) is not None:
+            if value is None and not info.is_required() and info.default is not None:
+                del data[key]  # an empty section (``capture:``) means "all defaults"
+            elif isinstance(value, dict):
+                errors += _check_keys(value, section, path, origin_of)
+    return errors
 
 
 def _format_errors(exc: ValidationError, data: Any, origin_of: _OriginOf) -> str:
@@ -507,26 +549,9 @@ def load_config(
     ``env=None`` reads ``os.environ``. Raises :class:`ConfigError` for any problem,
     with a message naming the file (or variable / ``--set``) and the dotted key.
     """
-    label = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{label}: cannot read config file: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{label}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{label}: invalid YAML: {exc}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{label}: top level must be a mapping of sections, got {type(data).__name__}")
-
-    sections = {name for name, info in SniffConfig.model_fields.items() if not info.exclude}
+    data = _read_file(path)
     origins: dict[_Key, str] = {}
-    layers = _env_layer(os.environ if env is None else env, sections) + _set_layer(overrides)
-    for key_path, value, origin in layers:
+    for key_path, value, origin in _env_items(env) + _set_items(overrides):  # in rising precedence
         _set_path(data, key_path, value)
         origins[key_path] = origin
 
@@ -536,11 +561,10 @@ def load_config(
         for n in range(len(key_path), 0, -1):
             if key_path[:n] in origins:
                 return origins[key_path[:n]]
-        below = [origin for path, origin in origins.items() if path[: len(key_path)] == key_path]
-        return below[-1] if below else label
+        below = [origin for set_path, origin in origins.items() if set_path[: len(key_path)] == key_path]
+        return below[-1] if below else str(path)
 
-    errors: list[str] = []
-    _check_keys(data, SniffConfig, (), origin_of, errors)
+    errors = _check_keys(data, SniffConfig, (), origin_of)
     if errors:
         raise ConfigError("\n".join(errors))
     try:
@@ -549,29 +573,3 @@ def load_config(
         raise ConfigError(_format_errors(exc, data, origin_of)) from None
     cfg.source = _abspath(path)
     return cfg
-
-
-class _EnvSections(BaseSettings):
-    """The run config's sections as pydantic-settings sees them; used only to read the environment."""
-
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_nested_delimiter=_ENV_DELIMITER, case_sensitive=False, extra="ignore"
-    )
-
-    dataset: DatasetConfig | None = None
-    model: ModelConfig | None = None
-    tokenizer: TokenizerConfig | None = None
-    inference: InferenceConfig | None = None
-    capture: CaptureConfig | None = None
-    output: OutputConfig | None = None
-
-
-class _MappingEnvSource(EnvSettingsSource):
-    """pydantic-settings' environment source over a given mapping (``os.environ`` or a test's)."""
-
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self._mapping = env
-        super().__init__(_EnvSections)
-
-    def _load_env_vars(self) -> Mapping[str, str | None]:
-        return {name.lower(): value for name, value in self._mapping.items()}
