@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from qkcore.dataroot import Record
+from qkcore.output.record import Record
 from qkcore.errors import QkcoreError
 from qkcore.identity import describe_difference
 
