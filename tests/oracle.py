@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import torch
 
 from qkcore.example_ids import normalize_example_id, to_int32
-from qkcore.writer import parse_config_name
+from qkcore.layout import parse_config_name
 
 
 def read_rows(root: Path, config: str, example_id: Any) -> tuple[np.ndarray, np.ndarray, list]:

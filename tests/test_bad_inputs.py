@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from qkcore.cli import main
-from qkcore.dataroot import DataRoot
+from qkcore.output import LocalDataRoot
 from qkcore.writer import DatasetWriter
 from tests.conftest import TEXTS, TINY_LLAMA, write_corpus
 
@@ -141,7 +141,7 @@ def _data_root_under_a_file(env: Env) -> list[str]:
 
 
 def _staged_other_run(env: Env) -> list[str]:
-    writer = DatasetWriter(DataRoot(env.root).staging_dir, run_key="feedfacecafebeef")
+    writer = DatasetWriter(LocalDataRoot(env.root).staging_dir, run_key="feedfacecafebeef")
     writer.commit({"documents": 3})
     writer.abort()
     return env.sniff()
@@ -149,14 +149,14 @@ def _staged_other_run(env: Env) -> list[str]:
 
 def _ranks_left(env: Env) -> list[str]:
     for rank in (0, 1, 2):
-        writer = DatasetWriter(DataRoot(env.root).rank_staging(rank), run_key="feedfacecafebeef")
+        writer = DatasetWriter(LocalDataRoot(env.root).rank_staging(rank), run_key="feedfacecafebeef")
         writer.commit({"documents": 1})
         writer.abort()
     return env.sniff()
 
 
 def _half_published_other_run(env: Env) -> list[str]:
-    root = DataRoot(env.root)
+    root = LocalDataRoot(env.root)
     record = root.read_record()
     record.state = "publishing"
     record.run_key = "0badc0de0badc0de"
@@ -165,19 +165,19 @@ def _half_published_other_run(env: Env) -> list[str]:
 
 
 def _corrupt_record(env: Env) -> list[str]:
-    (DataRoot(env.root).state_dir / "run.json").write_text("{not json", encoding="utf-8")
+    (LocalDataRoot(env.root).state_dir / "run.json").write_text("{not json", encoding="utf-8")
     return env.sniff()
 
 
 def _corrupt_journal(env: Env) -> list[str]:
-    staging = DataRoot(env.root).staging_dir
+    staging = LocalDataRoot(env.root).staging_dir
     staging.mkdir(parents=True)
     (staging / "journal.json").write_text("[1, 2", encoding="utf-8")
     return env.sniff()
 
 
 def _locked(env: Env) -> list[str]:
-    root = DataRoot(env.root)
+    root = LocalDataRoot(env.root)
     root.check_usable()
     stack = contextlib.ExitStack()
     stack.enter_context(root.locked("qkcore sniff --config other.yaml"))
@@ -213,7 +213,7 @@ def _push_without_repo(env: Env) -> list[str]:
 
 
 def _push_half_published(env: Env) -> list[str]:
-    root = DataRoot(env.root)
+    root = LocalDataRoot(env.root)
     record = root.read_record()
     record.state = "publishing"
     root.write_record(record)

@@ -10,8 +10,9 @@ import pytest
 import yaml
 
 from qkcore.card import ModelEntry, card_run_key, read_card, read_front_matter, render_card
+from qkcore.datafile import ConfigStats, read_config
 from qkcore.samplers import UniformSampler
-from qkcore.writer import CapturedChunk, ConfigStats, DatasetWriter, read_config
+from qkcore.writer import CapturedChunk, DatasetWriter
 
 HEAD_DIM = 4
 

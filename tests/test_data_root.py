@@ -25,8 +25,8 @@ import yaml
 
 from qkcore.card import read_front_matter
 from qkcore.cli import main
-from qkcore.dataroot import DataRoot
 from qkcore.manifest import read_manifest
+from qkcore.output import LocalDataRoot
 from qkcore.writer import JOURNAL_FILE, DatasetWriter
 from tests.conftest import TEXTS, write_corpus
 
@@ -96,7 +96,7 @@ def test_replace_discards_the_previous_run_and_the_card_describes_exactly_the_fi
     models = front["qkcore"]["models"]
     assert len(models) == 1 and models[0]["sampler"]["type"] == "uniform"
     assert models[0]["capture"]["head_sampling"]["seed"] == 7
-    assert DataRoot(root).verify(DataRoot(root).read_record(), full=True) == []
+    assert LocalDataRoot(root).verify(LocalDataRoot(root).read_record(), full=True) == []
 
 
 def test_a_different_model_into_the_same_root_is_refused(tiny_config, tmp_path) -> None:
@@ -157,7 +157,7 @@ def test_a_corpus_changed_between_a_kill_and_the_resume_is_refused(tiny_config, 
     code, err = sniff(config)
     assert code == 130 and "interrupted; the same command resumes" in err
     monkeypatch.setattr(Sniffer, "capture_batch", real)
-    staged = json.loads((DataRoot(tmp_path / "out").staging_dir / JOURNAL_FILE).read_text())
+    staged = json.loads((LocalDataRoot(tmp_path / "out").staging_dir / JOURNAL_FILE).read_text())
     assert staged["state"]["documents"] == 6
     lines = corpus.read_text().splitlines()
     corpus.write_text("\n".join(reversed(lines)) + "\n")
@@ -297,7 +297,7 @@ def test_the_card_records_precision_tokenizer_batch_size_and_versions(tiny_confi
 
 _KILL_AT = r"""
 import os, signal, sys
-import qkcore.dataroot as dataroot
+import qkcore.output.local as dataroot
 import qkcore.writer as writer
 from qkcore.cli import main
 
@@ -348,7 +348,7 @@ def test_a_kill_in_the_finish_resumes_without_recapturing(tiny_config, tmp_path,
     child = subprocess.run([sys.executable, "-c", _KILL_AT, moment, str(config)], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=300)
     assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
-    root = DataRoot(tmp_path / "out")
+    root = LocalDataRoot(tmp_path / "out")
     if moment == "mid-publish":  # a root half-way through publishing is not pushed, nor taken for complete
         assert root.read_record().state == "publishing"
     again = subprocess.run([sys.executable, "-m", "qkcore", "sniff", "--config", str(config)], cwd=tmp_path,
@@ -410,7 +410,7 @@ def test_a_second_process_on_the_same_root_fails_at_once_naming_the_holder(tiny_
 
 def test_a_crashed_torchrun_runs_staging_is_not_ignored_by_a_single_process(tiny_config, tmp_path) -> None:
     config = tiny_config(capture=ALL_SEED_0)
-    root = DataRoot(tmp_path / "out")
+    root = LocalDataRoot(tmp_path / "out")
     for rank in (0, 1):  # what two killed ranks leave: committed journals in .qkcore/ranks/
         writer = DatasetWriter(root.rank_staging(rank), run_key="0123456789abcdef")
         writer.commit({"documents": 1})
@@ -431,7 +431,7 @@ def test_push_refuses_a_half_published_root_and_files_that_changed(tiny_config, 
     hub = {"hf_repo_id": "someone/sniffed", "hf_branch": "tiny"}
     config = tiny_config(capture=ALL_SEED_0)
     assert sniff(config)[0] == 0
-    root = DataRoot(tmp_path / "out")
+    root = LocalDataRoot(tmp_path / "out")
     record = root.read_record()
     pushed = tiny_config(capture=ALL_SEED_0, output={**hub, "data_root": str(root.path)})
 

@@ -15,7 +15,6 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, Re
 
 from qkcore.config import load_config
 from qkcore.errors import QkcoreError
-from qkcore.dataroot import DataRoot
 from qkcore.layout import is_dataset_file
 from qkcore.hub import (
     GITATTRIBUTES,
@@ -25,6 +24,7 @@ from qkcore.hub import (
     hub_sync,
     main_branch_readme,
 )
+from qkcore.output import LocalDataRoot
 from tests.hub_server import HubServer, hub_server, point_hub_at  # noqa: F401 (fixture)
 
 REPO = "lab/sniffed-qk"
@@ -139,7 +139,7 @@ def test_preflight_refuses_a_read_only_token_and_a_namespace_it_cannot_create_in
 
 def test_push_creates_repo_and_branch_seeds_main_and_mirrors_the_root(hub_server, tmp_path) -> None:
     root = _root(tmp_path / "root")
-    commit = _sync().push(root, DataRoot(root).dataset_files(), "qkcore: tiny")
+    commit = _sync().push(root, LocalDataRoot(root).dataset_files(), "qkcore: tiny")
     assert commit == hub_server.head(REPO, BRANCH)
     branch = hub_server.files(REPO, BRANCH)
     assert branch.pop(GITATTRIBUTES) and branch == FILES
@@ -156,9 +156,9 @@ def test_push_deletes_stale_files_keeps_other_branches_and_seeds_main_once(hub_s
     other_files = hub_server.files(REPO, "other-model")
     root = _root(tmp_path / "root")
     sync = _sync()
-    sync.push(root, DataRoot(root).dataset_files(), "first")
+    sync.push(root, LocalDataRoot(root).dataset_files(), "first")
     (root / "l00h01k" / "data.parquet").unlink()  # the root changed: the branch follows
-    sync.push(root, DataRoot(root).dataset_files(), "second")
+    sync.push(root, LocalDataRoot(root).dataset_files(), "second")
 
     branch = hub_server.files(REPO, BRANCH)
     assert set(branch) == {GITATTRIBUTES, "README.md", "l00h00q/data.parquet"}
@@ -170,10 +170,10 @@ def test_push_deletes_stale_files_keeps_other_branches_and_seeds_main_once(hub_s
 def test_push_leaves_an_existing_main_readme_and_pushes_to_main_without_seeding(hub_server, tmp_path) -> None:
     hub_server.commit(REPO, "main", {"README.md": b"the lab's own words"})
     root = _root(tmp_path / "root")
-    _sync().push(root, DataRoot(root).dataset_files(), "m")
+    _sync().push(root, LocalDataRoot(root).dataset_files(), "m")
     assert hub_server.files(REPO, "main")["README.md"] == b"the lab's own words"
 
-    _sync(branch=None, repo="lab/single").push(root, DataRoot(root).dataset_files(), "to main")
+    _sync(branch=None, repo="lab/single").push(root, LocalDataRoot(root).dataset_files(), "to main")
     main = hub_server.files("lab/single", "main")
     assert main.pop(GITATTRIBUTES) and main == FILES
     assert [c.message for c in hub_server.history("lab/single", "main")][:1] == ["to main"]
@@ -188,7 +188,7 @@ def test_push_checks_the_commit_against_the_local_files(hub_server, tmp_path) ->
     root = _root(tmp_path / "root")
     before = _snapshot(root)
     with pytest.raises(QkcoreError) as error:
-        _sync().push(root, DataRoot(root).dataset_files(), "m")
+        _sync().push(root, LocalDataRoot(root).dataset_files(), "m")
     text = _one_line(error)
     assert "does not mirror the root: differing ['l00h00q/data.parquet']" in text
     assert "every local file is kept" in text and _snapshot(root) == before
@@ -197,7 +197,7 @@ def test_push_checks_the_commit_against_the_local_files(hub_server, tmp_path) ->
 def test_push_refuses_before_any_request_what_is_not_a_dataset(hub_server, tmp_path) -> None:
     root = _root(tmp_path / "root", {**FILES, "notes.txt": b"x"})
     with pytest.raises(QkcoreError, match="not dataset files"):
-        _sync().push(root, [*DataRoot(root).dataset_files(), "notes.txt"], "m")
+        _sync().push(root, [*LocalDataRoot(root).dataset_files(), "notes.txt"], "m")
     with pytest.raises(QkcoreError, match="missing under"):
         _sync().push(root, ["l09h09q/data.parquet"], "m")
     with pytest.raises(QkcoreError, match="nothing to push"):
@@ -210,7 +210,7 @@ def test_push_refuses_before_any_request_what_is_not_a_dataset(hub_server, tmp_p
 
 def test_download_gives_the_pushed_bytes_pinned_to_the_preflight_commit_and_nothing_else(hub_server, tmp_path) -> None:
     root = _root(tmp_path / "root")
-    _sync().push(root, DataRoot(root).dataset_files(), "m")
+    _sync().push(root, LocalDataRoot(root).dataset_files(), "m")
     state = _sync().preflight()
     hub_server.commit(REPO, BRANCH, {"README.md": b"newer", "l00h00q/data.parquet": b"newer"})  # after preflight
 
@@ -266,7 +266,7 @@ def test_transient_500_is_retried_and_then_succeeds(hub_server, tmp_path) -> Non
     assert _sync(retries=2).preflight().repo_exists is False
     assert _count(hub_server, "GET", "/api/whoami-v2") == 3
     # Retries count per step: the main README's commit meets 503, 503, 429, then succeeds.
-    commit = _sync(retries=3).push(root, DataRoot(root).dataset_files(), "m")
+    commit = _sync(retries=3).push(root, LocalDataRoot(root).dataset_files(), "m")
     assert commit == hub_server.head(REPO, BRANCH)
     # README commit: preupload 503, 503, then preupload ok + commit 429, then both ok; branch commit: one.
     assert _count(hub_server, "POST", "/preupload/") == 4 + 1
@@ -285,7 +285,7 @@ def test_persistent_500_fails_in_one_line_after_exactly_the_configured_retries(h
     before = _snapshot(root)
     hub_server.fail(500, times=1000, path="/preupload/")
     with pytest.raises(QkcoreError) as error:
-        _sync(retries=2).push(root, DataRoot(root).dataset_files(), "m")
+        _sync(retries=2).push(root, LocalDataRoot(root).dataset_files(), "m")
     text = _one_line(error)
     assert f"{REPO}@{BRANCH}: push failed" in text and "HTTP 500" in text and "gave up after 3 attempts" in text
     assert f"every local file is kept in {root}" in text and "qkcore push --config FILE" in text
@@ -305,7 +305,7 @@ def test_unauthorised_token_fails_at_once_in_one_line(hub_server, monkeypatch, t
     root = _root(tmp_path / "root")
     before = _snapshot(root)
     with pytest.raises(QkcoreError) as error:
-        _sync(retries=3).push(root, DataRoot(root).dataset_files(), "m")
+        _sync(retries=3).push(root, LocalDataRoot(root).dataset_files(), "m")
     assert "401 unauthorised" in _one_line(error) and "every local file is kept" in str(error.value)
     assert _count(hub_server, "POST", "/api/repos/create") == 1 and _snapshot(root) == before
 
@@ -323,7 +323,7 @@ def test_a_server_that_never_answers_fails_after_the_timeout_not_minutes(hub_ser
     hub_server.clear_failures()
     hub_server.hang(times=1, path="/commit/")  # one lost answer during the push: the retry recovers
     root = _root(tmp_path / "root")
-    commit = _sync(timeout_s=0.5, retries=1).push(root, DataRoot(root).dataset_files(), "m")
+    commit = _sync(timeout_s=0.5, retries=1).push(root, LocalDataRoot(root).dataset_files(), "m")
     assert commit == hub_server.head(REPO, BRANCH)
 
 
@@ -342,7 +342,7 @@ def test_offline_mode_and_no_connection_say_the_hub_cannot_be_reached(hub_server
     closed.stop()  # nothing listens there any more
     root = _root(tmp_path / "root")
     with pytest.raises(QkcoreError) as error:
-        _sync(api=HfApi(endpoint=url), retries=1).push(root, DataRoot(root).dataset_files(), "m")
+        _sync(api=HfApi(endpoint=url), retries=1).push(root, LocalDataRoot(root).dataset_files(), "m")
     text = _one_line(error)
     assert f"the Hub cannot be reached at {url}" in text and "every local file is kept" in text
 
@@ -362,8 +362,8 @@ def test_hub_sync_takes_timeout_and_retries_from_the_output_config(tiny_config) 
 
 def test_dataset_files_are_the_card_and_canonical_configs(tmp_path) -> None:
     root = _root(tmp_path, {**FILES, "notes.txt": b"x", "l1h1q/data.parquet": b"x", ".qkcore-runs/a.json": b"{}"})
-    assert DataRoot(root).dataset_files() == ["README.md", "l00h00q/data.parquet", "l00h01k/data.parquet"]
-    assert all(is_dataset_file(f) for f in DataRoot(root).dataset_files())
+    assert LocalDataRoot(root).dataset_files() == ["README.md", "l00h00q/data.parquet", "l00h01k/data.parquet"]
+    assert all(is_dataset_file(f) for f in LocalDataRoot(root).dataset_files())
     assert not any(is_dataset_file(f) for f in (GITATTRIBUTES, "notes.txt", "l1h1q/data.parquet", "x/README.md"))
 
 

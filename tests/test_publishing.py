@@ -21,8 +21,8 @@ from qkcore.card import read_front_matter
 from qkcore.cli import main
 from qkcore.config import load_config
 from qkcore.errors import QkcoreError
-from qkcore.dataroot import DataRoot
 from qkcore.hub import GITATTRIBUTES
+from qkcore.output import LocalDataRoot
 from qkcore.sniff import run_sniff
 from tests.conftest import write_corpus
 from tests.hub_server import HubServer, hub_server  # noqa: F401 (fixture)
@@ -48,11 +48,11 @@ def _branch_files(server: HubServer, branch: str = BRANCH) -> dict[str, bytes]:
 
 
 def _local_files(root: Path) -> dict[str, bytes]:
-    return {name: (root / name).read_bytes() for name in DataRoot(root).dataset_files()}
+    return {name: (root / name).read_bytes() for name in LocalDataRoot(root).dataset_files()}
 
 
 def _pushed(root: Path) -> bool:
-    record = DataRoot(root).read_record()
+    record = LocalDataRoot(root).read_record()
     return record is not None and record.pushed
 
 
@@ -129,7 +129,7 @@ def test_pull_write_push_pull_gives_the_same_bytes_and_leaves_other_branches_alo
     fresh = run_sniff(load_config(_config(tiny_config, tmp_path, "fresh", 2, hf_repo_id=REPO, hf_branch=BRANCH)))
     assert fresh.action == "pulled" and fresh.rows == result.rows
     assert _local_files(fresh.data_root) == _local_files(result.data_root) == _branch_files(hub_server)
-    assert _pushed(fresh.data_root) and DataRoot(fresh.data_root).verify(DataRoot(fresh.data_root).read_record(), full=True) == []
+    assert _pushed(fresh.data_root) and LocalDataRoot(fresh.data_root).verify(LocalDataRoot(fresh.data_root).read_record(), full=True) == []
     assert run_sniff(load_config(_config(tiny_config, tmp_path, "fresh", 2, hf_repo_id=REPO, hf_branch=BRANCH))).action == "already complete"
     assert _branch_files(hub_server, "other-model") == other_branch == _local_files(other.data_root)
 

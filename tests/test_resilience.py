@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from qkcore.config import load_config
+from qkcore.output import LocalDataRoot
 from qkcore.sniff import run_sniff
-from qkcore.dataroot import DataRoot
 from qkcore.writer import JOURNAL_FILE
 from tests.conftest import write_corpus
 
@@ -52,7 +52,7 @@ def test_kill_9_then_same_command_resumes_to_identical_files(tiny_config, tmp_pa
     )
     config = tiny_config(output={"data_root": str(tmp_path / "killed"), "commit_every_s": 0, "flush_threshold_mb": 1},
                          **sections)
-    journal = DataRoot(tmp_path / "killed").staging_dir / JOURNAL_FILE
+    journal = LocalDataRoot(tmp_path / "killed").staging_dir / JOURNAL_FILE
     child = subprocess.Popen(_sniff_command(config), cwd=tmp_path, env=_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
@@ -77,7 +77,7 @@ def test_kill_9_then_same_command_resumes_to_identical_files(tiny_config, tmp_pa
     run_sniff(load_config(reference))
     killed, clean = _parquet_bytes(tmp_path / "killed"), _parquet_bytes(tmp_path / "reference")
     assert killed.keys() == clean.keys() and killed == clean
-    assert not DataRoot(tmp_path / "killed").staging_dir.exists()
+    assert not LocalDataRoot(tmp_path / "killed").staging_dir.exists()
 
     again = subprocess.run(_sniff_command(config), cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "already complete" in again.stderr
@@ -103,7 +103,7 @@ def test_torchrun_two_processes_equal_a_single_process_run(tiny_config, tmp_path
     single = run_sniff(load_config(tiny_config(output={"data_root": str(tmp_path / "single")}, **sections)))
     merged = _parquet_bytes(tmp_path / "ranks")
     assert merged.keys() == set(single.rows) and merged == _parquet_bytes(tmp_path / "single")
-    assert not DataRoot(tmp_path / "ranks").ranks_dir.exists()
+    assert not LocalDataRoot(tmp_path / "ranks").ranks_dir.exists()
     from qkcore.card import read_front_matter
 
     front, _ = read_front_matter(tmp_path / "ranks" / "README.md")

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from qkcore.analysis.pairs import KeyIndex, sample_key_pairs
 from qkcore.cli import main
-from qkcore.writer import parse_config_name
+from qkcore.layout import parse_config_name
 from tests.conftest import write_corpus
 
 WINDOW = 48

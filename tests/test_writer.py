@@ -19,16 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qkcore.writer import (
-    JOURNAL_FILE,
-    CapturedChunk,
-    DatasetWriter,
-    StagingConflict,
-    config_name,
-    low32_ids,
-    parse_config_name,
-    read_config,
-)
+from qkcore.datafile import read_config
+from qkcore.layout import config_name, low32_ids, parse_config_name
+from qkcore.writer import JOURNAL_FILE, CapturedChunk, DatasetWriter, StagingConflict
 
 HEAD_DIM = 4
 CONFIGS = ("l00h00q", "l00h01q")

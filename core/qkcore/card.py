@@ -23,7 +23,7 @@ import numpy as np
 import yaml
 
 from qkcore.layout import config_file, parse_config_name
-from qkcore.writer import ConfigStats
+from qkcore.datafile import ConfigStats
 
 
 @dataclass

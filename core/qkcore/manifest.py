@@ -15,7 +15,7 @@ from typing import Any
 
 from qkcore.errors import QkcoreError
 from qkcore.layout import CARD_FILE, MANIFEST_FILE, config_file
-from qkcore.writer import ConfigStats
+from qkcore.datafile import ConfigStats
 
 _FORMAT = 1
 

@@ -25,9 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from qkcore.dataroot import Record
 from qkcore.errors import QkcoreError
 from qkcore.identity import describe_difference
+from qkcore.output.record import Record
 
 Action = Literal["complete", "publish", "resume", "fresh", "pull"]
 

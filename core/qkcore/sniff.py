@@ -7,7 +7,7 @@ been checked, and nothing published changes before the new run is complete.
 step  what                                                           where
 ====  =============================================================  ==============================
 1     config checks (sampler, what to capture): no I/O               :func:`check_config`
-2     the data root: usable, locked (one process per root)           ``dataroot.py``
+2     the data root: usable, locked (one process per root)           ``output/``
 3     inputs: documents checked, tokenizer, architecture, plugin,    :func:`load_inputs`,
       and the run's identity                                         ``identity.py``
 4     the Hub branch when configured: token, what it holds           ``hub.py``
@@ -17,7 +17,7 @@ step  what                                                           where
 7     capture, committing progress with the staged rows              ``capture.py``, ``writer.py``
 8     finish: final files, card and manifest into ``.qkcore/final``  :meth:`_Run.finish`
       (journaled)
-9     publish into the root, then push                               ``dataroot.py``, ``hub.py``
+9     publish into the root, then push                               ``output/``, ``hub.py``
 ====  =============================================================  ==============================
 """
 
@@ -43,7 +43,6 @@ from qkcore.batching import Batch, tokenize_batches
 from qkcore.capture import CaptureSession
 from qkcore.card import ModelEntry, card_run_key, render_card
 from qkcore.config import ConfigError, SniffConfig, config_to_dict, resolve_dtype
-from qkcore.dataroot import DataRoot, FileEntry, Record, command_line, file_entry
 from qkcore.distributed import Ranks, init_ranks, shutdown
 from qkcore.errors import QkcoreError
 from qkcore.example_ids import EXAMPLE_ID_RULE, find_int32_collisions
@@ -54,6 +53,7 @@ from qkcore.layers import AttentionLayer
 from qkcore.layout import CARD_FILE, MANIFEST_FILE, config_file
 from qkcore.logs import progress_disable
 from qkcore.manifest import Manifest, read_manifest
+from qkcore.output import DataRoot, FileEntry, Record, command_line, file_entry, open_output
 from qkcore.planning import build_sampler, plan_capture
 from qkcore.plugins import Family, installed_summary, make_plugin_manager, resolve_family
 from qkcore.root_policy import BranchView, Decision, RootView, decide
@@ -421,7 +421,7 @@ def run_sniff(
     try:
         pm = pm or make_plugin_manager()
         check_config(cfg, pm)
-        root = DataRoot(cfg.output.data_root)
+        root = open_output(cfg.output)
         with ExitStack() as stack:
             if ranks.is_main:
                 stack.callback(root.forget_if_unused)
@@ -473,7 +473,7 @@ class _Run:
         for note in decision.notes:
             log.warning(note)
         if not self.ranks.is_main and decision.action in ("complete", "pull", "publish"):
-            return SniffResult(self.root.path, {}, 0, 0, decision.action)
+            return SniffResult(self.cfg.output.data_root, {}, 0, 0, decision.action)
         if decision.action == "complete":
             return self.already_complete()
         if decision.action == "pull":
@@ -495,7 +495,7 @@ class _Run:
             first = read_journal(root.rank_staging(root.staged_ranks()[0]))
             ranks_key = (first or {}).get("run_key")
         view = RootView(
-            path=str(root.path),
+            path=root.location,
             record=record,
             dataset_files=tuple(root.dataset_files()),
             staged=staged,
@@ -521,7 +521,7 @@ class _Run:
     def already_complete(self) -> SniffResult:
         record = self.root.read_record()
         assert record is not None
-        log.info("already complete: the files of this run are unchanged; nothing to do", data_root=str(self.root.path))
+        log.info("already complete: the files of this run are unchanged; nothing to do", data_root=self.root.location)
         if self.hub is not None and not self._pushed_to_target(record):
             log.info("pushing: this run was never pushed to its Hub branch", target=f"{self.hub.repo_id}@{self.hub.branch}")
             self.push(record)
@@ -582,7 +582,7 @@ class _Run:
             shares = ranks.gather(state.to_journal())
             ranks.barrier()
             if not ranks.is_main:
-                return SniffResult(root.path, {}, state.documents, state.tokens, "captured")
+                return SniffResult(self.cfg.output.data_root, {}, state.documents, state.tokens, "captured")
             writer, state = self._merge_ranks(shares, fresh)
         else:
             writer = self._open_writer(root.staging_dir, inputs.run_key)
@@ -696,7 +696,7 @@ class _Run:
         record = Record("publishing", state.run_key, state.identity, files, summary=state.summary, hub=self._hub_target(None))
         record = self.root.publish(record)
         writer.discard()
-        log.info("capture written", data_root=str(self.root.path), configs=len(files) - 2,
+        log.info("capture written", data_root=self.root.location, configs=len(files) - 2,
                  documents=state.documents, tokens=state.tokens, seconds=round(time.perf_counter() - self.started, 2))
         if self.hub is not None:
             self.push(record)
@@ -705,7 +705,8 @@ class _Run:
     def push(self, record: Record) -> None:
         """Push the published files; the record notes the commit (a failure leaves it unpushed, files kept)."""
         assert self.hub is not None
-        commit = self.hub.push(self.root.path, sorted(record.files), f"qkcore: {record.summary.get('model')} (run {record.run_key})")
+        with self.root.local_copy() as folder:
+            commit = self.hub.push(folder, sorted(record.files), f"qkcore: {record.summary.get('model')} (run {record.run_key})")
         record.hub = self._hub_target(commit)
         self.root.write_record(record)
 
@@ -721,16 +722,16 @@ class _Run:
 
     def _check_disk(self, sniffer: Sniffer) -> None:
         needed = sniffer.disk_needed_bytes()
-        free = shutil.disk_usage(self.root.path).free
+        free = shutil.disk_usage(self.root.work_dir).free
         if needed > free:
             log.warning("the data root may not have enough free disk for this run (estimate for documents at "
                         "tokenizer.max_length; see `qkcore plan`)", needed_gb=round(needed / 1e9, 2), free_gb=round(free / 1e9, 2))
 
     def _result(self, record: Record, action: str) -> SniffResult:
-        manifest = read_manifest(self.root.path / MANIFEST_FILE)
+        manifest = self.root.read_manifest()
         rows = {name: s.rows for name, s in manifest.configs.items()} if manifest else {}
         summary = record.summary
-        return SniffResult(self.root.path, rows, int(summary.get("documents") or 0), int(summary.get("tokens") or 0), action)
+        return SniffResult(self.cfg.output.data_root, rows, int(summary.get("documents") or 0), int(summary.get("tokens") or 0), action)
 
 
 def branch_view(hub: HubSync, state: Any) -> BranchView:
@@ -756,26 +757,27 @@ def run_push(cfg: SniffConfig, hub_api: Any = None, replace: bool = False) -> Re
     hub = hub_sync(cfg.output, api=hub_api)
     if hub is None:
         raise QkcoreError(f"{cfg.source or '<config>'}: output.hf_repo_id is not set; nothing to push to")
-    root = DataRoot(cfg.output.data_root)
-    if not root.state_dir.is_dir():
-        raise QkcoreError(f"output.data_root: {root.path} holds no qkcore run; nothing to push")
+    root = open_output(cfg.output)
+    if not root.has_state():
+        raise QkcoreError(f"output.data_root: {root.location} holds no qkcore run; nothing to push")
     with root.locked(command_line()):
         record = root.read_record()
         if record is None:
-            raise QkcoreError(f"output.data_root: {root.path} holds no finished qkcore run; nothing to push")
+            raise QkcoreError(f"output.data_root: {root.location} holds no finished qkcore run; nothing to push")
         if record.state != "complete":
             raise QkcoreError(
-                f"{root.path} is half-way through publishing {record.describe()}: rerun `qkcore sniff --config "
+                f"{root.location} is half-way through publishing {record.describe()}: rerun `qkcore sniff --config "
                 f"{cfg.source or 'FILE'}` to finish it, then push"
             )
         problems = root.verify(record, full=True)
         if problems:
             raise QkcoreError(
-                f"{root.path}: the files do not match the record of {record.describe()} ({'; '.join(problems[:3])}); "
+                f"{root.location}: the files do not match the record of {record.describe()} ({'; '.join(problems[:3])}); "
                 "nothing was pushed: rerun the sniff to repair the data root"
             )
         check_branch(branch_view(hub, hub.preflight()), record.run_key, replace)
-        commit = hub.push(root.path, sorted(record.files), f"qkcore push: {record.summary.get('model')} (run {record.run_key})")
+        with root.local_copy() as folder:
+            commit = hub.push(folder, sorted(record.files), f"qkcore push: {record.summary.get('model')} (run {record.run_key})")
         record.hub = {"repo": hub.repo_id, "branch": hub.branch, "pushed_commit": commit}
         root.write_record(record)
         log.info("pushed", run=record.run_key, target=f"{hub.repo_id}@{hub.branch}", commit=commit)

@@ -1,4 +1,4 @@
-"""The data root as a transaction: one run's files, a record of them, and a lock.
+"""The local-folder data root: published files in a directory, published by rename.
 
 Layout (names in :mod:`qkcore.layout` for the published part)::
 
@@ -7,7 +7,7 @@ Layout (names in :mod:`qkcore.layout` for the published part)::
       .qkcore/
         lock, lock.json      one qkcore process per data root, and who holds it
         run.json             the record: which run the published files belong to, their
-                             sizes and hashes, whether they were pushed
+                             sizes and hashes, whether they were pushed (output/record.py)
         staging/             the capture in progress (spill parts + journal, see writer.py)
         final/               the next run's finished files, waiting to be published
         ranks/rank-NNN/      torchrun ranks' staging until rank 0 merges them
@@ -18,11 +18,11 @@ run's dataset files are removed when the new run *publishes*, never before, so a
 or interrupted new run leaves the old one intact. Files pulled from a Hub branch count
 as a previous run.
 
-**Publishing** (:meth:`DataRoot.publish`) moves finished files from ``final/`` into place
-under a record that says so first: ``run.json`` is written with state ``publishing``,
-dataset files not in the new run are removed, the new files are renamed in, and
-``run.json`` is rewritten with state ``complete``. A kill anywhere in between leaves a
-record saying which run is half-published; the same command finishes it, and
+**Publishing** (:meth:`LocalDataRoot.publish`) moves finished files from ``final/`` into
+place under a record that says so first: ``run.json`` is written with state
+``publishing``, dataset files not in the new run are removed, the new files are renamed
+in, and ``run.json`` is rewritten with state ``complete``. A kill anywhere in between
+leaves a record saying which run is half-published; the same command finishes it, and
 ``qkcore push`` refuses such a root.
 """
 
@@ -32,95 +32,25 @@ import getpass
 import json
 import os
 import socket
-import sys
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Literal
-
-import structlog
+from typing import Iterator
 
 from qkcore.errors import QkcoreError
 from qkcore.fsutil import fsync_dir, move_durably, remove_tree, sha256_file, write_text_durably
 from qkcore.layout import CARD_FILE, MANIFEST_FILE, config_file, configs_in
-
-log = structlog.get_logger(__name__)
+from qkcore.manifest import Manifest, read_manifest
+from qkcore.output.record import RECORD_FILE, FileEntry, Record
 
 STATE_DIR = ".qkcore"
-RECORD_FILE = "run.json"
 _LOCK_FILE = "lock"
 _HOLDER_FILE = "lock.json"
 _PROBE_FILE = ".write-probe"
-_RECORD_FORMAT = 1
 
 
-@dataclass(frozen=True)
-class FileEntry:
-    """One published file as recorded: size, modification time (quick check) and sha256 (full check)."""
-
-    size: int
-    sha256: str
-    mtime_ns: int = 0
-
-
-@dataclass
-class Record:
-    """``.qkcore/run.json``: the run whose files the data root publishes."""
-
-    state: Literal["publishing", "complete"]
-    run_key: str
-    identity: dict[str, Any]
-    files: dict[str, FileEntry]  # repo path -> entry, every published file (card and manifest included)
-    summary: dict[str, Any] = field(default_factory=dict)  # model, created, documents, tokens
-    hub: dict[str, Any] | None = None  # {"repo", "branch", "pushed_commit"} when the run has a Hub target
-
-    def describe(self) -> str:
-        """One phrase naming the run for messages: key, model, size, date."""
-        model = self.summary.get("model") or "unknown model"
-        created = self.summary.get("created") or "unknown date"
-        configs = sum(1 for name in self.files if name not in (CARD_FILE, MANIFEST_FILE))
-        return f"run {self.run_key} ({model}, {configs} configs, created {created})"
-
-    @property
-    def pushed(self) -> bool:
-        """Whether the files were pushed to the Hub target they were captured for."""
-        return bool(self.hub and self.hub.get("pushed_commit"))
-
-    def to_json(self) -> str:
-        data = asdict(self)
-        data["format"] = _RECORD_FORMAT
-        return json.dumps(data, indent=1, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str, where: Path) -> Record:
-        try:
-            data = json.loads(text)
-            if data.get("format") != _RECORD_FORMAT:
-                raise ValueError(f"unknown format {data.get('format')!r}")
-            return cls(
-                state=data["state"],
-                run_key=data["run_key"],
-                identity=data.get("identity") or {},
-                files={name: FileEntry(**entry) for name, entry in data["files"].items()},
-                summary=data.get("summary") or {},
-                hub=data.get("hub"),
-            )
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise QkcoreError(
-                f"{where} is unreadable ({exc}); qkcore cannot tell which run this data root holds: "
-                "move the data root aside, or rerun with --restart --replace to rebuild it"
-            ) from None
-
-
-def file_entry(path: Path) -> FileEntry:
-    """The :class:`FileEntry` of a file on disk (reads it to hash it)."""
-    stat = path.stat()
-    return FileEntry(size=stat.st_size, sha256=sha256_file(path), mtime_ns=stat.st_mtime_ns)
-
-
-class DataRoot:
-    """One ``output.data_root``: its published files, its record, its lock and its work folders."""
+class LocalDataRoot:
+    """A :class:`~qkcore.output.protocol.DataRoot` that is a local folder (see the module docstring)."""
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
@@ -129,6 +59,20 @@ class DataRoot:
         self.final_dir = self.state_dir / "final"
         self.ranks_dir = self.state_dir / "ranks"
         self._created: Path | None = None  # the highest directory check_usable() created
+
+    @property
+    def location(self) -> str:
+        """The folder, for messages."""
+        return str(self.path)
+
+    @property
+    def work_dir(self) -> Path:
+        """The hidden state folder, which holds the work folders (same filesystem: publishing renames)."""
+        return self.state_dir
+
+    def has_state(self) -> bool:
+        """Whether the hidden state folder exists."""
+        return self.state_dir.is_dir()
 
     # -- checks -------------------------------------------------------------
     def check_usable(self) -> None:
@@ -285,6 +229,15 @@ class DataRoot:
         remove_tree(self.final_dir)
         return record
 
+    def read_manifest(self) -> Manifest | None:
+        """The published ``qkcore.json``, ``None`` if there is none; a broken one raises :class:`QkcoreError`."""
+        return read_manifest(self.path / MANIFEST_FILE)
+
+    @contextmanager
+    def local_copy(self) -> Iterator[Path]:
+        """The data root itself: its files are local already."""
+        yield self.path
+
     def discard_work(self) -> None:
         """Remove staged and finished-but-unpublished work (staging, final, ranks); published files stay."""
         for folder in (self.staging_dir, self.final_dir, self.ranks_dir):
@@ -313,8 +266,3 @@ def _user() -> str:
         return getpass.getuser()
     except Exception:  # noqa: BLE001 - no user name is no reason to fail
         return str(os.getuid()) if hasattr(os, "getuid") else "?"
-
-
-def command_line() -> str:
-    """This process's command line, for the lock holder file."""
-    return " ".join(sys.argv) or "python"
