@@ -58,8 +58,10 @@ def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer] | None:
     config names (``lXX``), the attention module, whether it is full, sliding or
     cross attention, its ``sliding_window``, and its head counts. Cross-attention
     layers are listed but never captured. Generic default: every module with a
-    ``layer_idx`` and ``q_proj``/``k_proj``, kinds read from ``config.layer_types``
-    and the window the module uses. Plugins usually build the list with
+    ``layer_idx`` and ``q_proj``/``k_proj``, with the window it hands its kernel (its
+    own ``sliding_window``, else the config's model-wide one; none on layers that
+    ``config.layer_types`` marks full). Implement it only where that is wrong for the
+    family (e.g. cross-attention layers), with :func:`qkcore.layers.describe_layer` or
     :func:`qkcore.layers.self_attention_layers`.
     """
 
@@ -71,8 +73,10 @@ def qkcore_locate_rope(model: nn.Module, layer: AttentionLayer) -> RopeSite | No
     The returned :class:`~qkcore.layers.RopeSite` names the modules whose outputs
     are the query and key right before rotary embedding (the projections, or the
     per-head norm where the family has one). Pre-RoPE capture hooks those modules.
-    Generic default: ``q_norm``/``k_norm`` if present, else ``q_proj``/``k_proj``;
-    RoPE applies unless the module's ``use_rope`` is false.
+    Generic default: ``q_norm``/``k_norm`` if present, else ``q_proj``/``k_proj``,
+    with their outputs laid out ``(batch, seq, ...)``; RoPE applies unless the module's
+    ``use_rope`` is false or the layer is cross-attention. Implement it where the
+    family differs (e.g. norms applied after the head transpose: ``heads_first``).
     """
 
 

@@ -8,6 +8,8 @@ What differs from Llama:
 
 * **Mixed sliding / full layers** from ``config.layer_types`` (5 sliding : 1 full
   in the checkpoints); a sliding layer's window is ``config.sliding_window``.
+  ``Gemma3Attention`` sets ``sliding_window`` only on sliding layers, so the core's
+  generic layer list (each module's own window) describes them as they are.
 * **Per-head RMS norms** ``q_norm``/``k_norm`` run before RoPE, so the pre-RoPE
   tensors are the norms' outputs (and post-RoPE rows are normalised, then rotated).
   Sliding and full layers use different RoPE bases (10k / 1M).
@@ -23,7 +25,7 @@ from __future__ import annotations
 from torch import nn
 
 from qkcore import hookimpl
-from qkcore.layers import AttentionLayer, RopeSite, self_attention_layers, text_decoder
+from qkcore.layers import AttentionLayer, RopeSite, text_decoder
 
 MODEL_TYPES = ["gemma3", "gemma3_text"]
 
@@ -35,14 +37,6 @@ MODEL_TYPES = ["gemma3", "gemma3_text"]
 @hookimpl
 def qkcore_model_types() -> list[str]:
     return MODEL_TYPES
-
-
-
-
-@hookimpl
-def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
-    # Gemma3Attention sets `sliding_window` only on sliding layers (None on full ones).
-    return self_attention_layers(model)
 
 
 @hookimpl

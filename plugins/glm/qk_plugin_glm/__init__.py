@@ -5,7 +5,9 @@ of each head (``head_dim * partial_rotary_factor``, 0.5 by default) are rotated,
 in interleaved pairs (dims 0/1, 2/3, ...); the remaining dimensions pass through
 unchanged. Post-RoPE rows therefore differ from pre-RoPE rows only in the
 rotary dimensions. Q/K come from biased ``q_proj``/``k_proj`` and reach the
-attention interface after RoPE; every layer is full attention.
+attention interface after RoPE; every layer is full attention. Layers, RoPE site
+(the projections: the unrotated dims are part of the same tensor) and capture are
+the core's generic default; this plugin writes the card note.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 from torch import nn
 
 from qkcore import hookimpl
-from qkcore.layers import AttentionLayer, RopeSite, self_attention_layers
+from qkcore.layers import AttentionLayer
 
 MODEL_TYPES = ["glm", "glm4"]
 
@@ -28,18 +30,6 @@ def rotary_dim(model: nn.Module) -> int:
 @hookimpl
 def qkcore_model_types() -> list[str]:
     return MODEL_TYPES
-
-
-@hookimpl
-def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
-    # GLM/GLM-4 attention has no window: every layer is full attention.
-    return self_attention_layers(model)
-
-
-@hookimpl
-def qkcore_locate_rope(model: nn.Module, layer: AttentionLayer) -> RopeSite:
-    # Partial RoPE follows the projections directly; the untouched dims are part of the same tensor.
-    return RopeSite(applies_rope=True, query_source=layer.module.q_proj, key_source=layer.module.k_proj)
 
 
 @hookimpl

@@ -3,7 +3,8 @@
 Llama attention projects Q/K with ``q_proj``/``k_proj``, applies RoPE on every
 layer, and hands the rotated tensors to the attention interface, so the
 core's attention-interface capture sees exactly the post-RoPE Q/K. All layers
-are full attention; GQA groups are contiguous (the core's default mapping).
+are full attention; GQA groups are contiguous. All of that is the core's generic
+default (``qkcore.generic``): this plugin claims the model type and writes the card note.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from qkcore import hookimpl
-from qkcore.layers import AttentionLayer, RopeSite, self_attention_layers
+from qkcore.layers import AttentionLayer
 
 MODEL_TYPES = ["llama"]
 
@@ -19,18 +20,6 @@ MODEL_TYPES = ["llama"]
 @hookimpl
 def qkcore_model_types() -> list[str]:
     return MODEL_TYPES
-
-
-@hookimpl
-def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
-    # Llama attention has no window: every layer is full attention.
-    return self_attention_layers(model)
-
-
-@hookimpl
-def qkcore_locate_rope(model: nn.Module, layer: AttentionLayer) -> RopeSite:
-    # RoPE is applied right after the projections, on every Llama layer.
-    return RopeSite(applies_rope=True, query_source=layer.module.q_proj, key_source=layer.module.k_proj)
 
 
 @hookimpl

@@ -5,7 +5,17 @@ The text decoder interleaves self-attention layers with cross-attention layers
 self-attention layers are captured: cross-attention layers are listed with kind
 ``"cross"`` (never captured) and keep their place in the numbering, so ``lXX`` is
 the text decoder's own layer index. Self-attention is Llama's: projections,
-RoPE on every layer, GQA, scale ``head_dim ** -0.5``.
+RoPE on every layer, GQA, scale ``head_dim ** -0.5``; the core's generic RoPE site
+applies (projections; no RoPE on cross-attention layers).
+
+The model class is the generic ``AutoModelForCausalLM``, which resolves ``mllama``
+to ``MllamaForCausalLM``: the text decoder and LM head only. The hub checkpoints
+store ``language_model.model.*`` / ``language_model.lm_head`` next to
+``vision_model.*``; ``MllamaForCausalLM``'s ``base_model_prefix``
+(``"language_model"``) strips that prefix, so every text weight loads and the
+vision weights (~0.9B parameters, never run here) are skipped instead of occupying
+the accelerator (``tests/families/test_mllama.py`` checks this on a checkpoint
+written in the hub's layout).
 
 The capture runs text only: ``MllamaTextModel`` skips cross-attention layers when
 no image states are given, so they are never called.
@@ -19,12 +29,10 @@ reproduces that (see :mod:`qkcore.heads`).
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
 from qkcore import hookimpl
-from qkcore.layers import AttentionLayer, RopeSite, describe_layer, text_decoder
+from qkcore.layers import AttentionLayer, describe_layer, text_decoder
 
 MODEL_TYPES = ["mllama"]
 
@@ -32,21 +40,6 @@ MODEL_TYPES = ["mllama"]
 @hookimpl
 def qkcore_model_types() -> list[str]:
     return MODEL_TYPES
-
-
-@hookimpl
-def qkcore_model_class(config: Any) -> type:
-    # AutoModelForCausalLM resolves `mllama` to MllamaForCausalLM: the text decoder and LM
-    # head only. The hub checkpoints store `language_model.model.*` / `language_model.lm_head`
-    # next to `vision_model.*`; MllamaForCausalLM's base_model_prefix ("language_model")
-    # strips that prefix, so every text weight loads and the vision weights (~0.9B
-    # parameters, never run here) are skipped instead of occupying the accelerator.
-    # tests/families/test_mllama.py checks this on a checkpoint written in the hub's layout.
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM
-
-
 
 
 @hookimpl
@@ -61,14 +54,6 @@ def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
         else describe_layer(index, layer.self_attn, config)
         for index, layer in enumerate(decoder.layers)
     ]
-
-
-@hookimpl
-def qkcore_locate_rope(model: nn.Module, layer: AttentionLayer) -> RopeSite:
-    # Self-attention: RoPE right after the projections. Cross-attention applies no RoPE
-    # (and is never captured); its projections are named only to complete the description.
-    module = layer.module
-    return RopeSite(applies_rope=layer.kind != "cross", query_source=module.q_proj, key_source=module.k_proj)
 
 
 @hookimpl

@@ -7,6 +7,9 @@ stage is therefore the output of the per-head norms, not of the projections.
 Layers may be sliding-window (``layer_types`` with ``use_sliding_window``);
 the released checkpoints use full attention everywhere. RoPE settings such as
 YaRN come from ``rope_parameters`` (``model.config_overrides`` may set them).
+
+The generic default (``qkcore.generic``) already takes the per-head norms as the
+pre-RoPE site and each module's own window; this plugin writes the card notes.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 from torch import nn
 
 from qkcore import hookimpl
-from qkcore.layers import AttentionLayer, RopeSite, self_attention_layers
+from qkcore.layers import AttentionLayer
 
 MODEL_TYPES = ["qwen3"]
 
@@ -22,19 +25,6 @@ MODEL_TYPES = ["qwen3"]
 @hookimpl
 def qkcore_model_types() -> list[str]:
     return MODEL_TYPES
-
-
-@hookimpl
-def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
-    # The module's window is what its kernel call and its mask use: it is None
-    # unless the layer is "sliding_attention" *and* use_sliding_window is set.
-    return self_attention_layers(model)
-
-
-@hookimpl
-def qkcore_locate_rope(model: nn.Module, layer: AttentionLayer) -> RopeSite:
-    # q_norm/k_norm output (batch, seq, heads, head_dim): the last tensors before RoPE.
-    return RopeSite(applies_rope=True, query_source=layer.module.q_norm, key_source=layer.module.k_norm)
 
 
 @hookimpl

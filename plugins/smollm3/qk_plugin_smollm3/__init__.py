@@ -3,8 +3,8 @@
 SmolLM3 skips rotary embedding on its NoPE layers: ``config.no_rope_layers[i]``
 is 1 where layer ``i`` applies RoPE and 0 where it does not (by default every
 4th layer: 3, 7, 11, ...). transformers copies that flag into
-``SmolLM3Attention.use_rope`` at construction; the config is taken as the
-source of truth here. On NoPE layers the captured rows are the raw
+``SmolLM3Attention.use_rope`` at construction, which the forward pass reads and
+the core's generic RoPE site follows. On NoPE layers the captured rows are the raw
 ``q_proj``/``k_proj`` outputs in both capture modes, so post-RoPE and pre-RoPE
 rows coincide there. Sliding windows exist only with ``use_sliding_window``
 (on NoPE layers); the released checkpoints use full attention everywhere.
@@ -15,7 +15,7 @@ from __future__ import annotations
 from torch import nn
 
 from qkcore import hookimpl
-from qkcore.layers import AttentionLayer, RopeSite, self_attention_layers
+from qkcore.layers import AttentionLayer
 
 MODEL_TYPES = ["smollm3"]
 
@@ -29,19 +29,6 @@ def nope_layers(config: object) -> list[int]:
 @hookimpl
 def qkcore_model_types() -> list[str]:
     return MODEL_TYPES
-
-
-@hookimpl
-def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
-    # The module's window is the one its kernel call and mask use (None unless use_sliding_window).
-    return self_attention_layers(model)
-
-
-@hookimpl
-def qkcore_locate_rope(model: nn.Module, layer: AttentionLayer) -> RopeSite:
-    config = model.config.get_text_config()
-    applies_rope = layer.index not in nope_layers(config)
-    return RopeSite(applies_rope=applies_rope, query_source=layer.module.q_proj, key_source=layer.module.k_proj)
 
 
 @hookimpl
