@@ -118,7 +118,11 @@ def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer], plan: Capt
     """Return lines for the dataset card about how this family was captured.
 
     ``plan`` is the run's :class:`~qkcore.capture.CapturePlan` (RoPE stage,
-    ``unscaled_queries``, heads), so a note can say which form the rows are in.
+    ``unscaled_queries``, heads), so a note can say which form the rows are in. Each
+    note must be true of *this* run's rows: with ``plan.pre_rope`` they are taken
+    before rotary embedding (:func:`qkcore.layers.rope_stage` words the stage), and no
+    note may claim otherwise (:func:`qkcore.testing.post_rope_claims` checks that).
+    Like every hook, an implementation may take only the arguments it uses.
     """
 
 

@@ -39,10 +39,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pluggy
 import pyarrow.parquet as pq
 import torch
 import yaml
+from pluggy import PluginManager
 
 from qkcore.capture import CapturePlan
 from qkcore.config import load_config
@@ -54,9 +54,14 @@ from qkcore.sniff import SniffResult, run_sniff
 from qkcore.sources.model import load_architecture, load_model
 from qkcore.sources.tokenizer import load_tokenizer
 
-#: The default corpus: ``(example id, text)``, 26 to 101 bytes, string and integer ids.
-#: The longest documents outrun a window of 8 or 16 tokens, so a missing sliding mask shows.
-TEXTS: tuple[tuple[Any, str], ...] = (
+#: An inline architecture: a transformers config as a dict, ``model_type`` included (``model.config``).
+Architecture = dict[str, Any]
+#: A corpus: ``(example id, text)`` pairs.
+Corpus = Sequence[tuple[Any, str]]
+
+#: The default corpus: 26 to 101 bytes, string and integer ids. The longest documents
+#: outrun a window of 8 or 16 tokens, so a missing sliding mask shows.
+TEXTS: Corpus = (
     ("doc-a", "Stakes drilled into the glacier show how much ice melted over the summer."),
     ("doc-b", "The harbour master keeps a log of every vessel that enters after dusk, with lantern counts."),
     (12, "Flour arrives on Tuesdays."),
@@ -84,7 +89,7 @@ TINY_SIZES: dict[str, Any] = {
 POST_ROPE_CLAIM = re.compile(r"after rotary embedding|after RoPE|post-RoPE", re.IGNORECASE)
 
 
-def tiny_architecture(model_type: str, **overrides: Any) -> dict[str, Any]:
+def tiny_architecture(model_type: str, **overrides: Any) -> Architecture:
     """An inline architecture dict (``model.config``) for ``model_type`` with :data:`TINY_SIZES`."""
     return {"model_type": model_type, **TINY_SIZES, **overrides}
 
@@ -94,7 +99,7 @@ def capture_all(**capture: Any) -> dict[str, Any]:
     return {"sampler": {"type": "all"}, "head_sampling": None, **capture}
 
 
-def write_corpus(path: Path, texts: Sequence[tuple[Any, str]] = TEXTS) -> Path:
+def write_corpus(path: Path, texts: Corpus = TEXTS) -> Path:
     """Write ``texts`` as a JSON-lines corpus (``id``, ``text``) to ``path``; return ``path``."""
     with Path(path).open("w", encoding="utf-8") as handle:
         for example_id, text in texts:
@@ -102,9 +107,7 @@ def write_corpus(path: Path, texts: Sequence[tuple[Any, str]] = TEXTS) -> Path:
     return Path(path)
 
 
-def write_run_config(
-    folder: Path, architecture: dict[str, Any], *, texts: Sequence[tuple[Any, str]] = TEXTS, **sections: dict[str, Any]
-) -> Path:
+def write_run_config(folder: Path, architecture: Architecture, *, texts: Corpus = TEXTS, **sections: Any) -> Path:
     """Write a run config for ``architecture`` into ``folder`` and return its path.
 
     The run reads ``folder/corpus.jsonl`` (``texts``), builds the model with random
@@ -130,12 +133,7 @@ def write_run_config(
 
 
 def sniff(
-    folder: Path,
-    architecture: dict[str, Any],
-    *,
-    texts: Sequence[tuple[Any, str]] = TEXTS,
-    pm: pluggy.PluginManager | None = None,
-    **sections: dict[str, Any],
+    folder: Path, architecture: Architecture, *, texts: Corpus = TEXTS, pm: PluginManager | None = None, **sections: Any
 ) -> SniffResult:
     """Capture ``architecture`` into a fresh folder under ``folder``; return the run's result.
 
@@ -182,20 +180,15 @@ class EagerReference:
 
 
 def eager_reference(
-    folder: Path,
-    architecture: dict[str, Any],
-    *,
-    texts: Sequence[tuple[Any, str]] = TEXTS,
-    pm: pluggy.PluginManager | None = None,
-    **model_section: Any,
+    folder: Path, architecture: Architecture, *, texts: Corpus = TEXTS, pm: PluginManager | None = None, **model: Any
 ) -> EagerReference:
     """Build ``architecture`` as a run would (plugin's class and backbone, same seed), in eager mode.
 
     Each document of ``texts`` goes through the backbone with ``output_attentions=True``;
-    ``model_section`` adds ``model`` settings (e.g. ``config_overrides=``), as in the run.
+    ``model`` adds settings of the ``model`` section (e.g. ``config_overrides=``), as in the run.
     """
     run_dir = Path(tempfile.mkdtemp(prefix="reference", dir=folder))
-    cfg = load_config(write_run_config(run_dir, architecture, texts=texts, model=model_section))
+    cfg = load_config(write_run_config(run_dir, architecture, texts=texts, model=model))
     config = load_architecture(cfg.model)
     family = resolve_family(pm or make_plugin_manager(), config.model_type)
     model_class = family.hooks.qkcore_model_class(config=config)
@@ -212,6 +205,21 @@ def eager_reference(
             inputs[example_id] = ids
     layers = family.hooks.qkcore_attention_layers(model=model)
     return EagerReference(model, backbone, family, layers, attentions, inputs)
+
+
+def meta_model(architecture: Architecture, *, pm: PluginManager | None = None) -> tuple[torch.nn.Module, Family]:
+    """``architecture`` built by its family's model class on the meta device, and the family.
+
+    No weights and no compute: enough to ask the structural hooks (layers, RoPE sites,
+    card notes) about any size of model in milliseconds, not to run it.
+    """
+    from transformers import AutoConfig
+
+    settings = dict(architecture)
+    config = AutoConfig.for_model(settings.pop("model_type"), **settings)
+    family = resolve_family(pm or make_plugin_manager(), config.model_type)
+    with torch.device("meta"):
+        return family.hooks.qkcore_model_class(config=config).from_config(config), family
 
 
 def read_rows(root: Path, config: str, example_id: Any) -> tuple[np.ndarray, np.ndarray, list[int | None]]:

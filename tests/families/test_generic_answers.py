@@ -12,13 +12,11 @@ import importlib
 from typing import Any, Callable
 
 import pytest
-import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from qkcore.layers import AttentionLayer, RopeSite, self_attention_layers, text_decoder
-from qkcore.plugins import make_plugin_manager, resolve_family
-from qkcore.testing import tiny_architecture
+from qkcore.testing import meta_model, tiny_architecture
 from tests.families.test_mllama import MLLAMA
 
 
@@ -126,15 +124,6 @@ CASES: dict[str, tuple[dict[str, Any], str]] = {
 }
 
 
-def _meta_model(architecture: dict[str, Any]) -> tuple[nn.Module, Any]:
-    """The family's model class for ``architecture``, on the meta device (no weights), and the family."""
-    settings = dict(architecture)
-    config = AutoConfig.for_model(settings.pop("model_type"), **settings)
-    family = resolve_family(make_plugin_manager(), config.model_type)
-    with torch.device("meta"):
-        return family.hooks.qkcore_model_class(config=config).from_config(config), family
-
-
 def _described(layers: list[AttentionLayer]) -> list[tuple]:
     return [(layer.index, id(layer.module), layer.kind, layer.sliding_window, layer.num_query_heads,
              layer.num_key_value_heads, layer.head_dim) for layer in layers]
@@ -144,7 +133,7 @@ def _described(layers: list[AttentionLayer]) -> list[tuple]:
 def test_the_generic_answers_as_the_removed_plugin_hooks_did(case) -> None:
     architecture, plugin = CASES[case]
     removed = REMOVED[plugin]
-    model, family = _meta_model(architecture)
+    model, family = meta_model(architecture)
     assert family.plugin_name == plugin
     module = importlib.import_module(f"qk_plugin_{plugin}")
     assert [hook for hook in removed if hasattr(module, hook)] == []  # the generic answers these now
@@ -162,7 +151,7 @@ def test_the_generic_answers_as_the_removed_plugin_hooks_did(case) -> None:
 
 def test_the_generic_model_class_is_the_one_mllama_named() -> None:
     # qk-plugin-mllama named AutoModelForCausalLM (text decoder + LM head, vision weights skipped).
-    model, family = _meta_model(MLLAMA)
+    model, family = meta_model(MLLAMA)
     assert not hasattr(importlib.import_module("qk_plugin_mllama"), "qkcore_model_class")
     assert family.hooks.qkcore_model_class(config=model.config) is AutoModelForCausalLM
     assert type(model).__name__ == "MllamaForCausalLM"

@@ -43,7 +43,9 @@ def test_rows_reproduce_eager_attention_with_sliding_layers(tmp_path, ref, attn_
     result = sniff(tmp_path, ARCH, model={"attn_implementation": attn_implementation}, capture=capture_all())
     assert ref.check(result.data_root) == 2 * 8 * len(TEXTS)
     assert sliding_window_values(result.data_root, "l00h03q") == {None}
-    assert sliding_window_values(result.data_root, "l01h03q") == sliding_window_values(result.data_root, "l01h01k") == {WINDOW}
+    assert (
+        sliding_window_values(result.data_root, "l01h03q") == sliding_window_values(result.data_root, "l01h01k") == {WINDOW}
+    )
 
 
 def test_explicit_layer_types_are_honoured(tmp_path) -> None:

@@ -21,11 +21,15 @@ What differs from Llama:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from qkcore import hookimpl
 from qkcore.layers import AttentionLayer, RopeSite, text_decoder
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from qkcore.capture import CapturePlan
 
 MODEL_TYPES = ["gemma3", "gemma3_text"]
 
@@ -48,12 +52,16 @@ def qkcore_locate_rope(model: nn.Module, layer: AttentionLayer) -> RopeSite:
 
 
 @hookimpl
-def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer]) -> list[str]:
+def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer], plan: CapturePlan) -> list[str]:
     config = text_decoder(model).config
     sliding = [layer.index for layer in layers if layer.kind == "sliding"]
+    stage = (
+        "before rotary embedding (the norms' outputs)."
+        if plan.pre_rope
+        else "after rotary embedding; pre-RoPE rows are the norms' outputs."
+    )
     notes = [
-        "Gemma 3: Q/K are the per-head RMS-normalised (q_norm/k_norm) query/key states after rotary "
-        "embedding; pre-RoPE rows are the norms' outputs.",
+        f"Gemma 3: Q/K are the per-head RMS-normalised (q_norm/k_norm) query/key states {stage}",
         f"Attention logits are q·k * query_pre_attn_scalar^-0.5 (query_pre_attn_scalar = "
         f"{config.query_pre_attn_scalar}), not head_dim^-0.5; the rows are unscaled.",
     ]

@@ -18,8 +18,10 @@ import qk_plugin_gemma3
 from qkcore.plugins import list_plugins, make_plugin_manager
 from qkcore.testing import (
     assert_rows_match_eager,
+    card_notes,
     eager_reference,
     expected_sampled_configs,
+    post_rope_claims,
     read_rows,
     single_torch_thread,
     sliding_window_values,
@@ -169,3 +171,15 @@ def test_vision_language_wrapper_captures_its_text_decoder(tmp_path_factory, tmp
     checked = assert_rows_match_eager(result.data_root, reference.attentions, scaling=_scaling, key_head=_key_head)
     assert checked == 2 * N_Q * len(reference.attentions)
 
+
+def test_card_notes_of_a_pre_rope_run_make_no_post_rope_claim(reference) -> None:
+    pre = card_notes(reference.model, reference.family, pre_rope=True)
+    assert pre and post_rope_claims(pre) == []
+    assert "Q/K are the per-head RMS-normalised (q_norm/k_norm) query/key states before rotary embedding" in pre[0]
+    # The post-RoPE notes say what post-RoPE rows are (the same words as before the stage was considered).
+    post = card_notes(reference.model, reference.family)
+    assert post[0] == (
+        "Gemma 3: Q/K are the per-head RMS-normalised (q_norm/k_norm) query/key states after rotary "
+        "embedding; pre-RoPE rows are the norms' outputs."
+    )
+    assert pre[1:] == post[1:]  # scale and windows do not depend on the stage

@@ -12,10 +12,15 @@ the core's generic default; this plugin writes the card note.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
 from qkcore import hookimpl
 from qkcore.layers import AttentionLayer
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from qkcore.capture import CapturePlan
 
 MODEL_TYPES = ["glm", "glm4"]
 
@@ -33,11 +38,19 @@ def qkcore_model_types() -> list[str]:
 
 
 @hookimpl
-def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer]) -> list[str]:
+def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer], plan: CapturePlan) -> list[str]:
     head_dim = layers[0].head_dim if layers else 0
     dims = rotary_dim(model)
-    return [
-        f"GLM partial rotary: only the first {dims} of {head_dim} dims of each Q/K head are rotated "
-        f"(interleaved pairs); dims {dims}-{head_dim - 1} are the unrotated q_proj/k_proj outputs "
-        "(identical in pre- and post-RoPE captures). All layers are full attention."
-    ]
+    if plan.pre_rope:
+        rows = (
+            f"GLM partial rotary: RoPE rotates only the first {dims} of {head_dim} dims of each Q/K head "
+            f"(interleaved pairs); these pre-RoPE rows are the q_proj/k_proj outputs, unrotated in every dim "
+            f"(dims {dims}-{head_dim - 1} are never rotated)."
+        )
+    else:
+        rows = (
+            f"GLM partial rotary: only the first {dims} of {head_dim} dims of each Q/K head are rotated "
+            f"(interleaved pairs); dims {dims}-{head_dim - 1} are the unrotated q_proj/k_proj outputs "
+            "(identical in pre- and post-RoPE captures)."
+        )
+    return [f"{rows} All layers are full attention."]

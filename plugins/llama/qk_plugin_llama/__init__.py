@@ -9,10 +9,13 @@ default (``qkcore.generic``): this plugin claims the model type and writes the c
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
 
 from qkcore import hookimpl
-from qkcore.layers import AttentionLayer
+from qkcore.layers import rope_stage
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from qkcore.capture import CapturePlan
 
 MODEL_TYPES = ["llama"]
 
@@ -23,5 +26,6 @@ def qkcore_model_types() -> list[str]:
 
 
 @hookimpl
-def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer]) -> list[str]:
-    return ["Llama: Q/K are the projected query/key states after rotary embedding; all layers are full attention."]
+def qkcore_card_notes(plan: CapturePlan) -> list[str]:
+    stage = rope_stage(plan.pre_rope)
+    return [f"Llama: Q/K are the projected query/key states {stage}; all layers are full attention."]

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from qkcore import hookimpl
-from qkcore.layers import AttentionLayer
+from qkcore.layers import AttentionLayer, rope_stage
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from qkcore.capture import CapturePlan
@@ -93,8 +93,8 @@ def qkcore_postprocess_query(
 
 
 @hookimpl
-def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer], plan: CapturePlan) -> list[str]:
-    notes = ["Mistral family: Q/K are the projected query/key states right after rotary embedding."]
+def qkcore_card_notes(layers: list[AttentionLayer], plan: CapturePlan) -> list[str]:
+    notes = [f"Mistral family: Q/K are the projected query/key states right {rope_stage(plan.pre_rope)}."]
     sliding = [layer for layer in layers if layer.kind == "sliding"]
     if sliding:
         windows = sorted({layer.sliding_window for layer in sliding})
@@ -106,7 +106,8 @@ def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer], plan: Capt
     if parameters is not None:
         beta, original = parameters
         scale = (
-            "Ministral 3 multiplies the query after RoPE by 1 + beta * ln(1 + floor(position / "
+            f"Ministral 3 multiplies the {'rotated query' if plan.pre_rope else 'query after RoPE'} by "
+            "1 + beta * ln(1 + floor(position / "
             f"original_max_position_embeddings)) (beta = {beta:g}, original_max_position_embeddings = {original}; "
             f"the scale is 1 below position {original}). Keys are not scaled."
         )

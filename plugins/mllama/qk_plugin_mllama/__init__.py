@@ -29,10 +29,15 @@ reproduces that (see :mod:`qkcore.heads`).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
 from qkcore import hookimpl
-from qkcore.layers import AttentionLayer, describe_layer, text_decoder
+from qkcore.layers import AttentionLayer, describe_layer, rope_stage, text_decoder
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from qkcore.capture import CapturePlan
 
 MODEL_TYPES = ["mllama"]
 
@@ -57,11 +62,11 @@ def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
 
 
 @hookimpl
-def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer]) -> list[str]:
+def qkcore_card_notes(layers: list[AttentionLayer], plan: CapturePlan) -> list[str]:
     cross = [layer.index for layer in layers if layer.kind == "cross"]
     return [
         "Mllama (Llama 3.2 Vision): text-only forward of the text decoder; Q/K are the projected "
-        "self-attention query/key states after rotary embedding.",
+        f"self-attention query/key states {rope_stage(plan.pre_rope)}.",
         f"Cross-attention layers {cross} attend to image features and are never captured; layer numbers "
         "(lXX) are text decoder indices, counting the cross-attention layers.",
     ]

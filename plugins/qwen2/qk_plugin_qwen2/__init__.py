@@ -13,10 +13,13 @@ hands the rotated tensors to the attention interface. With
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
 
 from qkcore import hookimpl
-from qkcore.layers import AttentionLayer
+from qkcore.layers import rope_stage
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from qkcore.capture import CapturePlan
 
 MODEL_TYPES = ["qwen2"]
 
@@ -27,6 +30,6 @@ def qkcore_model_types() -> list[str]:
 
 
 @hookimpl
-def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer]) -> list[str]:
+def qkcore_card_notes(plan: CapturePlan) -> list[str]:
     # Sliding layers and their windows are listed by the card itself (from the layer kinds).
-    return ["Qwen2: Q/K are the biased q_proj/k_proj outputs after rotary embedding."]
+    return [f"Qwen2: Q/K are the biased q_proj/k_proj outputs {rope_stage(plan.pre_rope)}."]

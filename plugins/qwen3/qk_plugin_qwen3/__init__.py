@@ -14,10 +14,14 @@ pre-RoPE site and each module's own window; this plugin writes the card notes.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
 from qkcore import hookimpl
-from qkcore.layers import AttentionLayer
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from qkcore.capture import CapturePlan
 
 MODEL_TYPES = ["qwen3"]
 
@@ -28,19 +32,25 @@ def qkcore_model_types() -> list[str]:
 
 
 @hookimpl
-def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer]) -> list[str]:
-    notes = [
-        "Qwen3: Q/K are RMS-normalised per head (q_norm/k_norm) before RoPE; post-RoPE rows are post-norm. "
-        "Pre-RoPE capture records the q_norm/k_norm outputs."
-    ]
+def qkcore_card_notes(model: nn.Module, plan: CapturePlan) -> list[str]:
+    rows = (
+        "these pre-RoPE rows are the q_norm/k_norm outputs."
+        if plan.pre_rope
+        else "post-RoPE rows are post-norm. Pre-RoPE capture records the q_norm/k_norm outputs."
+    )
+    notes = [f"Qwen3: Q/K are RMS-normalised per head (q_norm/k_norm) before RoPE; {rows}"]
     rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
     rope_type = getattr(rotary, "rope_type", "default")
     if rotary is not None and rope_type != "default":
         scaling = float(getattr(rotary, "attention_scaling", 1.0))
         parameters = dict(getattr(model.config.get_text_config(), "rope_parameters", None) or {})
         # YaRN multiplies cos/sin by attention_scaling, so both rotated Q and K carry it.
+        carried = (
+            "a factor of the rotation, so these pre-RoPE rows do not include it."
+            if plan.pre_rope
+            else "so post-RoPE Q and K rows each include that factor."
+        )
         notes.append(
-            f"RoPE type '{rope_type}' ({parameters}); cos/sin are scaled by attention_scaling={scaling:.6g}, "
-            "so post-RoPE Q and K rows each include that factor."
+            f"RoPE type '{rope_type}' ({parameters}); cos/sin are scaled by attention_scaling={scaling:.6g}, {carried}"
         )
     return notes

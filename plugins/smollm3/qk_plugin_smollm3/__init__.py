@@ -12,10 +12,14 @@ rows coincide there. Sliding windows exist only with ``use_sliding_window``
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
 from qkcore import hookimpl
-from qkcore.layers import AttentionLayer
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from qkcore.capture import CapturePlan
 
 MODEL_TYPES = ["smollm3"]
 
@@ -32,10 +36,12 @@ def qkcore_model_types() -> list[str]:
 
 
 @hookimpl
-def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer]) -> list[str]:
+def qkcore_card_notes(model: nn.Module, plan: CapturePlan) -> list[str]:
     nope = nope_layers(model.config.get_text_config())
-    return [
-        f"SmolLM3 NoPE layers (no_rope_layers == 0): {nope}. On these layers no rotary embedding is applied: "
-        "rows are the raw q_proj/k_proj outputs in both capture modes (post-RoPE rows equal pre-RoPE rows). "
-        "All other layers are captured after rotary embedding."
-    ]
+    rows = (
+        "; this pre-RoPE capture records the raw q_proj/k_proj outputs on every layer."
+        if plan.pre_rope
+        else ": rows are the raw q_proj/k_proj outputs in both capture modes (post-RoPE rows equal pre-RoPE "
+        "rows). All other layers are captured after rotary embedding."
+    )
+    return [f"SmolLM3 NoPE layers (no_rope_layers == 0): {nope}. On these layers no rotary embedding is applied{rows}"]
