@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from hypothesis import settings
 
 # The CI machine is shared and noisy: a 200 ms deadline once failed at 377 ms under load.
@@ -19,6 +17,9 @@ settings.load_profile("qkcore")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# After the offline switches: importing the kit imports transformers and huggingface_hub.
+from qkcore.testing import TEXTS, write_corpus, write_run_config  # noqa: E402,F401 (shared by the tests)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,38 +38,10 @@ TINY_LLAMA: dict[str, Any] = {
     "pad_token_id": 256,
 }
 
-TEXTS = [
-    ("doc-a", "Stakes drilled into the glacier show how much ice melted over the summer."),
-    ("doc-b", "The harbour master keeps a log of every vessel that enters after dusk, with lantern counts."),
-    (12, "Flour arrives on Tuesdays."),
-    ("doc-d", "A relay station forwards messages it cannot read; it checks only the envelope and the hop counter."),
-    (99, "Readers in the archive use pencils only, and every box is returned before the next is issued."),
-]
-
-
-def write_corpus(path: Path, texts: list[tuple[Any, str]] = TEXTS) -> Path:
-    with path.open("w", encoding="utf-8") as handle:
-        for example_id, text in texts:
-            handle.write(json.dumps({"id": example_id, "text": text}) + "\n")
-    return path
-
 
 def make_config(tmp_path: Path, architecture: dict[str, Any] | None = None, **sections: dict[str, Any]) -> Path:
     """Write a run config into ``tmp_path`` and return its path; ``sections`` update the defaults."""
-    corpus = write_corpus(tmp_path / "corpus.jsonl")
-    config: dict[str, Any] = {
-        "dataset": {"path": str(corpus), "text_column": "text", "id_column": "id"},
-        "model": {"name": "test/tiny", "config": architecture or TINY_LLAMA, "dtype": "float32", "device_map": "cpu"},
-        "tokenizer": {"name": "qkcore:bytes", "max_length": 512},
-        "inference": {"batch_size": 2},
-        "capture": {"sampler": {"type": "all"}, "min_bucket_size": 16},
-        "output": {"data_root": str(tmp_path / "out")},
-    }
-    for section, values in sections.items():
-        config.setdefault(section, {}).update(values)
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    return path
+    return write_run_config(tmp_path, architecture or TINY_LLAMA, **sections)
 
 
 @pytest.fixture

@@ -11,15 +11,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from qkcore.config import load_config
 from qkcore.sniff import run_sniff
-from qkcore.sources.model import load_architecture, load_model
-from qkcore.sources.tokenizer import load_tokenizer
+from qkcore.testing import assert_rows_match_eager, eager_reference, read_rows
 from tests.conftest import TEXTS, TINY_LLAMA
-from tests.oracle import assert_rows_match_eager, read_rows
 
 
 def _rows(root, layer: int, head: int, kind: str, example_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -29,22 +26,9 @@ def _rows(root, layer: int, head: int, kind: str, example_id: int) -> tuple[np.n
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """The tiny model in eager mode, its tokenizer, and per-document attention probabilities."""
-    from tests.conftest import make_config
-
-    cfg = load_config(make_config(tmp_path_factory.mktemp("ref")))
-    config = load_architecture(cfg.model)
-    model = load_model(cfg.model, config, AutoModelForCausalLM, torch.float32, torch.device("cpu"))
-    model.set_attn_implementation("eager")
-    tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
-    attentions, inputs = {}, {}
-    with torch.no_grad():
-        for example_id, text in TEXTS:
-            ids = torch.tensor([tokenizer(text)["input_ids"]])
-            out = model.model(input_ids=ids, use_cache=False, output_attentions=True)
-            attentions[example_id] = [a[0] for a in out.attentions]
-            inputs[example_id] = ids
-    return model, attentions, inputs
+    """The tiny model in eager mode and per-document attention probabilities and inputs."""
+    ref = eager_reference(tmp_path_factory.mktemp("ref"), TINY_LLAMA)
+    return ref.model, ref.attentions, ref.inputs
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])

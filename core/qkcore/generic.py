@@ -13,7 +13,7 @@ from typing import Any, Callable
 from torch import nn
 
 from qkcore import hookimpl
-from qkcore.layers import AttentionLayer, RopeSite, describe_layer, text_decoder
+from qkcore.layers import AttentionLayer, RopeSite, describe_layer, module_window, text_decoder
 
 _LAYER_KINDS = {"full_attention": "full", "sliding_attention": "sliding", "chunked_attention": "sliding"}
 
@@ -33,6 +33,11 @@ def qkcore_backbone(model: nn.Module) -> nn.Module:
 
 @hookimpl(trylast=True)
 def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
+    """Every module with ``layer_idx`` and ``q_proj``/``k_proj``, by index, with the window its kernel gets.
+
+    The window is the module's own ``sliding_window`` (what it passes to its kernel),
+    else the config's model-wide one (Mistral keeps no per-module window).
+    """
     config = model.config.get_text_config()
     layer_types = getattr(config, "layer_types", None)
     layers = []
@@ -40,7 +45,7 @@ def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
         if not (hasattr(module, "layer_idx") and hasattr(module, "q_proj") and hasattr(module, "k_proj")):
             continue
         index = int(module.layer_idx)
-        window = getattr(module, "sliding_window", None) or getattr(config, "sliding_window", None)
+        window = module_window(module) or getattr(config, "sliding_window", None)
         if layer_types is not None and index < len(layer_types):
             # A layer typed full never slides; one typed sliding slides only if a window is set
             # (configs may keep layer_types while use_sliding_window is off). Older configs
@@ -52,11 +57,17 @@ def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
 
 @hookimpl(trylast=True)
 def qkcore_locate_rope(model: nn.Module, layer: AttentionLayer) -> RopeSite:
+    """RoPE right after the per-head norms (``q_norm``/``k_norm``) if the module has them, else the projections.
+
+    Every layer rotates except NoPE layers (the module's ``use_rope`` is false) and
+    cross-attention layers (their keys are image features, which have no positions).
+    """
     module = layer.module
     # Per-head norms (q_norm/k_norm) run before RoPE: their output is the pre-RoPE tensor.
     query_source = getattr(module, "q_norm", None) or module.q_proj
     key_source = getattr(module, "k_norm", None) or module.k_proj
-    return RopeSite(applies_rope=bool(getattr(module, "use_rope", True)), query_source=query_source, key_source=key_source)
+    applies_rope = layer.capturable and bool(getattr(module, "use_rope", True))
+    return RopeSite(applies_rope=applies_rope, query_source=query_source, key_source=key_source)
 
 
 @hookimpl(trylast=True)

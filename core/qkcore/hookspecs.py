@@ -58,8 +58,10 @@ def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer] | None:
     config names (``lXX``), the attention module, whether it is full, sliding or
     cross attention, its ``sliding_window``, and its head counts. Cross-attention
     layers are listed but never captured. Generic default: every module with a
-    ``layer_idx`` and ``q_proj``/``k_proj``, kinds read from ``config.layer_types``
-    and the window the module uses. Plugins usually build the list with
+    ``layer_idx`` and ``q_proj``/``k_proj``, with the window it hands its kernel (its
+    own ``sliding_window``, else the config's model-wide one; none on layers that
+    ``config.layer_types`` marks full). Implement it only where that is wrong for the
+    family (e.g. cross-attention layers), with :func:`qkcore.layers.describe_layer` or
     :func:`qkcore.layers.self_attention_layers`.
     """
 
@@ -71,8 +73,10 @@ def qkcore_locate_rope(model: nn.Module, layer: AttentionLayer) -> RopeSite | No
     The returned :class:`~qkcore.layers.RopeSite` names the modules whose outputs
     are the query and key right before rotary embedding (the projections, or the
     per-head norm where the family has one). Pre-RoPE capture hooks those modules.
-    Generic default: ``q_norm``/``k_norm`` if present, else ``q_proj``/``k_proj``;
-    RoPE applies unless the module's ``use_rope`` is false.
+    Generic default: ``q_norm``/``k_norm`` if present, else ``q_proj``/``k_proj``,
+    with their outputs laid out ``(batch, seq, ...)``; RoPE applies unless the module's
+    ``use_rope`` is false or the layer is cross-attention. Implement it where the
+    family differs (e.g. norms applied after the head transpose: ``heads_first``).
     """
 
 
@@ -114,7 +118,11 @@ def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer], plan: Capt
     """Return lines for the dataset card about how this family was captured.
 
     ``plan`` is the run's :class:`~qkcore.capture.CapturePlan` (RoPE stage,
-    ``unscaled_queries``, heads), so a note can say which form the rows are in.
+    ``unscaled_queries``, heads), so a note can say which form the rows are in. Each
+    note must be true of *this* run's rows: with ``plan.pre_rope`` they are taken
+    before rotary embedding (:func:`qkcore.layers.rope_stage` words the stage), and no
+    note may claim otherwise (:func:`qkcore.testing.post_rope_claims` checks that).
+    Like every hook, an implementation may take only the arguments it uses.
     """
 
 

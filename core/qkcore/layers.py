@@ -93,3 +93,12 @@ def self_attention_layers(
         describe_layer(index, layer.self_attn, decoder.config, window=window_of(layer.self_attn))
         for index, layer in enumerate(decoder.layers)
     ]
+
+
+def rope_stage(pre_rope: bool) -> str:
+    """The words a card note uses for the stage a run's rows are taken at.
+
+    ``"before rotary embedding"`` for a pre-RoPE run (``plan.pre_rope``), else
+    ``"after rotary embedding"``: a family note built on it is true for both stages.
+    """
+    return "before rotary embedding" if pre_rope else "after rotary embedding"

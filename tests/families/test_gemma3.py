@@ -1,80 +1,16 @@
 """Gemma 3 (plugin ``qk-plugin-gemma3``), the third-party route: qkcore has no line about Gemma.
 
-Layers alternate sliding (window 8, shorter than every document) and full
-attention; logits are scaled by ``query_pre_attn_scalar ** -0.5``; q/k pass a
-per-head RMS norm before RoPE, so pre-RoPE rows are the norms' outputs.
+The family's capture tests live with the package (``plugins/gemma3/tests``) and use
+only the installed ``qkcore`` and ``qk_plugin_gemma3``; here is what concerns this
+repository: the core stays free of Gemma, and the CLI lists the package.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-import torch
-
 from tests.conftest import REPO
-from tests.families._eager_reference import (
-    eager_reference,
-    expected_sampled_configs,
-    plugins_list_line,
-    sliding_window_column,
-    sniff,
-)
-from tests.oracle import assert_rows_match_eager, read_rows
-
-HEAD_DIM, N_Q, N_KV, WINDOW, QUERY_PRE_ATTN_SCALAR = 16, 4, 2, 8, 24
-
-#: A real Gemma3TextConfig, shrunk: sliding, full, sliding.
-GEMMA3_TEXT = {
-    "model_type": "gemma3_text",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 3,
-    "num_attention_heads": N_Q,
-    "num_key_value_heads": N_KV,
-    "head_dim": HEAD_DIM,
-    "query_pre_attn_scalar": QUERY_PRE_ATTN_SCALAR,
-    "sliding_window": WINDOW,
-    "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
-    "vocab_size": 259,
-    "pad_token_id": 256,
-    "max_position_embeddings": 512,
-}
-WINDOWS = {0: WINDOW, 1: None, 2: WINDOW}
-
-#: The vision-language wrapper (gemma-3-4b and larger): only its text decoder runs.
-GEMMA3 = {
-    "model_type": "gemma3",
-    "text_config": {**GEMMA3_TEXT, "num_hidden_layers": 2, "layer_types": ["sliding_attention", "full_attention"]},
-    "vision_config": {
-        "model_type": "siglip_vision_model",
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "image_size": 28,
-        "patch_size": 14,
-    },
-    "mm_tokens_per_image": 4,
-}
-
-
-def _scaling(layer: int) -> float:
-    return QUERY_PRE_ATTN_SCALAR**-0.5
-
-
-def _key_head(q: int) -> int:
-    return q // (N_Q // N_KV)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return eager_reference(tmp_path_factory.mktemp("gemma3-ref"), GEMMA3_TEXT)
-
-
-@pytest.fixture(scope="module")
-def post(tmp_path_factory):
-    return sniff(tmp_path_factory.mktemp("gemma3-post"), GEMMA3_TEXT)
+from tests.families._support import plugins_list_line
 
 
 def test_core_has_no_line_about_gemma() -> None:
@@ -83,83 +19,6 @@ def test_core_has_no_line_about_gemma() -> None:
     assert len(sources) > 20
     hits = [str(path.relative_to(REPO)) for path in sources if b"gemma" in path.read_bytes().lower()]
     assert hits == []
-
-
-@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-def test_rows_reproduce_eager_attention(reference, post, tmp_path, attn_implementation) -> None:
-    result = post if attn_implementation == "sdpa" else sniff(
-        tmp_path, GEMMA3_TEXT, model={"attn_implementation": attn_implementation}
-    )
-    assert len(result.rows) == GEMMA3_TEXT["num_hidden_layers"] * (N_Q + N_KV)
-    checked = assert_rows_match_eager(result.data_root, reference.attentions, scaling=_scaling, key_head=_key_head)
-    assert checked == GEMMA3_TEXT["num_hidden_layers"] * N_Q * len(reference.attentions)
-    for name in result.rows:
-        assert sliding_window_column(result.data_root, name) == {WINDOWS[int(name[1:3])]}, name
-
-
-def test_pre_rope_rows_are_normed_and_rotate_into_post_rope_rows(reference, post, tmp_path) -> None:
-    from transformers.models.gemma3.modeling_gemma3 import apply_rotary_pos_emb
-
-    pre = sniff(tmp_path, GEMMA3_TEXT, capture={"capture_pre_rope": True})
-    assert set(pre.rows) == set(post.rows)
-    example_id = "doc-b"
-    length = reference.inputs[example_id].shape[1]
-    layer_types = GEMMA3_TEXT["layer_types"]
-    for layer in range(GEMMA3_TEXT["num_hidden_layers"]):
-        # Sliding and full layers rotate with different RoPE bases.
-        cos, sin = reference.backbone.rotary_emb(torch.zeros(1), torch.arange(length)[None], layer_types[layer])
-        for kind, head in (("q", 3), ("k", 0)):
-            name = f"l{layer:02d}h{head:02d}{kind}"
-            _, pre_rows, _ = read_rows(pre.data_root, name, example_id)
-            _, post_rows, _ = read_rows(post.data_root, name, example_id)
-            pre_t, post_t = torch.from_numpy(pre_rows), torch.from_numpy(post_rows)
-            # After the per-head RMS norm (weights start at 0, i.e. gain 1): rows have norm sqrt(head_dim) (up to eps).
-            torch.testing.assert_close(pre_t.norm(dim=-1), torch.full((length,), HEAD_DIM**0.5), atol=0, rtol=1e-3)
-            torch.testing.assert_close(pre_t[0], post_t[0])  # position 0: no rotation
-            assert all(not torch.allclose(pre_t[i], post_t[i]) for i in range(1, length)), name
-            rotated, _ = apply_rotary_pos_emb(pre_t[None, None], pre_t[None, None], cos, sin)
-            torch.testing.assert_close(rotated[0, 0], post_t, atol=1e-5, rtol=1e-5, msg=name)
-
-
-def test_full_attention_only_drops_exactly_the_sliding_layers(tmp_path) -> None:
-    result = sniff(tmp_path, GEMMA3_TEXT, capture={"full_attention_only": True, "sampler": {"type": "uniform"}})
-    assert sorted(result.rows) == sorted([f"l01h{h:02d}q" for h in range(N_Q)] + [f"l01h{h:02d}k" for h in range(N_KV)])
-    for name in result.rows:
-        assert sliding_window_column(result.data_root, name) == {None}
-
-
-def test_head_sampling_follows_gqa(tmp_path) -> None:
-    capture = {"head_sampling": {"count": 3, "seed": 1}, "sampler": {"type": "uniform"}}
-    result = sniff(tmp_path, GEMMA3_TEXT, capture=capture)
-    assert sorted(result.rows) == expected_sampled_configs([0, 1, 2], N_Q, N_KV, count=3, seed=1)
-
-
-def test_softcapping_matches_what_the_model_applies(tmp_path_factory, reference, tmp_path) -> None:
-    capped = {**GEMMA3_TEXT, "attn_logit_softcapping": 2.0}
-    capped_reference = eager_reference(tmp_path_factory.mktemp("gemma3-capped-ref"), capped)
-    # Does this transformers cap Gemma 3's attention logits? (5.23 does not pass the cap to the kernel.)
-    applied = any(
-        not torch.allclose(a, b)
-        for example_id in reference.attentions
-        for a, b in zip(reference.attentions[example_id], capped_reference.attentions[example_id])
-    )
-    result = sniff(tmp_path, capped, model={"attn_implementation": "eager"})
-    assert_rows_match_eager(
-        result.data_root, capped_reference.attentions, scaling=_scaling, key_head=_key_head,
-        softcap=2.0 if applied else None,
-    )
-    assert "attn_logit_softcapping = 2.0" in (result.data_root / "README.md").read_text()
-
-
-def test_vision_language_wrapper_captures_its_text_decoder(tmp_path_factory, tmp_path) -> None:
-    from transformers import Gemma3ForConditionalGeneration
-
-    reference = eager_reference(tmp_path_factory.mktemp("gemma3-vlm-ref"), GEMMA3)
-    assert isinstance(reference.model, Gemma3ForConditionalGeneration)
-    assert reference.backbone is reference.model.model.language_model
-    result = sniff(tmp_path, GEMMA3)
-    checked = assert_rows_match_eager(result.data_root, reference.attentions, scaling=_scaling, key_head=_key_head)
-    assert checked == 2 * N_Q * len(reference.attentions)
 
 
 def test_plugins_list_shows_the_gemma3_plugin(capsys) -> None:

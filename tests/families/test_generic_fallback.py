@@ -13,19 +13,19 @@ import torch
 from transformers.models.olmo2.modeling_olmo2 import apply_rotary_pos_emb
 
 from qkcore.plugins import make_plugin_manager, resolve_family
+from qkcore.testing import capture_all, eager_reference, rope_tables, rows, sniff, tiny_architecture
 from tests.conftest import TEXTS
-from tests.families._support import capture_all, reference, rope_tables, rows, sniff, tiny
 
 ARCHITECTURES = {
-    "granite": tiny("granite", attention_multiplier=0.11),
-    "olmo2": tiny("olmo2"),
+    "granite": tiny_architecture("granite", attention_multiplier=0.11),
+    "olmo2": tiny_architecture("olmo2"),
 }
 
 
 @pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
 def fallback(request, tmp_path_factory):
     architecture = ARCHITECTURES[request.param]
-    return request.param, architecture, reference(tmp_path_factory.mktemp(request.param), architecture)
+    return request.param, architecture, eager_reference(tmp_path_factory.mktemp(request.param), architecture)
 
 
 def test_no_plugin_claims_the_model_type(fallback) -> None:
@@ -50,7 +50,7 @@ def test_rows_reproduce_eager_attention_and_card_names_the_fallback(tmp_path, fa
 
 def test_olmo2_pre_rope_rows_are_the_norm_outputs(tmp_path) -> None:
     architecture = ARCHITECTURES["olmo2"]
-    ref = reference(tmp_path, architecture)
+    ref = eager_reference(tmp_path, architecture)
     post = sniff(tmp_path, architecture, capture=capture_all(layers=[0, 1], heads=[5]))
     pre = sniff(tmp_path, architecture, capture=capture_all(layers=[0, 1], heads=[5], capture_pre_rope=True))
     example_id = TEXTS[1][0]

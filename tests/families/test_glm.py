@@ -9,8 +9,8 @@ import pytest
 import torch
 from qk_plugin_glm import rotary_dim
 
+from qkcore.testing import capture_all, eager_reference, rope_tables, rows, sniff, tiny_architecture
 from tests.conftest import TEXTS
-from tests.families._support import capture_all, reference, rope_tables, rows, sniff, tiny
 
 MODEL_TYPES = ["glm", "glm4"]
 HEAD_DIM = 16
@@ -20,8 +20,8 @@ ROTARY_DIM = 8  # partial_rotary_factor defaults to 0.5 in both configs
 @pytest.fixture(scope="module", params=MODEL_TYPES)
 def family(request, tmp_path_factory):
     """(model_type, architecture, eager reference) per GLM model type."""
-    architecture = tiny(request.param)
-    return request.param, architecture, reference(tmp_path_factory.mktemp(request.param), architecture)
+    architecture = tiny_architecture(request.param)
+    return request.param, architecture, eager_reference(tmp_path_factory.mktemp(request.param), architecture)
 
 
 def test_layers_and_rotary_dim(family) -> None:

@@ -16,14 +16,15 @@ import torch
 
 from qk_plugin_ministral import query_scale
 from qkcore.config import ConfigError
-from tests.families._eager_reference import (
+from qkcore.testing import (
+    assert_rows_match_eager,
     eager_reference,
     expected_sampled_configs,
-    plugins_list_line,
-    sliding_window_column,
+    read_rows,
+    sliding_window_values,
     sniff,
 )
-from tests.oracle import assert_rows_match_eager, read_rows
+from tests.families._support import plugins_list_line
 
 HEAD_DIM, N_Q, N_KV, WINDOW = 16, 4, 2, 8
 BETA, ORIGINAL_MAX = 0.5, 32  # the scale is 1 below position 32, then 1.35, 1.55, 1.69
@@ -153,7 +154,7 @@ def test_ministral3_rows_reproduce_eager_attention(ministral3, ministral3_post, 
     checked = assert_rows_match_eager(result.data_root, ministral3.attentions, scaling=_scaling, key_head=_key_head)
     assert checked == MINISTRAL3["num_hidden_layers"] * N_Q * len(ministral3.attentions)
     for name in result.rows:
-        assert sliding_window_column(result.data_root, name) == {WINDOW}
+        assert sliding_window_values(result.data_root, name) == {WINDOW}
 
 
 def test_ministral3_query_rows_are_the_kernel_query_by_default(ministral3_post, kernel_queries) -> None:
@@ -277,7 +278,7 @@ def test_ministral_mixed_layers_oracle_and_eligibility(tmp_path_factory, tmp_pat
     assert checked == MINISTRAL["num_hidden_layers"] * N_Q * len(reference.attentions)
     windows = {0: WINDOW, 1: None, 2: WINDOW}
     for name in result.rows:
-        assert sliding_window_column(result.data_root, name) == {windows[int(name[1:3])]}, name
+        assert sliding_window_values(result.data_root, name) == {windows[int(name[1:3])]}, name
 
     full_only = sniff(tmp_path, MINISTRAL, capture={"full_attention_only": True, "sampler": {"type": "uniform"}})
     assert sorted(full_only.rows) == sorted(
@@ -291,7 +292,7 @@ def test_mistral_model_wide_window_oracle_and_eligibility(tmp_path_factory, tmp_
     checked = assert_rows_match_eager(result.data_root, reference.attentions, scaling=_scaling, key_head=_key_head)
     assert checked == MISTRAL["num_hidden_layers"] * N_Q * len(reference.attentions)
     for name in result.rows:
-        assert sliding_window_column(result.data_root, name) == {WINDOW}
+        assert sliding_window_values(result.data_root, name) == {WINDOW}
     # Every layer slides: a full-attention-only capture has nothing to record, and says so before running.
     with pytest.raises(ConfigError, match="no layer is eligible"):
         sniff(tmp_path, MISTRAL, capture={"full_attention_only": True, "sampler": {"type": "uniform"}})

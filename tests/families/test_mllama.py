@@ -13,14 +13,15 @@ import random
 import pytest
 import torch
 
-from tests.families._eager_reference import (
+from qkcore.testing import (
+    assert_rows_match_eager,
     eager_reference,
     expected_sampled_configs,
-    plugins_list_line,
-    sliding_window_column,
+    read_rows,
+    sliding_window_values,
     sniff,
 )
-from tests.oracle import assert_rows_match_eager, read_rows
+from tests.families._support import plugins_list_line
 
 N_Q, N_KV, HIDDEN = 4, 2, 64
 HEAD_DIM = HIDDEN // N_Q  # mllama text attention has no head_dim setting
@@ -99,7 +100,7 @@ def test_cross_layers_are_listed_never_captured_and_columns_are_null(reference, 
     full_only = sniff(tmp_path, MLLAMA, capture={"full_attention_only": True, "sampler": {"type": "uniform"}})
     assert sorted(full_only.rows) == _expected_configs(SELF_LAYERS)
     for name in post.rows:
-        assert sliding_window_column(post.data_root, name) == {None}
+        assert sliding_window_values(post.data_root, name) == {None}
     card = (post.data_root / "README.md").read_text()
     assert "Cross-attention layers [1]" in card
 

@@ -7,21 +7,29 @@ import pytest
 import torch
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
+from qkcore.testing import (
+    capture_all,
+    eager_reference,
+    rope_tables,
+    rows,
+    sliding_window_values,
+    sniff,
+    tiny_architecture,
+)
 from tests.conftest import TEXTS
-from tests.families._support import capture_all, reference, rope_tables, rows, sliding_column, sniff, tiny
 
 WINDOW = 16  # shorter than most test documents, so the window changes the attention
 #: Default layer_types: layers from max_window_layers on slide -> layer 0 full, layer 1 sliding.
-ARCH = tiny("qwen2", use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)
+ARCH = tiny_architecture("qwen2", use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)
 #: Explicit layer_types, the other way round.
-ARCH_LAYER_TYPES = tiny(
+ARCH_LAYER_TYPES = tiny_architecture(
     "qwen2", use_sliding_window=True, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]
 )
 
 
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory):
-    return reference(tmp_path_factory.mktemp("qwen2"), ARCH)
+    return eager_reference(tmp_path_factory.mktemp("qwen2"), ARCH)
 
 
 def test_layers_describe_kinds_windows_and_biased_projections(ref) -> None:
@@ -34,22 +42,24 @@ def test_layers_describe_kinds_windows_and_biased_projections(ref) -> None:
 def test_rows_reproduce_eager_attention_with_sliding_layers(tmp_path, ref, attn_implementation) -> None:
     result = sniff(tmp_path, ARCH, model={"attn_implementation": attn_implementation}, capture=capture_all())
     assert ref.check(result.data_root) == 2 * 8 * len(TEXTS)
-    assert sliding_column(result.data_root, "l00h03q") == {None}
-    assert sliding_column(result.data_root, "l01h03q") == sliding_column(result.data_root, "l01h01k") == {WINDOW}
+    assert sliding_window_values(result.data_root, "l00h03q") == {None}
+    assert (
+        sliding_window_values(result.data_root, "l01h03q") == sliding_window_values(result.data_root, "l01h01k") == {WINDOW}
+    )
 
 
 def test_explicit_layer_types_are_honoured(tmp_path) -> None:
-    explicit = reference(tmp_path, ARCH_LAYER_TYPES)
+    explicit = eager_reference(tmp_path, ARCH_LAYER_TYPES)
     assert [layer.kind for layer in explicit.layers] == ["sliding", "full"]
     result = sniff(tmp_path, ARCH_LAYER_TYPES, capture=capture_all())
     assert explicit.check(result.data_root) == 2 * 8 * len(TEXTS)
-    assert sliding_column(result.data_root, "l00h00q") == {WINDOW}
+    assert sliding_window_values(result.data_root, "l00h00q") == {WINDOW}
 
 
 def test_full_attention_only_drops_exactly_the_sliding_layers(tmp_path) -> None:
     result = sniff(tmp_path, ARCH, capture=capture_all(full_attention_only=True))
     assert sorted(result.rows) == sorted([f"l00h{h:02d}q" for h in range(8)] + ["l00h00k", "l00h01k"])
-    assert all(sliding_column(result.data_root, name) == {None} for name in result.rows)
+    assert all(sliding_window_values(result.data_root, name) == {None} for name in result.rows)
     card = (result.data_root / "README.md").read_text(encoding="utf-8")
     assert "qwen2 0.1.0" in card and f"Sliding-window layers (layer: window): {{1: {WINDOW}}}" in card
 

@@ -11,10 +11,10 @@ from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
 from qkcore.config import load_config
 from qkcore.sources.model import load_architecture
+from qkcore.testing import capture_all, eager_reference, rope_tables, rows, sniff, tiny_architecture
 from tests.conftest import TEXTS, make_config
-from tests.families._support import capture_all, reference, rope_tables, rows, sniff, tiny
 
-ARCH = tiny("qwen3")
+ARCH = tiny_architecture("qwen3")
 #: Exactly as the protocol's Qwen3 configs write it.
 YARN = {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}
 YARN_SCALING = 0.1 * math.log(4.0) + 1.0  # YaRN's default attention factor for factor 4
@@ -22,12 +22,12 @@ YARN_SCALING = 0.1 * math.log(4.0) + 1.0  # YaRN's default attention factor for 
 
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory):
-    return reference(tmp_path_factory.mktemp("qwen3"), ARCH)
+    return eager_reference(tmp_path_factory.mktemp("qwen3"), ARCH)
 
 
 @pytest.fixture(scope="module")
 def yarn(tmp_path_factory):
-    return reference(tmp_path_factory.mktemp("qwen3-yarn"), ARCH, config_overrides=YARN)
+    return eager_reference(tmp_path_factory.mktemp("qwen3-yarn"), ARCH, config_overrides=YARN)
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])

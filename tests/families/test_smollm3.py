@@ -9,20 +9,20 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.smollm3.modeling_smollm3 import apply_rotary_pos_emb
 
 from qkcore.plugins import make_plugin_manager, resolve_family
+from qkcore.testing import TINY_SIZES, capture_all, eager_reference, rope_tables, rows, sniff, tiny_architecture
 from tests.conftest import TEXTS
-from tests.families._support import SIZES, capture_all, reference, rope_tables, rows, sniff, tiny
 
 #: Layer 0 applies RoPE, layer 1 is NoPE.
-ARCH = tiny("smollm3", no_rope_layers=[1, 0])
+ARCH = tiny_architecture("smollm3", no_rope_layers=[1, 0])
 
 
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory):
-    return reference(tmp_path_factory.mktemp("smollm3"), ARCH)
+    return eager_reference(tmp_path_factory.mktemp("smollm3"), ARCH)
 
 
 def _meta_model(**overrides):
-    sizes = {key: value for key, value in SIZES.items() if key != "num_hidden_layers"}
+    sizes = {key: value for key, value in TINY_SIZES.items() if key != "num_hidden_layers"}
     config = AutoConfig.for_model("smollm3", **{**sizes, **overrides})
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)

@@ -8,6 +8,8 @@ What differs from Llama:
 
 * **Mixed sliding / full layers** from ``config.layer_types`` (5 sliding : 1 full
   in the checkpoints); a sliding layer's window is ``config.sliding_window``.
+  ``Gemma3Attention`` sets ``sliding_window`` only on sliding layers, so the core's
+  generic layer list (each module's own window) describes them as they are.
 * **Per-head RMS norms** ``q_norm``/``k_norm`` run before RoPE, so the pre-RoPE
   tensors are the norms' outputs (and post-RoPE rows are normalised, then rotated).
   Sliding and full layers use different RoPE bases (10k / 1M).
@@ -19,11 +21,15 @@ What differs from Llama:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from qkcore import hookimpl
-from qkcore.layers import AttentionLayer, RopeSite, self_attention_layers, text_decoder
+from qkcore.layers import AttentionLayer, RopeSite, text_decoder
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from qkcore.capture import CapturePlan
 
 MODEL_TYPES = ["gemma3", "gemma3_text"]
 
@@ -37,14 +43,6 @@ def qkcore_model_types() -> list[str]:
     return MODEL_TYPES
 
 
-
-
-@hookimpl
-def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
-    # Gemma3Attention sets `sliding_window` only on sliding layers (None on full ones).
-    return self_attention_layers(model)
-
-
 @hookimpl
 def qkcore_locate_rope(model: nn.Module, layer: AttentionLayer) -> RopeSite:
     # RoPE follows the per-head norms on every layer: their outputs are the pre-RoPE Q/K.
@@ -54,12 +52,16 @@ def qkcore_locate_rope(model: nn.Module, layer: AttentionLayer) -> RopeSite:
 
 
 @hookimpl
-def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer]) -> list[str]:
+def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer], plan: CapturePlan) -> list[str]:
     config = text_decoder(model).config
     sliding = [layer.index for layer in layers if layer.kind == "sliding"]
+    stage = (
+        "before rotary embedding (the norms' outputs)."
+        if plan.pre_rope
+        else "after rotary embedding; pre-RoPE rows are the norms' outputs."
+    )
     notes = [
-        "Gemma 3: Q/K are the per-head RMS-normalised (q_norm/k_norm) query/key states after rotary "
-        "embedding; pre-RoPE rows are the norms' outputs.",
+        f"Gemma 3: Q/K are the per-head RMS-normalised (q_norm/k_norm) query/key states {stage}",
         f"Attention logits are q·k * query_pre_attn_scalar^-0.5 (query_pre_attn_scalar = "
         f"{config.query_pre_attn_scalar}), not head_dim^-0.5; the rows are unscaled.",
     ]

@@ -5,15 +5,22 @@ of each head (``head_dim * partial_rotary_factor``, 0.5 by default) are rotated,
 in interleaved pairs (dims 0/1, 2/3, ...); the remaining dimensions pass through
 unchanged. Post-RoPE rows therefore differ from pre-RoPE rows only in the
 rotary dimensions. Q/K come from biased ``q_proj``/``k_proj`` and reach the
-attention interface after RoPE; every layer is full attention.
+attention interface after RoPE; every layer is full attention. Layers, RoPE site
+(the projections: the unrotated dims are part of the same tensor) and capture are
+the core's generic default; this plugin writes the card note.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
 from qkcore import hookimpl
-from qkcore.layers import AttentionLayer, RopeSite, self_attention_layers
+from qkcore.layers import AttentionLayer
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from qkcore.capture import CapturePlan
 
 MODEL_TYPES = ["glm", "glm4"]
 
@@ -31,23 +38,19 @@ def qkcore_model_types() -> list[str]:
 
 
 @hookimpl
-def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
-    # GLM/GLM-4 attention has no window: every layer is full attention.
-    return self_attention_layers(model)
-
-
-@hookimpl
-def qkcore_locate_rope(model: nn.Module, layer: AttentionLayer) -> RopeSite:
-    # Partial RoPE follows the projections directly; the untouched dims are part of the same tensor.
-    return RopeSite(applies_rope=True, query_source=layer.module.q_proj, key_source=layer.module.k_proj)
-
-
-@hookimpl
-def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer]) -> list[str]:
+def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer], plan: CapturePlan) -> list[str]:
     head_dim = layers[0].head_dim if layers else 0
     dims = rotary_dim(model)
-    return [
-        f"GLM partial rotary: only the first {dims} of {head_dim} dims of each Q/K head are rotated "
-        f"(interleaved pairs); dims {dims}-{head_dim - 1} are the unrotated q_proj/k_proj outputs "
-        "(identical in pre- and post-RoPE captures). All layers are full attention."
-    ]
+    if plan.pre_rope:
+        rows = (
+            f"GLM partial rotary: RoPE rotates only the first {dims} of {head_dim} dims of each Q/K head "
+            f"(interleaved pairs); these pre-RoPE rows are the q_proj/k_proj outputs, unrotated in every dim "
+            f"(dims {dims}-{head_dim - 1} are never rotated)."
+        )
+    else:
+        rows = (
+            f"GLM partial rotary: only the first {dims} of {head_dim} dims of each Q/K head are rotated "
+            f"(interleaved pairs); dims {dims}-{head_dim - 1} are the unrotated q_proj/k_proj outputs "
+            "(identical in pre- and post-RoPE captures)."
+        )
+    return [f"{rows} All layers are full attention."]

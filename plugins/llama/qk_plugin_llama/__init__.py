@@ -3,15 +3,19 @@
 Llama attention projects Q/K with ``q_proj``/``k_proj``, applies RoPE on every
 layer, and hands the rotated tensors to the attention interface, so the
 core's attention-interface capture sees exactly the post-RoPE Q/K. All layers
-are full attention; GQA groups are contiguous (the core's default mapping).
+are full attention; GQA groups are contiguous. All of that is the core's generic
+default (``qkcore.generic``): this plugin claims the model type and writes the card note.
 """
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
 
 from qkcore import hookimpl
-from qkcore.layers import AttentionLayer, RopeSite, self_attention_layers
+from qkcore.layers import rope_stage
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from qkcore.capture import CapturePlan
 
 MODEL_TYPES = ["llama"]
 
@@ -22,17 +26,6 @@ def qkcore_model_types() -> list[str]:
 
 
 @hookimpl
-def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
-    # Llama attention has no window: every layer is full attention.
-    return self_attention_layers(model)
-
-
-@hookimpl
-def qkcore_locate_rope(model: nn.Module, layer: AttentionLayer) -> RopeSite:
-    # RoPE is applied right after the projections, on every Llama layer.
-    return RopeSite(applies_rope=True, query_source=layer.module.q_proj, key_source=layer.module.k_proj)
-
-
-@hookimpl
-def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer]) -> list[str]:
-    return ["Llama: Q/K are the projected query/key states after rotary embedding; all layers are full attention."]
+def qkcore_card_notes(plan: CapturePlan) -> list[str]:
+    stage = rope_stage(plan.pre_rope)
+    return [f"Llama: Q/K are the projected query/key states {stage}; all layers are full attention."]

@@ -9,8 +9,10 @@ What differs from Llama:
 * **Sliding windows.** ``mistral`` and ``ministral3`` apply one model-wide
   ``config.sliding_window`` (``None`` in the Ministral 3 checkpoints) to every
   layer; ``ministral`` sets a window per layer from ``config.layer_types``.
-  Sliding layers are listed with kind ``"sliding"`` and their window, so the
-  ``sliding_window`` column holds it and ``full_attention_only`` skips them.
+  The core's generic layer list reads each module's own window, else the
+  model-wide one, so sliding layers are listed with kind ``"sliding"`` and their
+  window: the ``sliding_window`` column holds it and ``full_attention_only`` skips
+  them. RoPE follows the projections (the generic RoPE site).
 * **Llama-4 query scaling (Ministral 3).** After RoPE, ``Ministral3Attention``
   multiplies the query by ``1 + beta * log(1 + floor(position / original_max))``
   (``llama_4_scaling_beta`` and ``original_max_position_embeddings`` in
@@ -29,7 +31,7 @@ import torch
 from torch import nn
 
 from qkcore import hookimpl
-from qkcore.layers import AttentionLayer, RopeSite, self_attention_layers, text_decoder
+from qkcore.layers import AttentionLayer, rope_stage
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from qkcore.capture import CapturePlan
@@ -56,28 +58,6 @@ def qkcore_model_class(config: Any) -> type | None:
 
         return AutoModelForImageTextToText
     return None  # text-only types: the generic AutoModelForCausalLM
-
-
-
-
-@hookimpl
-def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
-    config = text_decoder(model).config
-
-    def window_of(attention: nn.Module) -> int | None:
-        # Mirror what the attention passes to its kernel: `ministral` keeps a per-layer
-        # window (None on full layers), `mistral`/`ministral3` read the model-wide one.
-        if hasattr(attention, "sliding_window"):
-            return attention.sliding_window
-        return getattr(config, "sliding_window", None)
-
-    return self_attention_layers(model, window_of)
-
-
-@hookimpl
-def qkcore_locate_rope(model: nn.Module, layer: AttentionLayer) -> RopeSite:
-    # RoPE is applied right after the projections on every layer (no per-head norm).
-    return RopeSite(applies_rope=True, query_source=layer.module.q_proj, key_source=layer.module.k_proj)
 
 
 def query_scale_parameters(module: nn.Module) -> tuple[float, int] | None:
@@ -113,8 +93,8 @@ def qkcore_postprocess_query(
 
 
 @hookimpl
-def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer], plan: CapturePlan) -> list[str]:
-    notes = ["Mistral family: Q/K are the projected query/key states right after rotary embedding."]
+def qkcore_card_notes(layers: list[AttentionLayer], plan: CapturePlan) -> list[str]:
+    notes = [f"Mistral family: Q/K are the projected query/key states right {rope_stage(plan.pre_rope)}."]
     sliding = [layer for layer in layers if layer.kind == "sliding"]
     if sliding:
         windows = sorted({layer.sliding_window for layer in sliding})
@@ -126,7 +106,8 @@ def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer], plan: Capt
     if parameters is not None:
         beta, original = parameters
         scale = (
-            "Ministral 3 multiplies the query after RoPE by 1 + beta * ln(1 + floor(position / "
+            f"Ministral 3 multiplies the {'rotated query' if plan.pre_rope else 'query after RoPE'} by "
+            "1 + beta * ln(1 + floor(position / "
             f"original_max_position_embeddings)) (beta = {beta:g}, original_max_position_embeddings = {original}; "
             f"the scale is 1 below position {original}). Keys are not scaled."
         )

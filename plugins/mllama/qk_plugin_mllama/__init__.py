@@ -5,7 +5,17 @@ The text decoder interleaves self-attention layers with cross-attention layers
 self-attention layers are captured: cross-attention layers are listed with kind
 ``"cross"`` (never captured) and keep their place in the numbering, so ``lXX`` is
 the text decoder's own layer index. Self-attention is Llama's: projections,
-RoPE on every layer, GQA, scale ``head_dim ** -0.5``.
+RoPE on every layer, GQA, scale ``head_dim ** -0.5``; the core's generic RoPE site
+applies (projections; no RoPE on cross-attention layers).
+
+The model class is the generic ``AutoModelForCausalLM``, which resolves ``mllama``
+to ``MllamaForCausalLM``: the text decoder and LM head only. The hub checkpoints
+store ``language_model.model.*`` / ``language_model.lm_head`` next to
+``vision_model.*``; ``MllamaForCausalLM``'s ``base_model_prefix``
+(``"language_model"``) strips that prefix, so every text weight loads and the
+vision weights (~0.9B parameters, never run here) are skipped instead of occupying
+the accelerator (``tests/families/test_mllama.py`` checks this on a checkpoint
+written in the hub's layout).
 
 The capture runs text only: ``MllamaTextModel`` skips cross-attention layers when
 no image states are given, so they are never called.
@@ -19,12 +29,15 @@ reproduces that (see :mod:`qkcore.heads`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from qkcore import hookimpl
-from qkcore.layers import AttentionLayer, RopeSite, describe_layer, text_decoder
+from qkcore.layers import AttentionLayer, describe_layer, rope_stage, text_decoder
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from qkcore.capture import CapturePlan
 
 MODEL_TYPES = ["mllama"]
 
@@ -32,21 +45,6 @@ MODEL_TYPES = ["mllama"]
 @hookimpl
 def qkcore_model_types() -> list[str]:
     return MODEL_TYPES
-
-
-@hookimpl
-def qkcore_model_class(config: Any) -> type:
-    # AutoModelForCausalLM resolves `mllama` to MllamaForCausalLM: the text decoder and LM
-    # head only. The hub checkpoints store `language_model.model.*` / `language_model.lm_head`
-    # next to `vision_model.*`; MllamaForCausalLM's base_model_prefix ("language_model")
-    # strips that prefix, so every text weight loads and the vision weights (~0.9B
-    # parameters, never run here) are skipped instead of occupying the accelerator.
-    # tests/families/test_mllama.py checks this on a checkpoint written in the hub's layout.
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM
-
-
 
 
 @hookimpl
@@ -64,19 +62,11 @@ def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
 
 
 @hookimpl
-def qkcore_locate_rope(model: nn.Module, layer: AttentionLayer) -> RopeSite:
-    # Self-attention: RoPE right after the projections. Cross-attention applies no RoPE
-    # (and is never captured); its projections are named only to complete the description.
-    module = layer.module
-    return RopeSite(applies_rope=layer.kind != "cross", query_source=module.q_proj, key_source=module.k_proj)
-
-
-@hookimpl
-def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer]) -> list[str]:
+def qkcore_card_notes(layers: list[AttentionLayer], plan: CapturePlan) -> list[str]:
     cross = [layer.index for layer in layers if layer.kind == "cross"]
     return [
         "Mllama (Llama 3.2 Vision): text-only forward of the text decoder; Q/K are the projected "
-        "self-attention query/key states after rotary embedding.",
+        f"self-attention query/key states {rope_stage(plan.pre_rope)}.",
         f"Cross-attention layers {cross} attend to image features and are never captured; layer numbers "
         "(lXX) are text decoder indices, counting the cross-attention layers.",
     ]

@@ -5,15 +5,21 @@ projection output, hence of the captured rows), applies RoPE on every layer and
 hands the rotated tensors to the attention interface. With
 ``use_sliding_window`` the layers listed as ``"sliding_attention"`` in
 ``layer_types`` (by default those from ``max_window_layers`` on) attend within
-``sliding_window`` tokens; all other layers are full attention.
+``sliding_window`` tokens; all other layers are full attention. The generic default
+(``qkcore.generic``) lists the layers with the window each module hands its kernel
+(``config.sliding_window`` is None unless ``use_sliding_window``, whatever
+``layer_types`` says) and captures after the projections; this plugin adds the card note.
 """
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
 
 from qkcore import hookimpl
-from qkcore.layers import AttentionLayer, RopeSite, self_attention_layers
+from qkcore.layers import rope_stage
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from qkcore.capture import CapturePlan
 
 MODEL_TYPES = ["qwen2"]
 
@@ -24,19 +30,6 @@ def qkcore_model_types() -> list[str]:
 
 
 @hookimpl
-def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
-    # The module's window is what its kernel call and its mask use: transformers sets
-    # config.sliding_window to None unless use_sliding_window, whatever layer_types says.
-    return self_attention_layers(model)
-
-
-@hookimpl
-def qkcore_locate_rope(model: nn.Module, layer: AttentionLayer) -> RopeSite:
-    # RoPE follows the (biased) projections directly, on every layer.
-    return RopeSite(applies_rope=True, query_source=layer.module.q_proj, key_source=layer.module.k_proj)
-
-
-@hookimpl
-def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer]) -> list[str]:
+def qkcore_card_notes(plan: CapturePlan) -> list[str]:
     # Sliding layers and their windows are listed by the card itself (from the layer kinds).
-    return ["Qwen2: Q/K are the biased q_proj/k_proj outputs after rotary embedding."]
+    return [f"Qwen2: Q/K are the biased q_proj/k_proj outputs {rope_stage(plan.pre_rope)}."]

@@ -7,14 +7,21 @@ stage is therefore the output of the per-head norms, not of the projections.
 Layers may be sliding-window (``layer_types`` with ``use_sliding_window``);
 the released checkpoints use full attention everywhere. RoPE settings such as
 YaRN come from ``rope_parameters`` (``model.config_overrides`` may set them).
+
+The generic default (``qkcore.generic``) already takes the per-head norms as the
+pre-RoPE site and each module's own window; this plugin writes the card notes.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
 from qkcore import hookimpl
-from qkcore.layers import AttentionLayer, RopeSite, self_attention_layers
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from qkcore.capture import CapturePlan
 
 MODEL_TYPES = ["qwen3"]
 
@@ -25,32 +32,25 @@ def qkcore_model_types() -> list[str]:
 
 
 @hookimpl
-def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
-    # The module's window is what its kernel call and its mask use: it is None
-    # unless the layer is "sliding_attention" *and* use_sliding_window is set.
-    return self_attention_layers(model)
-
-
-@hookimpl
-def qkcore_locate_rope(model: nn.Module, layer: AttentionLayer) -> RopeSite:
-    # q_norm/k_norm output (batch, seq, heads, head_dim): the last tensors before RoPE.
-    return RopeSite(applies_rope=True, query_source=layer.module.q_norm, key_source=layer.module.k_norm)
-
-
-@hookimpl
-def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer]) -> list[str]:
-    notes = [
-        "Qwen3: Q/K are RMS-normalised per head (q_norm/k_norm) before RoPE; post-RoPE rows are post-norm. "
-        "Pre-RoPE capture records the q_norm/k_norm outputs."
-    ]
+def qkcore_card_notes(model: nn.Module, plan: CapturePlan) -> list[str]:
+    rows = (
+        "these pre-RoPE rows are the q_norm/k_norm outputs."
+        if plan.pre_rope
+        else "post-RoPE rows are post-norm. Pre-RoPE capture records the q_norm/k_norm outputs."
+    )
+    notes = [f"Qwen3: Q/K are RMS-normalised per head (q_norm/k_norm) before RoPE; {rows}"]
     rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
     rope_type = getattr(rotary, "rope_type", "default")
     if rotary is not None and rope_type != "default":
         scaling = float(getattr(rotary, "attention_scaling", 1.0))
         parameters = dict(getattr(model.config.get_text_config(), "rope_parameters", None) or {})
         # YaRN multiplies cos/sin by attention_scaling, so both rotated Q and K carry it.
+        carried = (
+            "a factor of the rotation, so these pre-RoPE rows do not include it."
+            if plan.pre_rope
+            else "so post-RoPE Q and K rows each include that factor."
+        )
         notes.append(
-            f"RoPE type '{rope_type}' ({parameters}); cos/sin are scaled by attention_scaling={scaling:.6g}, "
-            "so post-RoPE Q and K rows each include that factor."
+            f"RoPE type '{rope_type}' ({parameters}); cos/sin are scaled by attention_scaling={scaling:.6g}, {carried}"
         )
     return notes

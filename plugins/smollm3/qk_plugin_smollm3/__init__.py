@@ -3,8 +3,8 @@
 SmolLM3 skips rotary embedding on its NoPE layers: ``config.no_rope_layers[i]``
 is 1 where layer ``i`` applies RoPE and 0 where it does not (by default every
 4th layer: 3, 7, 11, ...). transformers copies that flag into
-``SmolLM3Attention.use_rope`` at construction; the config is taken as the
-source of truth here. On NoPE layers the captured rows are the raw
+``SmolLM3Attention.use_rope`` at construction, which the forward pass reads and
+the core's generic RoPE site follows. On NoPE layers the captured rows are the raw
 ``q_proj``/``k_proj`` outputs in both capture modes, so post-RoPE and pre-RoPE
 rows coincide there. Sliding windows exist only with ``use_sliding_window``
 (on NoPE layers); the released checkpoints use full attention everywhere.
@@ -12,10 +12,14 @@ rows coincide there. Sliding windows exist only with ``use_sliding_window``
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
 from qkcore import hookimpl
-from qkcore.layers import AttentionLayer, RopeSite, self_attention_layers
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from qkcore.capture import CapturePlan
 
 MODEL_TYPES = ["smollm3"]
 
@@ -32,23 +36,12 @@ def qkcore_model_types() -> list[str]:
 
 
 @hookimpl
-def qkcore_attention_layers(model: nn.Module) -> list[AttentionLayer]:
-    # The module's window is the one its kernel call and mask use (None unless use_sliding_window).
-    return self_attention_layers(model)
-
-
-@hookimpl
-def qkcore_locate_rope(model: nn.Module, layer: AttentionLayer) -> RopeSite:
-    config = model.config.get_text_config()
-    applies_rope = layer.index not in nope_layers(config)
-    return RopeSite(applies_rope=applies_rope, query_source=layer.module.q_proj, key_source=layer.module.k_proj)
-
-
-@hookimpl
-def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer]) -> list[str]:
+def qkcore_card_notes(model: nn.Module, plan: CapturePlan) -> list[str]:
     nope = nope_layers(model.config.get_text_config())
-    return [
-        f"SmolLM3 NoPE layers (no_rope_layers == 0): {nope}. On these layers no rotary embedding is applied: "
-        "rows are the raw q_proj/k_proj outputs in both capture modes (post-RoPE rows equal pre-RoPE rows). "
-        "All other layers are captured after rotary embedding."
-    ]
+    rows = (
+        "; this pre-RoPE capture records the raw q_proj/k_proj outputs on every layer."
+        if plan.pre_rope
+        else ": rows are the raw q_proj/k_proj outputs in both capture modes (post-RoPE rows equal pre-RoPE "
+        "rows). All other layers are captured after rotary embedding."
+    )
+    return [f"SmolLM3 NoPE layers (no_rope_layers == 0): {nope}. On these layers no rotary embedding is applied{rows}"]
