@@ -87,7 +87,8 @@ def _spread(values: list[float]) -> float:
 
 
 def test_trained_heads_differ_in_plasticity_where_random_ones_do_not(real_run, random_run, tmp_path) -> None:
-    """Values lie in [0, 1]; trained heads spread far more than random ones.
+    """``qkcore plasticity`` and ``qkcore inspect`` run on the demo's output; plasticity values
+    lie in [0, 1]; trained heads spread far more than random ones.
 
     Random weights give every head about the same query distribution, so their
     plasticities cluster (near 0.95 here); trained heads specialise (from under 0.5
@@ -98,6 +99,7 @@ def test_trained_heads_differ_in_plasticity_where_random_ones_do_not(real_run, r
     real_heads, real_buckets = _plasticity(real.data_root, tmp_path / "real")
     random_heads, random_buckets = _plasticity(random.data_root, tmp_path / "random")
     assert len(real_heads) == len(random_heads) == 12
+    assert main(["inspect", str(real.data_root)]) == 0 and (real.data_root / "inspect.png").is_file()
     for values in (real_heads, real_buckets, random_heads, random_buckets):
         assert values and all(0.0 <= v <= 1.0 for v in values)
     # Measured: 0.093 (trained) against 0.033 (random); the runs are seeded, so this is stable.
