@@ -432,3 +432,26 @@ def test_tokenizer_identity_of_the_builtin_and_of_a_local_directory(tmp_path) ->
     assert identity["source"] == "local" and "tokenizer.json" in identity["files"]
     assert "chat_template.jinja" not in identity["files"]  # does not change how a text is tokenised
     assert load_tokenizer(cfg.tokenizer, cfg.model)("abc")["input_ids"] == byte_tokenizer()("abc")["input_ids"]
+
+
+def test_a_truncated_file_in_the_hub_cache_is_one_error(hub_cache, saved_model, tiny_config, capsys) -> None:
+    """A download cut short: the cached snapshot of 'owner/model' has half its safetensors."""
+    snapshot = hub_cache / "models--owner--model" / "snapshots" / SHA
+    shutil.copytree(saved_model, snapshot)
+    weights = snapshot / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    _fails_cleanly(tiny_config(model={"name": "owner/model", "config": None}), capsys,
+                   "model.name", "the weights of 'owner/model' are truncated or corrupt")
+
+
+def test_a_hub_model_loads_from_the_commit_its_identity_names(hub_cache, saved_model, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(saved_model, hub_cache / "models--owner--model" / "snapshots" / SHA)
+    cfg = load_config(make_config(tmp_path, model={"name": "owner/model", "config": None}))
+    assert model_identity(cfg.model, None)["commit"] == SHA
+    model = load_model(cfg.model, load_architecture(cfg.model), AutoModelForCausalLM, torch.float32, torch.device("cpu"))
+    local = load_config(make_config(tmp_path, model={"name": str(saved_model), "config": None})).model
+    reference = load_model(local, load_architecture(local), AutoModelForCausalLM, torch.float32, torch.device("cpu"))
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
