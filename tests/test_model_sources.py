@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from structlog.testing import capture_logs
 
 import qkcore.sources.locations as locations
