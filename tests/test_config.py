@@ -368,7 +368,7 @@ def test_no_raw_validation_error_escapes(tmp_path: Path) -> None:
     from pydantic import ValidationError
 
     with pytest.raises(ConfigError) as exc:
-        load(write(tmp_path, "dataset: 5\nmodel: {name: m, device_map: 3}\n"))
+        load(write(tmp_path, "dataset: 5\nmodel: {name: m, device_map: -1}\n"))
     assert not isinstance(exc.value, ValidationError)
     assert "run.yaml: dataset:" in str(exc.value) and "model.device_map" in str(exc.value)
 

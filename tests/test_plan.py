@@ -14,6 +14,7 @@ from qkcore.config import ConfigError, load_config
 from qkcore.plan import (
     build_meta_model,
     DEFAULT_DOCUMENTS,
+    disk_needed_bytes,
     THROUGHPUT_TOKENS_PER_S,
     PlanCommand,
     format_plan,
@@ -51,7 +52,8 @@ def _configs(capture_heads: dict[tuple[int, str], list[int]]) -> set[str]:
 
 
 def test_expected_rows_match_the_sum_of_keep_probabilities(tiny_config, pm) -> None:
-    cfg = load_config(tiny_config(capture=UNIFORM))
+    # A Hub dataset is not read: N documents of max_length are assumed.
+    cfg = load_config(tiny_config(capture=UNIFORM, dataset={"path": "owner/hub-dataset"}))
     plan = make_plan(cfg, pm)
     per_doc = sum(_p_keep_uniform(1, 16) for _ in range(MAX_LENGTH))
     assert plan.documents == DEFAULT_DOCUMENTS  # max_samples is null in the fixture
@@ -64,12 +66,61 @@ def test_expected_rows_match_the_sum_of_keep_probabilities(tiny_config, pm) -> N
     assert plan.warnings == []
 
     # max_samples, --documents and --lengths each set the documents.
-    cfg = load_config(tiny_config(capture=UNIFORM, dataset={"max_samples": 7}))
+    cfg = load_config(tiny_config(capture=UNIFORM, dataset={"path": "owner/hub-dataset", "max_samples": 7}))
     assert make_plan(cfg, pm).rows_per_config["l00h00q"] == pytest.approx(7 * per_doc)
     assert make_plan(cfg, pm, documents=3).rows_per_config["l00h00q"] == pytest.approx(3 * per_doc)
     lengths = [0, 5, 100, 10_000]  # the last is truncated to max_length
     expected = sum(_p_keep_uniform(1, 16) * min(n, MAX_LENGTH) for n in lengths)
     assert make_plan(cfg, pm, lengths=lengths).rows_per_config["l02h01k"] == pytest.approx(expected)
+
+
+def _corpus(n: int) -> list[tuple[str, str]]:
+    """``n`` documents of different lengths, some longer than MAX_LENGTH bytes."""
+    return [(f"doc-{i}", ("word " * (7 * i + 3)).strip()) for i in range(n)]
+
+
+def test_a_local_dataset_is_counted_and_tokenised(tmp_path, pm) -> None:
+    """30 local documents were planned as 500 × max_length (21x too many rows); now they are measured."""
+    from tests.conftest import make_config, write_corpus
+
+    texts = _corpus(30)
+    config = make_config(tmp_path, capture=UNIFORM)
+    write_corpus(tmp_path / "corpus.jsonl", texts)
+    plan = make_plan(load_config(config), pm)
+    lengths = [min(len(text.encode()), MAX_LENGTH) for _, text in texts]  # the byte tokenizer: one token per byte
+    assert plan.documents == 30 and plan.tokens == sum(lengths)
+    assert "30 documents in" in plan.lengths_note and "(counted)" in plan.lengths_note
+    for rows in plan.rows_per_config.values():
+        assert rows == pytest.approx(sum(lengths) * _p_keep_uniform(1, 16), rel=1e-12)
+    # max_samples limits what is read, as in a run.
+    capped = make_config(tmp_path, capture=UNIFORM, dataset={"max_samples": 4})
+    write_corpus(tmp_path / "corpus.jsonl", texts)  # make_config wrote its own corpus
+    plan = make_plan(load_config(capped), pm)
+    assert plan.documents == 4 and plan.tokens == sum(lengths[:4])
+
+
+def test_a_large_local_dataset_is_sampled_evenly_and_scaled(tmp_path, pm) -> None:
+    from tests.conftest import make_config, write_corpus
+
+    texts = _corpus(10)
+    config = make_config(tmp_path, capture=UNIFORM)
+    write_corpus(tmp_path / "corpus.jsonl", texts)
+    plan = make_plan(load_config(config), pm, sample=4)
+    step = 3  # ceil(10 / 4): documents 0, 3, 6, 9
+    measured = [min(len(texts[i][1].encode()), MAX_LENGTH) for i in range(0, 10, step)]
+    assert plan.documents == 10
+    assert plan.tokens == round(sum(measured) * 10 / 4)
+    assert "lengths from 4 of them (one in 3, scaled" in plan.lengths_note
+    assert plan.rows_per_config["l00h00q"] == pytest.approx(sum(measured) * 10 / 4 * _p_keep_uniform(1, 16))
+
+
+def test_an_unloadable_tokenizer_is_a_warning_in_the_plan(tmp_path, pm) -> None:
+    from tests.conftest import make_config
+
+    cfg = load_config(make_config(tmp_path, capture=UNIFORM, tokenizer={"name": str(tmp_path / "no-tokenizer")}))
+    plan = make_plan(cfg, pm)
+    assert plan.documents == 5 and plan.tokens == 5 * MAX_LENGTH
+    assert any(w.startswith("WARNING tokenizer:") and "no directory" in w for w in plan.warnings)
 
 
 def test_log_uniform_rows_match_the_rule_position_by_position(tiny_config, pm) -> None:
@@ -182,7 +233,8 @@ def test_plan_command_prints_the_plan(tiny_config, pm, capsys) -> None:
     out = capsys.readouterr().out
     assert "configs: 10 (8 query, 2 key)" in out
     assert "expected rows per config: 6" in out  # (64 + 32) / 16
-    assert "uncompressed estimate" in out and "estimate" in out and "H100" in out
+    assert "uncompressed estimate" in out and "free disk needed while writing" in out
+    assert "on one H100: an estimate, not measured" in out and "bare forward (no capture)" in out
     with pytest.raises(SystemExit):
         parser.parse_args(["--config", "x.yaml", "--lengths", "1,-2"])
 
@@ -196,3 +248,42 @@ def test_key_head_of_each_query_head_comes_from_the_family_hook(tiny_config, pm)
         assert sorted(mapping) == plan.heads[(layer, "q")]
         assert mapping == {q: q // 4 for q in mapping}  # tiny Llama: 8 query heads over 2 key heads
         assert sorted(set(mapping.values())) == plan.heads[(layer, "k")]
+
+
+def test_the_gpu_time_is_an_estimate_for_an_h100_whatever_this_machine_has(tiny_config, pm, monkeypatch) -> None:
+    cfg = load_config(tiny_config(capture=UNIFORM))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    gpu_line = next(line for line in format_plan(make_plan(cfg, pm)).splitlines() if line.startswith("GPU time"))
+    assert "on one H100: an estimate, not measured (this machine has no GPU)" in gpu_line
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA A10G")
+    gpu_line = next(line for line in format_plan(make_plan(cfg, pm)).splitlines() if line.startswith("GPU time"))
+    assert "an estimate, not measured (this machine has NVIDIA A10G)" in gpu_line
+
+
+@pytest.mark.parametrize("head_dim", [8, 64, 128])
+def test_disk_needed_covers_the_staging_parts_and_the_final_files(tmp_path, head_dim) -> None:
+    """Feed the real writer as a run does (a commit per document) and compare its peak with the bound."""
+    import numpy as np
+
+    from qkcore.writer import STAGING_DIR, CapturedChunk, DatasetWriter
+
+    rng = np.random.default_rng(head_dim)
+    heads, documents, rows_per_doc = 6, 24, 40
+    writer = DatasetWriter(tmp_path / "out", run_key="disk")
+    for doc in range(documents):
+        positions = np.sort(rng.choice(4096, size=rows_per_doc, replace=False))
+        writer.add(CapturedChunk(
+            layer=0, kind="q", heads=list(range(heads)), example_ids=np.full(rows_per_doc, doc, dtype=np.int64),
+            positions=positions, buckets=np.zeros(rows_per_doc, dtype=np.int64),
+            vectors=rng.normal(size=(heads, rows_per_doc, head_dim)).astype(np.float32), sliding_window=None,
+        ))
+        writer.commit({"doc": doc})
+    parts = sum(p.stat().st_size for p in (tmp_path / "out" / STAGING_DIR).glob("*.arrow"))
+    rows = writer.close()
+    finals = sum(p.stat().st_size for p in (tmp_path / "out").glob("*/data.parquet"))
+    needed = disk_needed_bytes({name: float(n) for name, n in rows.items()}, head_dim, spills=documents)
+    assert parts + finals <= needed <= 1.3 * (parts + finals), (parts, finals, needed)
+    # Without counting the spills the small parts would be missed at small head_dim.
+    assert disk_needed_bytes({name: float(n) for name, n in rows.items()}, head_dim, spills=1) < needed

@@ -140,12 +140,13 @@ class DatasetConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """Which model to load (``name``) or build with random weights (``config``)."""
+    """Which model to load (``name``, ``gguf_file``) or build with random weights (``config``)."""
 
     name: str | None = None
     revision: str | None = None
     dtype: str = "float16"
-    device_map: str | dict[str, Any] | None = "auto"
+    #: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or a CUDA index ``N`` (checked when loading).
+    device_map: int | str | dict[str, Any] | None = "auto"
     trust_remote_code: bool = False
     # None means "sdpa"; normalised so consumers see the effective value.
     attn_implementation: str | None = "sdpa"
@@ -155,6 +156,17 @@ class ModelConfig(_Section):
     config: str | dict[str, Any] | None = None
     #: Seed for the random initialisation used with ``config``.
     init_seed: int = 0
+    #: A GGUF checkpoint (weights and tokenizer; dequantized when loaded): a file name in
+    #: ``name``'s folder or Hub repo, ``package:PKG/FILE`` (a file of an installed Python
+    #: package), or, with ``name`` unset, a path (then ``name`` becomes the file's stem).
+    gguf_file: str | None = None
+
+    @field_validator("device_map")
+    @classmethod
+    def _device_index(cls, value: int | str | dict[str, Any] | None) -> int | str | dict[str, Any] | None:
+        if isinstance(value, int) and (isinstance(value, bool) or value < 0):
+            raise ValueError("a CUDA device index must be an integer >= 0")
+        return value
 
     @field_validator("dtype")
     @classmethod
@@ -182,8 +194,18 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _name_or_config(self) -> ModelConfig:
+        if self.gguf_file is not None:
+            if self.config is not None:
+                raise ValueError("model.config (random weights) and model.gguf_file (trained weights) exclude each other")
+            if self.name is None:
+                # No folder or repo to look in: the file is a path (cwd-relative) and names the run.
+                if not self.gguf_file.startswith("package:"):
+                    self.gguf_file = str(_abspath(self.gguf_file))
+                self.name = Path(self.gguf_file.removeprefix("package:")).stem
         if self.name is None and self.config is None:
-            raise ValueError("model.name is required (or model.config for a randomly initialised model)")
+            raise ValueError(
+                "model.name is required (or model.config for a randomly initialised model, or model.gguf_file)"
+            )
         return self
 
 

@@ -4,13 +4,16 @@ The model is built from its architecture config on PyTorch's ``meta`` device
 (no weights are read or allocated), so the family plugin's hooks and
 :func:`qkcore.planning.plan_capture` pick exactly the layers and heads a real run
 would. From the sampler's keep probabilities the plan derives the expected rows
-per config, the uncompressed disk size, and a GPU-time estimate from
+per config, the disk size and the free disk a run needs while writing
+(:func:`disk_needed_bytes`), and a GPU-time estimate from
 :data:`THROUGHPUT_TOKENS_PER_S`.
 
-Document lengths are assumptions (the dataset is not read): every document is
+Document lengths: for a local dataset the documents are counted and tokenised
+with the run's tokenizer (up to :data:`LENGTH_SAMPLE` of them, evenly spaced,
+scaled to the count); for a Hub dataset every document is assumed
 ``tokenizer.max_length`` tokens long, ``dataset.max_samples`` of them (or
-``--documents N``, default :data:`DEFAULT_DOCUMENTS`), unless ``--lengths``
-gives explicit token counts.
+``--documents N``, default :data:`DEFAULT_DOCUMENTS`). ``--lengths`` gives
+explicit token counts.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import math
 import sys
 import warnings
+from pathlib import Path
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,18 +38,23 @@ from qkcore.heads import _ranges, select_query_heads
 from qkcore.plugins import Family, installed_summary, make_plugin_manager, resolve_family
 from qkcore.samplers import Sampler
 from qkcore.planning import build_sampler, plan_capture
-from qkcore.sources.model import load_architecture
+from qkcore.batching import tokenize_batches
 from qkcore.layout import config_name
+from qkcore.sources.documents import check_columns, document_count, iter_documents, open_dataset
+from qkcore.sources.model import load_architecture
+from qkcore.sources.tokenizer import load_tokenizer
 
 __all__ = [
     "DEFAULT_DOCUMENTS",
     "DISK_WARNING_BYTES",
+    "LENGTH_SAMPLE",
     "THROUGHPUT_SOURCE",
     "THROUGHPUT_TOKENS_PER_S",
     "LayerPlan",
     "Plan",
     "PlanCommand",
     "build_meta_model",
+    "disk_needed_bytes",
     "estimate_gpu_seconds",
     "expected_rows",
     "format_plan",
@@ -55,26 +64,39 @@ __all__ = [
     "throughput_tokens_per_s",
 ]
 
-#: Documents assumed when ``dataset.max_samples`` is null and no ``--documents`` is given.
+#: Documents assumed for a Hub dataset when ``dataset.max_samples`` is null and no ``--documents`` is given.
 DEFAULT_DOCUMENTS = 500
+#: Local documents tokenised to measure lengths; a larger dataset is sampled evenly and scaled.
+LENGTH_SAMPLE = 1000
 #: A plan whose estimated disk size exceeds this (1 TB, decimal) is flagged.
 DISK_WARNING_BYTES = 1e12
 #: Bytes per row besides the vector: bucket, example_id, position, sliding_window (int32 each).
 ROW_OVERHEAD_BYTES = 16
 
-#: Measured forward-with-capture throughput (tokens/s), keyed by (device, reference
-#: non-embedding parameter count), then by sequence length in tokens. Other models
+#: Disk a run writes, measured with benchmarks/staging_disk.py (2026-11-24, pyarrow 26; see
+#: docs/benchmarks.md): zstd bytes per vector element by the dtype the vectors were computed in
+#: (float32 is taken as incompressible, an upper bound: real float32 rows compress ~6 %), plus
+#: bytes per row for the integer columns, in the final Parquet files and in the staging parts,
+#: and a fixed cost per config in every staging part (one record batch and index entry).
+VECTOR_ELEMENT_BYTES = {"float32": 4.0, "float16": 2.7, "bfloat16": 2.1}
+FINAL_ROW_EXTRA_BYTES = 2.0
+PART_ROW_EXTRA_BYTES = 4.0
+PART_BYTES_PER_CONFIG_SPILL = 1000.0
+
+#: Throughput (tokens/s) of a *bare* forward, no qkcore capture: the baseline figures recorded
+#: on 2026-11-23 for a Qwen3-8B-shaped backbone, bf16, sdpa, on one H100. Keyed by (device,
+#: reference non-embedding parameter count), then by sequence length in tokens. Other models
 #: scale linearly with their parameter count (time ∝ parameters); other lengths are
-#: interpolated log-log between the measured points (see :func:`throughput_tokens_per_s`).
-#: 6,946,075,648 is the non-embedding parameter count of Qwen3-8B as
-#: :func:`non_embedding_parameters` counts it (embeddings and LM head excluded).
+#: interpolated log-log (see :func:`throughput_tokens_per_s`). Capture overhead is not in
+#: them (its GPU target is <= 3 %; docs/benchmarks.md). 6,946,075,648 is Qwen3-8B's
+#: non-embedding parameter count as :func:`non_embedding_parameters` counts it.
 THROUGHPUT_TOKENS_PER_S: dict[tuple[str, float], dict[int, float]] = {
     ("h100", 6_946_075_648.0): {4_096: 29_000.0, 32_768: 21_000.0, 131_072: 10_000.0},
 }
 #: Where the table's numbers come from (printed with every estimate).
 THROUGHPUT_SOURCE = (
-    "measured on one H100: Qwen3-8B-shaped backbone, bf16, sdpa "
-    "(29k tok/s at 4k, 21k at 32k, 10k at 128k tokens)"
+    "2026-11-23 baseline throughput of a bare forward (no capture) of a Qwen3-8B-shaped "
+    "backbone, bf16, sdpa, on one H100 (29k tok/s at 4k, 21k at 32k, 10k at 128k tokens)"
 )
 
 
@@ -110,8 +132,10 @@ class Plan:
     rows_per_config: dict[str, float]  # config name -> expected rows
     total_rows: float
     disk_bytes: float  # uncompressed estimate, see row_bytes()
-    gpu_seconds: float  # estimate, see THROUGHPUT_SOURCE
+    disk_needed_bytes: float  # free disk while writing: staging parts + final files, see disk_needed_bytes()
+    gpu_seconds: float  # estimate for one H100, see THROUGHPUT_SOURCE
     throughput_note: str
+    local_accelerator: str | None = None  # the GPU of the machine that planned, None without one
     warnings: list[str] = field(default_factory=list)
     head_selection: str = ""  # CapturePlan.head_selection
     head_selection_note: str | None = None  # CapturePlan.head_selection_note (how to match the original tool)
@@ -120,16 +144,17 @@ class Plan:
 # --------------------------------------------------------------------------- estimates
 
 
-#: Document token counts: a sequence of lengths, or a mapping ``{length: number of documents}``.
-Lengths = Sequence[int] | Mapping[int, int]
+#: Document token counts: a sequence of lengths, or a mapping ``{length: number of documents}``
+#: (a number of documents may be fractional: a sample scaled to the whole dataset).
+Lengths = Sequence[int] | Mapping[int, float]
 
 
-def _histogram(lengths: Lengths) -> dict[int, int]:
+def _histogram(lengths: Lengths) -> dict[int, float]:
     """``{length: documents}`` for the positive lengths; rejects negative ones."""
     counts: Counter[int] = Counter()
     items = lengths.items() if isinstance(lengths, Mapping) else ((n, 1) for n in lengths)
     for length, count in items:
-        length, count = int(length), int(count)
+        length = int(length)
         if length < 0 or count < 0:
             raise QkcoreError(f"document lengths and counts must be >= 0, got {count} × {length}")
         if length and count:
@@ -155,6 +180,48 @@ def expected_rows(sampler: Sampler, lengths: Lengths) -> float:
 def row_bytes(head_dim: int) -> int:
     """Uncompressed bytes of one row: the float32 vector plus four int32 columns."""
     return head_dim * 4 + ROW_OVERHEAD_BYTES
+
+
+def disk_needed_bytes(
+    rows_per_config: Mapping[str, float],
+    head_dims: Mapping[str, int] | int,
+    *,
+    vector_dtype: str = "float32",
+    spills: int = 1,
+) -> float:
+    """Free disk a run needs at its peak: its staging parts plus its final Parquet files.
+
+    A run spills rows into zstd parts under ``.qkcore-staging/`` (at every commit and
+    whenever its buffer passes ``output.flush_threshold_mb``); ``close()`` writes
+    every final file before it removes the parts, so both exist at once. Parts cost
+    about what the finals do per row (measured ratio 1.00-1.07 at head_dim 8-128 with
+    large spills), plus :data:`PART_BYTES_PER_CONFIG_SPILL` per config and spill: many
+    small spills of few rows each make parts several times the finals (3.3x seen at
+    head_dim 8 with a commit after every batch).
+
+    ``head_dims`` maps config names to head_dim (or is one head_dim for all);
+    ``vector_dtype`` is the dtype the vectors are computed in (float32 is the upper
+    bound); ``spills`` bounds the number of parts (one commit per batch at most,
+    plus one per flush threshold of rows).
+    """
+    element = VECTOR_ELEMENT_BYTES.get(vector_dtype, VECTOR_ELEMENT_BYTES["float32"])
+    finals = parts = 0.0
+    for name, rows in rows_per_config.items():
+        head_dim = head_dims if isinstance(head_dims, int) else head_dims[name]
+        finals += rows * (element * head_dim + FINAL_ROW_EXTRA_BYTES)
+        parts += rows * (element * head_dim + PART_ROW_EXTRA_BYTES)
+    parts += max(1, spills) * len(rows_per_config) * PART_BYTES_PER_CONFIG_SPILL
+    return finals + parts
+
+
+def _vector_dtype(cfg: SniffConfig) -> str:
+    """The widest dtype the captured vectors may be computed in (float32 unless the model is 16-bit)."""
+    model = cfg.model.dtype
+    if model not in VECTOR_ELEMENT_BYTES or model == "float32":
+        return "float32"  # float32 or auto: assume the widest
+    autocast = cfg.inference.autocast_dtype  # applies on CUDA when it differs from the model's
+    candidates = [model] + ([autocast] if autocast in VECTOR_ELEMENT_BYTES else ["float32"])
+    return max(candidates, key=VECTOR_ELEMENT_BYTES.__getitem__)
 
 
 def non_embedding_parameters(model: nn.Module) -> int:
@@ -240,9 +307,9 @@ def build_meta_model(cfg: SniffConfig, pm: pluggy.PluginManager) -> tuple[nn.Mod
 
 
 def _document_lengths(
-    cfg: SniffConfig, documents: int | None, lengths: Sequence[int] | None
-) -> tuple[dict[int, int], int, str]:
-    """``{length: documents}`` assumed, the number of documents, and a sentence saying where they came from."""
+    cfg: SniffConfig, documents: int | None, lengths: Sequence[int] | None, sample: int = LENGTH_SAMPLE
+) -> tuple[dict[int, float], int, str, list[str]]:
+    """``{length: documents}``, the number of documents, a sentence saying where they came from, warnings."""
     max_length = cfg.tokenizer.max_length
     if lengths is not None:
         if documents is not None:
@@ -254,17 +321,51 @@ def _document_lengths(
         note = f"{len(given)} documents with the given lengths"
         if clipped != given:
             note += f" (longer ones truncated to tokenizer.max_length={max_length})"
-        return _histogram(clipped), len(given), note
+        return _histogram(clipped), len(given), note, []
     if documents is not None:
         if documents < 1:
             raise QkcoreError(f"--documents must be >= 1, got {documents}")
         count, origin = documents, "--documents"
+    elif Path(cfg.dataset.path).exists():
+        return _measured_lengths(cfg, sample)
     elif cfg.dataset.max_samples is not None:
         count, origin = cfg.dataset.max_samples, "dataset.max_samples"
     else:
-        count, origin = DEFAULT_DOCUMENTS, "the default, as dataset.max_samples is null; see --documents, --lengths"
+        count, origin = DEFAULT_DOCUMENTS, "assumed for a Hub dataset, as dataset.max_samples is null; see --documents, --lengths"
     note = f"{count:,} documents ({origin}) × {max_length:,} tokens each (tokenizer.max_length; an upper bound)"
-    return {max_length: count}, count, note
+    return {max_length: count}, count, note, []
+
+
+def _measured_lengths(cfg: SniffConfig, sample: int) -> tuple[dict[int, float], int, str, list[str]]:
+    """Count a local dataset's documents and tokenise them (or ``sample`` evenly spaced ones) as the run would."""
+    if sample < 1:
+        raise QkcoreError(f"--sample must be >= 1, got {sample}")
+    max_length = cfg.tokenizer.max_length
+    data = open_dataset(cfg.dataset)
+    check_columns(data, cfg.dataset)
+    total = document_count(data, cfg.dataset)
+    if total is None:  # streaming: count by reading (texts only, not tokenised)
+        total = sum(1 for _ in iter_documents(data, cfg.dataset))
+    if total == 0:
+        return {}, 0, f"0 documents in {cfg.dataset.path} (counted)", []
+    try:
+        tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
+    except QkcoreError as exc:
+        note = f"{total:,} documents in {cfg.dataset.path} (counted) × {max_length:,} tokens each (assumed: an upper bound)"
+        return {max_length: total}, total, note, [f"WARNING tokenizer: {exc}; a run would fail the same way"]
+    step = -(-total // sample)  # ceil: every step-th document, at most `sample` of them
+    chosen = (doc for doc in iter_documents(data, cfg.dataset) if doc.index % step == 0)
+    measured = [n for batch in tokenize_batches(chosen, tokenizer, max_length=max_length, batch_size=32) for n in batch.lengths]
+    read = len(range(0, total, step))
+    scale = total / read  # documents with no tokens are skipped by a run, and count 0 here
+    histogram = {length: count * scale for length, count in _histogram(measured).items()}
+    where = f"{total:,} documents in {cfg.dataset.path} (counted)"
+    if step == 1:
+        note = f"{where}, every one tokenised by the run's tokenizer and truncated to tokenizer.max_length={max_length:,}"
+    else:
+        note = (f"{where}; lengths from {read:,} of them (one in {step:,}, scaled ×{scale:.3g}), tokenised by the "
+                f"run's tokenizer and truncated to tokenizer.max_length={max_length:,}")
+    return histogram, total, note, []
 
 
 def make_plan(
@@ -272,16 +373,19 @@ def make_plan(
     pm: pluggy.PluginManager | None = None,
     documents: int | None = None,
     lengths: Sequence[int] | None = None,
+    sample: int = LENGTH_SAMPLE,
 ) -> Plan:
-    """Plan the capture ``cfg`` describes without loading weights or reading the dataset.
+    """Plan the capture ``cfg`` describes without loading weights.
 
-    Raises :class:`~qkcore.config.ConfigError` / :class:`~qkcore.errors.QkcoreError`
+    A local dataset is read and tokenised (at most ``sample`` documents) unless
+    ``documents`` or ``lengths`` say what to assume. Raises
+    :class:`~qkcore.config.ConfigError` / :class:`~qkcore.errors.QkcoreError`
     when the config is invalid (unknown sampler, bad layer filter, unknown model).
     """
     pm = pm or make_plugin_manager()
     sampler = build_sampler(pm, cfg)
-    doc_lengths, n_documents, lengths_note = _document_lengths(cfg, documents, lengths)
     model, family = build_meta_model(cfg, pm)
+    doc_lengths, n_documents, lengths_note, problems = _document_lengths(cfg, documents, lengths, sample)
     capture_plan = plan_capture(model, family, cfg, installed_summary(pm))
     all_layers = family.hooks.qkcore_attention_layers(model=model) or []
     capture = cfg.capture
@@ -316,16 +420,27 @@ def make_plan(
             disk += per_config * row_bytes(head_dims[index])
     total_rows = per_config * len(rows_per_config)
 
+    batches = math.ceil(n_documents / cfg.inference.batch_size)
+    needed = disk_needed_bytes(
+        rows_per_config,
+        {name: head_dims[index] for (index, kind), heads in capture_plan.heads.items()
+         for name in (config_name(index, head, kind) for head in heads)},
+        vector_dtype=_vector_dtype(cfg),
+        spills=batches,  # at most one commit (spill) per batch; flush spills are large
+    )
+
     params = non_embedding_parameters(model)
     gpu_seconds = estimate_gpu_seconds(params, doc_lengths)
     typical = max(doc_lengths, default=0)
     throughput_note = (
-        f"estimate, not a measurement: {THROUGHPUT_SOURCE}; scaled linearly by non-embedding "
-        f"parameters ({params:.3g} here) and interpolated by sequence length "
-        f"(~{throughput_tokens_per_s(params, max(typical, 1)):,.0f} tok/s at {typical:,} tokens)"
+        f"from the {THROUGHPUT_SOURCE}, scaled linearly by non-embedding parameters ({params:.3g} here) "
+        f"and interpolated by sequence length (~{throughput_tokens_per_s(params, max(typical, 1)):,.0f} tok/s "
+        f"at {typical:,} tokens); capture overhead not included"
     )
+    reference = min((ref for dev, ref in THROUGHPUT_TOKENS_PER_S if dev == "h100"), key=lambda r: abs(math.log(r / max(params, 1))))
+    if params < reference / 10:
+        throughput_note += "; a model this much smaller than the reference runs slower than linear scaling says"
 
-    problems: list[str] = []
     if disk > DISK_WARNING_BYTES:
         problems.append(f"WARNING: estimated disk {_bytes(disk)} exceeds 1 TB")
     starved = [name for name, rows in rows_per_config.items() if rows < 1]
@@ -345,19 +460,29 @@ def make_plan(
         non_embedding_params=params,
         sampler=sampler.describe(),
         documents=n_documents,
-        tokens=sum(length * count for length, count in doc_lengths.items()),
+        tokens=round(sum(length * count for length, count in doc_lengths.items())),
         lengths_note=lengths_note,
         layers=layers,
         heads=dict(capture_plan.heads),
         rows_per_config=rows_per_config,
         total_rows=total_rows,
         disk_bytes=disk,
+        disk_needed_bytes=needed,
         gpu_seconds=gpu_seconds,
         throughput_note=throughput_note,
+        local_accelerator=_local_accelerator(),
         warnings=problems,
         head_selection=capture_plan.head_selection,
         head_selection_note=capture_plan.head_selection_note,
     )
+
+
+def _local_accelerator() -> str | None:
+    """The name of this machine's GPU, if it has one (the GPU-time estimate is for an H100 either way)."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    backend = getattr(torch.backends, "mps", None)
+    return "Apple GPU (MPS)" if backend is not None and backend.is_available() else None
 
 
 # --------------------------------------------------------------------------- output
@@ -376,6 +501,8 @@ def _rows(value: float) -> str:
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 0.1:
+        return "< 0.1 s"
     if seconds >= 3600:
         return f"{seconds / 3600:,.1f} h"
     if seconds >= 60:
@@ -417,7 +544,11 @@ def format_plan(plan: Plan) -> str:
         f"expected rows per config: {per_config if rows else 0}",
         f"expected rows in total: {_rows(plan.total_rows)}",
         f"disk: {_bytes(plan.disk_bytes)} (uncompressed estimate: rows × (head_dim × 4 + 16) bytes; zstd Parquet is smaller)",
-        f"GPU time: {_duration(plan.gpu_seconds)} on one H100 ({plan.throughput_note})",
+        f"free disk needed while writing: {_bytes(plan.disk_needed_bytes)} (staging parts and final files "
+        f"exist together until the parts are removed)",
+        f"GPU time: ~{_duration(plan.gpu_seconds)} on one H100: an estimate, not measured "
+        f"({'this machine has ' + plan.local_accelerator if plan.local_accelerator else 'this machine has no GPU'})",
+        f"  basis: {plan.throughput_note}",
     ]
     if plan.warnings:
         lines += ["", *plan.warnings]
@@ -467,12 +598,16 @@ class PlanCommand:
         group = parser.add_mutually_exclusive_group()
         group.add_argument(
             "--documents", type=_positive_int, default=None, metavar="N",
-            help=f"documents to assume, each tokenizer.max_length long (default: dataset.max_samples, "
-                 f"else {DEFAULT_DOCUMENTS})",
+            help=f"documents to assume, each tokenizer.max_length long (default: a local dataset is counted and "
+                 f"tokenised; a Hub dataset has dataset.max_samples, else {DEFAULT_DOCUMENTS})",
         )
         group.add_argument(
             "--lengths", type=_lengths_arg, default=None, metavar="N,N,...",
             help="explicit token counts of the documents (truncated to tokenizer.max_length)",
+        )
+        parser.add_argument(
+            "--sample", type=_positive_int, default=LENGTH_SAMPLE, metavar="N",
+            help=f"local dataset: tokenise at most N documents, evenly spaced, to measure lengths (default {LENGTH_SAMPLE})",
         )
 
     def run(self, args: argparse.Namespace) -> int:
@@ -481,7 +616,10 @@ class PlanCommand:
             warnings.simplefilter("always", QkcoreConfigWarning)
             warnings.showwarning = _show_config_warning
             cfg = load_config(args.config, overrides=getattr(args, "overrides", []) or [])
-        plan = make_plan(cfg, self.pm, documents=getattr(args, "documents", None), lengths=getattr(args, "lengths", None))
+        plan = make_plan(
+            cfg, self.pm, documents=getattr(args, "documents", None), lengths=getattr(args, "lengths", None),
+            sample=getattr(args, "sample", LENGTH_SAMPLE),
+        )
         print(format_plan(plan))
         return 0
 
