@@ -285,7 +285,8 @@ def test_the_card_records_precision_tokenizer_batch_size_and_versions(tiny_confi
 
     assert sniff(tiny_config())[0] == 0
     model = card(tmp_path / "out")["qkcore"]["models"][0]
-    assert model["precision"] == {"dtype": "float32", "attn_implementation": "sdpa", "device": "cpu",
+    assert model["precision"] == {"requested_dtype": "float32", "effective_dtype": "float32", "note": None,
+                                  "dtype": "float32", "attn_implementation": "sdpa", "device": "cpu",
                                   "autocast": None, "batch_size": 2}
     assert model["tokenizer"] == {"name": "qkcore:bytes", "revision": None, "max_length": 512}
     assert model["versions"] == {"torch": str(torch.__version__), "transformers": transformers.__version__}

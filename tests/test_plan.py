@@ -267,11 +267,11 @@ def test_disk_needed_covers_the_staging_parts_and_the_final_files(tmp_path, head
     """Feed the real writer as a run does (a commit per document) and compare its peak with the bound."""
     import numpy as np
 
-    from qkcore.writer import STAGING_DIR, CapturedChunk, DatasetWriter
+    from qkcore.writer import CapturedChunk, DatasetWriter
 
     rng = np.random.default_rng(head_dim)
     heads, documents, rows_per_doc = 6, 24, 40
-    writer = DatasetWriter(tmp_path / "out", run_key="disk")
+    writer = DatasetWriter(tmp_path / "staging", run_key="disk")
     for doc in range(documents):
         positions = np.sort(rng.choice(4096, size=rows_per_doc, replace=False))
         writer.add(CapturedChunk(
@@ -280,8 +280,8 @@ def test_disk_needed_covers_the_staging_parts_and_the_final_files(tmp_path, head
             vectors=rng.normal(size=(heads, rows_per_doc, head_dim)).astype(np.float32), sliding_window=None,
         ))
         writer.commit({"doc": doc})
-    parts = sum(p.stat().st_size for p in (tmp_path / "out" / STAGING_DIR).glob("*.arrow"))
-    rows = writer.close()
+    parts = sum(p.stat().st_size for p in (tmp_path / "staging").glob("*.arrow"))
+    rows = {name: stats.rows for name, stats in writer.finalize(tmp_path / "out").items()}  # parts still there
     finals = sum(p.stat().st_size for p in (tmp_path / "out").glob("*/data.parquet"))
     needed = disk_needed_bytes({name: float(n) for name, n in rows.items()}, head_dim, spills=documents)
     assert parts + finals <= needed <= 1.3 * (parts + finals), (parts, finals, needed)

@@ -218,6 +218,7 @@ def _body(
         f"heads, {m.num_key_value_heads} key/value heads, head_dim {m.head_dim}",
         *([f"- Weights: `{_inline(m.weights)}`"] if m.weights else []),
         *([f"- Precision: {_pairs(precision, _PRECISION_WORDS)}"] if precision else []),
+        *([f"- Precision note: {precision['note']}"] if precision.get("note") else []),
         f"- Tokenizer: `{_or(m.tokenizer.get('name'), m.name)}` ({_or(m.tokenizer.get('revision'), 'default revision')})"
         + (f", max_length {m.tokenizer['max_length']}" if m.tokenizer.get("max_length") else ""),
     ]
@@ -290,8 +291,8 @@ def _body(
 
 
 _PRECISION_WORDS = {
-    "dtype": "model dtype", "attn_implementation": "attention", "device": "device", "autocast": "autocast",
-    "batch_size": "batch size",
+    "requested_dtype": "model.dtype", "dtype": "ran in", "attn_implementation": "attention", "device": "device",
+    "autocast": "autocast", "batch_size": "batch size",
 }
 
 

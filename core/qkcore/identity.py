@@ -6,9 +6,11 @@ a Hub pull and a push are allowed only when the identity matches. The identity h
 * the settings that decide rows (dataset split/columns/limit, model dtype, attention
   implementation and config overrides, tokenizer max length, every capture setting, the
   batch size, the device type, autocast where it applies);
-* fingerprints of what was actually read: the documents (a local file's or folder's
-  content hash, a Hub dataset's resolved commit), the model weights and the tokenizer
-  (resolved commit, file hashes, or the random-init recipe);
+* fingerprints of what was actually read: the documents (:func:`dataset_fingerprint`:
+  a local file's or folder's content hash, a Hub dataset's resolved commit), the weights
+  and the tokenizer (``qkcore.sources.model.model_identity`` and
+  ``qkcore.sources.tokenizer.tokenizer_identity``: a resolved commit, file hashes, or the
+  random-init recipe);
 * :data:`ROW_RULES_VERSION`, the version of qkcore's row-deciding rules (sampling, ids,
   buckets, sorting): bumped when one of them changes, not with every release.
 
@@ -142,56 +144,3 @@ def hub_dataset_commit(repo_id: str, timeout_s: float = 30.0) -> str:
             f"dataset.path: cannot resolve the revision of Hub dataset '{repo_id}': offline, and no cached "
             f"revision at {ref}; run once online, or use a local copy of the dataset"
         ) from None
-
-
-# --------------------------------------------------------------------------- model and tokenizer
-
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                    "vocab.txt", "merges.txt", "tokenizer.model", "added_tokens.json", "spiece.model")
-
-
-def model_fingerprint(model_cfg: Any, config: Any) -> dict[str, Any]:
-    """What identifies the weights: the random-init recipe, local file hashes, or a Hub commit."""
-    if model_cfg.config is not None:
-        import torch
-
-        spec = json.dumps(config.to_dict(), sort_keys=True, default=str)
-        return {
-            "source": "random",
-            "config_sha256": hashlib.sha256(spec.encode("utf-8")).hexdigest(),
-            "init_seed": model_cfg.init_seed,
-            "torch": str(torch.__version__),
-        }
-    local = Path(os.path.expanduser(model_cfg.name))
-    if local.is_dir():
-        files = {p.name: sha256_file(p) for p in sorted(local.iterdir()) if p.suffix in _WEIGHT_SUFFIXES or p.name == "config.json"}
-        return {"source": "local", "files": files}
-    return {"source": "hub", "repo": model_cfg.name, "commit": _hub_commit(model_cfg.name, model_cfg.revision, "config.json", "model.name")}
-
-
-def tokenizer_fingerprint(tokenizer_cfg: Any, model_cfg: Any) -> dict[str, Any]:
-    """What identifies the tokenizer: the built-in byte tokenizer, local file hashes, or a Hub commit."""
-    from qkcore.sources.tokenizer import BYTE_TOKENIZER
-
-    name = tokenizer_cfg.name or model_cfg.name
-    if name == BYTE_TOKENIZER:
-        return {"source": "builtin", "name": BYTE_TOKENIZER, "version": 1}
-    local = Path(os.path.expanduser(name))
-    if local.is_dir():
-        return {"source": "local", "files": {f: sha256_file(local / f) for f in _TOKENIZER_FILES if (local / f).is_file()}}
-    return {"source": "hub", "repo": name, "commit": _hub_commit(name, tokenizer_cfg.revision, "tokenizer_config.json", "tokenizer.name")}
-
-
-def _hub_commit(repo_id: str, revision: str | None, filename: str, key: str) -> str:
-    """The commit of ``repo_id@revision`` that a file was (or would be) loaded from: the snapshot folder's name."""
-    from transformers.utils.hub import cached_file
-
-    try:
-        path = cached_file(repo_id, filename, revision=revision)
-    except Exception as exc:  # noqa: BLE001 - transformers raises many types here
-        raise QkcoreError(f"{key}: cannot resolve the revision of '{repo_id}' ({type(exc).__name__}: {exc})") from None
-    snapshot = Path(path).parent
-    if snapshot.parent.name != "snapshots":
-        raise QkcoreError(f"{key}: cannot tell which commit of '{repo_id}' was loaded ({path}); pin model.revision")
-    return snapshot.name

@@ -23,6 +23,7 @@ step  what                                                           where
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -48,7 +49,7 @@ from qkcore.errors import QkcoreError
 from qkcore.example_ids import EXAMPLE_ID_RULE, find_int32_collisions
 from qkcore.fsutil import remove_tree, sha256_file, write_text_durably
 from qkcore.hub import GITATTRIBUTES, HubSync, hub_sync, main_branch_readme
-from qkcore.identity import dataset_fingerprint, model_fingerprint, run_identity, run_key, tokenizer_fingerprint
+from qkcore.identity import dataset_fingerprint, run_identity, run_key
 from qkcore.layers import AttentionLayer
 from qkcore.layout import CARD_FILE, MANIFEST_FILE, config_file
 from qkcore.logs import progress_disable
@@ -59,18 +60,13 @@ from qkcore.plugins import Family, installed_summary, make_plugin_manager, resol
 from qkcore.root_policy import BranchView, Decision, RootView, decide
 from qkcore.samplers import Sampler
 from qkcore.sources.documents import DocumentCheck, check_columns, check_documents, iter_documents, open_dataset
-from qkcore.sources.model import load_architecture, load_model, resolve_device
-from qkcore.sources.tokenizer import load_tokenizer
+from qkcore.sources.model import load_architecture, load_model, model_identity, precision, resolve_device
+from qkcore.sources.tokenizer import load_tokenizer, tokenizer_identity
 from qkcore.writer import CapturedChunk, ConfigStats, DatasetWriter, StagingConflict, read_journal
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
-
-#: Free disk a run needs, as a multiple of its final Parquet size: the spill parts (about
-#: 3.3x the final size at head_dim 8, less at larger head_dim) and the final files, which
-#: are written next to them before the parts are removed.
-DISK_NEEDED_FACTOR = 4.3
 
 
 @dataclass
@@ -141,8 +137,14 @@ def check_config(cfg: SniffConfig, pm: pluggy.PluginManager) -> Sampler:
     return build_sampler(pm, cfg)
 
 
-def load_inputs(cfg: SniffConfig, pm: pluggy.PluginManager, ranks: Ranks | None = None) -> RunInputs:
-    """Check and load everything but the model weights, and compute the run's identity."""
+def load_inputs(
+    cfg: SniffConfig, pm: pluggy.PluginManager, ranks: Ranks | None = None, hash_cache: dict[str, str] | None = None
+) -> RunInputs:
+    """Check and load everything but the model weights, and compute the run's identity.
+
+    ``hash_cache`` maps ``path|size|mtime_ns`` to a file's sha256, so unchanged weight
+    files are not hashed again (the run keeps it in the data root).
+    """
     ranks = ranks or Ranks()
     sampler = check_config(cfg, pm)
     device = ranks.device(resolve_device(cfg.model.device_map))
@@ -155,8 +157,8 @@ def load_inputs(cfg: SniffConfig, pm: pluggy.PluginManager, ranks: Ranks | None 
     identity = run_identity(
         cfg,
         dataset=dataset_fingerprint(cfg.dataset),
-        model=model_fingerprint(cfg.model, architecture),
-        tokenizer=tokenizer_fingerprint(cfg.tokenizer, cfg.model),
+        model=model_identity(cfg.model, architecture, hash_cache),
+        tokenizer=tokenizer_identity(cfg.tokenizer, cfg.model, hash_cache),
         device_type=device.type,
     )
     return RunInputs(cfg, pm, sampler, device, data, documents, tokenizer, architecture, family, identity, run_key(identity))
@@ -355,6 +357,7 @@ class Sniffer:
             nonfinite_rows=sum(s.nonfinite_rows for s in stats.values()),
             weights=self.inputs.identity["model"]["weights"],
             precision={
+                **precision(cfg.model, self.device, self.inputs.architecture).card(),
                 "dtype": str(self.model_dtype).removeprefix("torch."),
                 "attn_implementation": cfg.model.attn_implementation,
                 "device": self.device.type,
@@ -372,14 +375,22 @@ class Sniffer:
         )
 
     def disk_needed_bytes(self) -> float:
-        """An upper bound of the free disk the capture needs (every document at ``tokenizer.max_length``)."""
-        from qkcore.plan import expected_rows, row_bytes
+        """An upper bound of the free disk the capture needs (every document at ``tokenizer.max_length``).
+
+        :func:`qkcore.plan.disk_needed_bytes`: staging parts plus final files, one spill per batch at most.
+        """
+        from qkcore.layout import config_name
+        from qkcore.plan import disk_needed_bytes, expected_rows
 
         documents = self.inputs.documents.documents or self.cfg.dataset.max_samples or 0
         per_config = expected_rows(self.sampler, {self.cfg.tokenizer.max_length: documents}) if documents else 0.0
-        head_dims = {layer.index: layer.head_dim for layer in self.plan.layers.values()}
-        final = sum(per_config * row_bytes(head_dims[index]) * len(heads) for (index, _), heads in self.plan.heads.items())
-        return final * DISK_NEEDED_FACTOR
+        rows, head_dims = {}, {}
+        for (index, kind), heads in self.plan.heads.items():
+            for head in heads:
+                name = config_name(index, head, kind)
+                rows[name], head_dims[name] = per_config, self.plan.layers[index].head_dim
+        batches = -(-documents // self.cfg.inference.batch_size) if documents else 1
+        return disk_needed_bytes(rows, head_dims, spills=max(1, batches))
 
 
 def _warn_nonfinite(chunk: CapturedChunk, warned: set[str]) -> None:
@@ -455,6 +466,22 @@ def _agree(ranks: Ranks, step: Callable[[], T]) -> T:
     return outcome[1]
 
 
+class _HashCache:
+    """sha256 of weight files by ``path|size|mtime_ns``, kept in the data root: a rerun does not rehash 16 GB."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.values: dict[str, str] = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            self.values = {}
+        self._before = dict(self.values)
+
+    def save(self) -> None:
+        if self.values != self._before and self.path.parent.is_dir():
+            write_text_durably(self.path, json.dumps(self.values, indent=1, sort_keys=True))
+
+
 class _Run:
     """One ``qkcore sniff``, holding the data root's lock (see the module docstring for the steps)."""
 
@@ -468,7 +495,10 @@ class _Run:
         self.branch: Any = None  # the hub preflight's BranchState
 
     def execute(self) -> SniffResult:
-        inputs = load_inputs(self.cfg, self.pm, self.ranks)
+        cache = _HashCache(self.root.work_dir / "hashes.json")
+        inputs = load_inputs(self.cfg, self.pm, self.ranks, cache.values)
+        if self.ranks.is_main:
+            cache.save()
         decision, merged = _agree(self.ranks, lambda: self.decide(inputs))
         for note in decision.notes:
             log.warning(note)

@@ -46,6 +46,8 @@ from qkcore.output.record import RECORD_FILE, FileEntry, Record
 STATE_DIR = ".qkcore"
 _LOCK_FILE = "lock"
 _HOLDER_FILE = "lock.json"
+#: Files in the state folder that record nothing about a run (the lock, its holder, the hash cache).
+_NOT_STATE = (_LOCK_FILE, _HOLDER_FILE, "hashes.json")
 _PROBE_FILE = ".write-probe"
 
 
@@ -104,7 +106,7 @@ class LocalDataRoot:
         """
         if self._created is None or not self.state_dir.is_dir():
             return
-        if any(p.name not in (_LOCK_FILE, _HOLDER_FILE) for p in self.state_dir.iterdir()):
+        if any(p.name not in _NOT_STATE for p in self.state_dir.iterdir()):
             return
         if any(p.name != STATE_DIR for p in self.path.iterdir()):
             return
