@@ -285,6 +285,17 @@ CASES = [
                                                   "vocab_size": 259, "n_positions": 512}),
          ("gpt2", "cannot be instrumented", "llama")),
     Case("tokenizer-missing-name", _with("tokenizer", name=None), ("tokenizer.name",)),
+    Case("model-unknown-type", _model(config={"model_type": "lama", "hidden_size": 8}),
+         ("model.config", "no model_type 'lama'", "closest: llama")),
+    Case("model-unknown-rope-type", _model(config_overrides={"rope_scaling": {"rope_type": "yarnn", "factor": 2.0}}),
+         ("model.config_overrides", "unknown rope_type 'yarnn'", "did you mean 'yarn'")),
+    Case("model-device-not-a-device", _model(device_map="gpu0"), ("model.device_map", "'gpu0' is not a device")),
+    Case("model-missing-directory", _model(name="./no/such/model", config=None),
+         ("model.name", "there is no directory", "not a Hub id either")),
+    Case("tokenizer-missing-directory", _with("tokenizer", name="./no/such/tokenizer"),
+         ("tokenizer.name", "there is no directory", "not a Hub id either")),
+    Case("model-gguf-missing-file", _model(name=None, config=None, gguf_file="/no/such/model.gguf"),
+         ("model.gguf_file", "/no/such/model.gguf")),
     # -- the data root
     Case("data-root-is-a-file", _data_root_file, ("output.data_root", "a-file is a file")),
     Case("data-root-unwritable", _data_root_under_a_file, ("output.data_root", "cannot write to", "blocker")),
@@ -381,7 +392,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case: Case, tmp_path: 
 def test_the_table_covers_each_kind_of_input() -> None:
     ids = [c.id for c in CASES]
     assert len(ids) == len(set(ids))
-    assert len(CASES) >= 55
+    assert len(CASES) >= 65
     for prefix in ("config", "set", "dataset", "text", "ids", "model", "data-root", "push"):
         assert any(i.startswith(prefix) for i in ids), prefix
 
