@@ -305,7 +305,7 @@ def test_gguf_without_the_gguf_package_says_how_to_install_it(tiny_gguf, tiny_co
 def test_capture_from_a_gguf_model_reproduces_its_eager_attention(tiny_gguf, tmp_path) -> None:
     from qkcore.sniff import run_sniff
     from transformers import AutoModelForCausalLM
-    from tests.oracle import assert_rows_match_eager
+    from qkcore.testing import assert_rows_match_eager
 
     cfg = _gguf_cfg(tmp_path, str(tiny_gguf), inference={"batch_size": 1})
     result = run_sniff(cfg)
