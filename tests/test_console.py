@@ -95,3 +95,16 @@ def test_on_a_terminal_log_lines_print_above_the_one_live_bar(tiny_config, tmp_p
             shown = line.split("\r")[-1]  # what stays on screen after carriage returns
             assert _LOG_LINE.match(shown), repr(line)
             assert "%|" not in shown, repr(line)
+
+
+@pytest.mark.slow
+def test_without_a_terminal_the_libraries_draw_no_bars_either(tiny_config, tmp_path) -> None:
+    """transformers' weight loading and GGUF dequantizing bars would print a line per update into a log."""
+    pytest.importorskip("gguf", reason="the gguf package is not installed (pip install 'qkcore[gguf]')")
+    pytest.importorskip("accelerate", reason="accelerate is not installed (pip install 'qkcore[gguf]')")
+    from tests.gguf_tiny import write_tiny_llama_gguf
+
+    gguf = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
+    config = tiny_config(model={"name": None, "config": None, "gguf_file": str(gguf)}, tokenizer={"name": None})
+    err = _run(config)
+    assert "it/s" not in err and "de-quantizing" not in err and "%|" not in err, err[-2000:]

@@ -3,7 +3,8 @@
 * Log lines (structlog, ``key=value``) go to stderr through ``tqdm.write``, so they print
   above the live progress bar instead of breaking it into frozen copies.
 * The progress bar shows only on a terminal (and not with ``--quiet`` or ``--json-logs``);
-  without it, the run logs a progress line at each commit instead.
+  without it, the run logs a progress line at each commit instead, and the libraries' own
+  bars (transformers loading weights, datasets reading files) are switched off too.
 * Levels: ``--quiet`` shows warnings and errors, the default shows info (steps, commits,
   warnings), ``--debug`` (or ``inference.debug_logging``) adds a line per batch.
 * ``--json-logs`` writes one JSON object per line (no bar), for log collectors.
@@ -14,13 +15,15 @@ A run id is bound to every line, so the lines of two runs in one log can be told
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import uuid
-from typing import Any, TextIO
+from contextlib import contextmanager
+from typing import Any, Iterator, TextIO
 
 import structlog
 
-_state = {"progress": True}
+_state = {"progress": True, "library_bars": True}
 
 
 class _AboveProgress:
@@ -46,6 +49,12 @@ def configure_logging(debug: bool = False, *, quiet: bool = False, json: bool = 
     """Configure structlog for this process; return the run id bound to every line."""
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     _state["progress"] = not (quiet or json)
+    _state["library_bars"] = not (quiet or json or not sys.stderr.isatty())
+    if not _state["library_bars"]:
+        # Read by huggingface_hub, transformers and datasets when they are imported, which the
+        # CLI does after this (see library_bars_off for the one bar they draw without a switch).
+        for variable in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+            os.environ.setdefault(variable, "1")
     renderer: Any = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
 
     def logger_factory(*args: Any) -> structlog.PrintLogger:
@@ -71,3 +80,19 @@ def configure_logging(debug: bool = False, *, quiet: bool = False, json: bool = 
 def progress_disable() -> bool | None:
     """tqdm's ``disable`` for progress bars: ``None`` lets tqdm decide (a bar on a terminal only), ``True`` never."""
     return None if _state["progress"] else True
+
+
+@contextmanager
+def library_bars_off() -> Iterator[None]:
+    """Silence the progress bar transformers draws with tqdm itself while dequantizing a GGUF (no switch of its own),
+    when library bars are off (not a terminal, ``--quiet``, ``--json-logs``)."""
+    if _state["library_bars"]:
+        yield
+        return
+    from functools import partial
+    from unittest import mock
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    with mock.patch.object(gguf_utils, "tqdm", partial(gguf_utils.tqdm, disable=True)):
+        yield

@@ -22,6 +22,7 @@ import torch
 
 from qkcore.config import resolve_dtype
 from qkcore.errors import QkcoreError
+from qkcore.logs import library_bars_off
 from qkcore.sources.gguf import (
     gguf_metadata,
     gguf_path,
@@ -406,15 +407,16 @@ def _load_gguf_model(model_cfg: Any, config: Any, model_class: Any, dtype: torch
     except ImportError:  # older transformers dequantize every GGUF anyway
         pass
     try:
-        return model_class.from_pretrained(
-            location.folder,
-            gguf_file=location.file,
-            config=config,
-            revision=None if location.local else pinned_revision(location.folder, model_cfg.revision),
-            dtype=dtype or torch.float32,
-            attn_implementation=attn,
-            **extra,
-        )
+        with library_bars_off():
+            return model_class.from_pretrained(
+                location.folder,
+                gguf_file=location.file,
+                config=config,
+                revision=None if location.local else pinned_revision(location.folder, model_cfg.revision),
+                dtype=dtype or torch.float32,
+                attn_implementation=attn,
+                **extra,
+            )
     except (OSError, ValueError, KeyError) as exc:
         raise load_error(location, "weights", exc) from exc
 
