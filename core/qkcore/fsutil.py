@@ -17,17 +17,8 @@ from typing import Callable
 _HASH_CHUNK = 2**18  # one reused buffer: hashing a large file costs 256 KiB of memory
 
 
-def fsync_dir(path: Path) -> None:
-    """Make renames inside ``path`` durable (they live in the directory entry)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
-    """Flush ``path``'s data to disk."""
+def fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (which is where renames live), to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -45,11 +36,11 @@ def write_durably(path: Path, write: Callable[[Path], None]) -> None:
     tmp = temp_path(path)
     try:
         write(tmp)
-        fsync_file(tmp)  # data on disk before the rename makes it visible
+        fsync(tmp)  # data on disk before the rename makes it visible
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    fsync(path.parent)
 
 
 def write_text_durably(path: Path, text: str) -> None:
@@ -61,9 +52,9 @@ def move_durably(source: Path, target: Path) -> None:
     """Rename ``source`` over ``target`` (same filesystem) and make both directory entries durable."""
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(source, target)
-    fsync_dir(target.parent)
+    fsync(target.parent)
     if source.parent != target.parent:
-        fsync_dir(source.parent)
+        fsync(source.parent)
 
 
 def sha256_file(path: Path) -> str:

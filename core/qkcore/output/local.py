@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Iterator
 
 from qkcore.errors import QkcoreError
-from qkcore.fsutil import fsync_dir, move_durably, remove_tree, sha256_file, write_text_durably
+from qkcore.fsutil import fsync, move_durably, remove_tree, sha256_file, write_text_durably
 from qkcore.layout import CARD_FILE, MANIFEST_FILE, config_file, configs_in
 from qkcore.manifest import Manifest, read_manifest
 from qkcore.output.record import RECORD_FILE, FileEntry, Record
@@ -224,7 +224,7 @@ class LocalDataRoot:
                     f"{self.path}: {name} of run {record.run_key} is neither waiting in {self.final_dir} nor in place; "
                     "rerun with --restart to capture again"
                 )
-        fsync_dir(self.path)
+        fsync(self.path)
         record.files = {name: FileEntry(e.size, e.sha256, (self.path / name).stat().st_mtime_ns) for name, e in record.files.items()}
         record.state = "complete"
         self.write_record(record)
