@@ -41,7 +41,7 @@ import os
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO, Callable, Iterator, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator, Mapping, Sequence, TypeVar
 from urllib.parse import quote
 
 import httpx2
@@ -57,6 +57,9 @@ from qkcore import __version__
 from qkcore.errors import QkcoreError
 from qkcore.fsutil import write_durably
 from qkcore.layout import CARD_FILE, COLUMNS, is_dataset_file
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from qkcore.config import OutputConfig
 
 log = structlog.get_logger(__name__)
 
@@ -511,7 +514,7 @@ class HubSync:
         return f"{type(exc).__name__}: {_one_line(exc)}"
 
 
-def hub_sync(output_cfg: Any, api: Any = None) -> HubSync | None:
+def hub_sync(output_cfg: OutputConfig, api: Any = None) -> HubSync | None:
     """The :class:`HubSync` for ``output.*``, or ``None`` when no ``hf_repo_id`` is set."""
     if not output_cfg.hf_repo_id:
         return None

@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from qkcore.config import SniffConfig, config_to_dict
+from qkcore.config import DatasetConfig, SniffConfig, config_to_dict
 from qkcore.errors import QkcoreError
 from qkcore.fsutil import sha256_file
 
@@ -95,7 +95,7 @@ def _short(value: Any) -> str:
 # --------------------------------------------------------------------------- documents
 
 
-def dataset_fingerprint(dataset_cfg: Any, *, timeout_s: float = 30.0) -> dict[str, Any]:
+def dataset_fingerprint(dataset_cfg: DatasetConfig, *, timeout_s: float = 30.0) -> dict[str, Any]:
     """What identifies the documents of ``dataset.path``, read now.
 
     A local file: its size and sha256. A local folder (``save_to_disk`` or data files):

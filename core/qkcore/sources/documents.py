@@ -16,10 +16,13 @@ import json
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from qkcore.errors import QkcoreError
 from qkcore.example_ids import normalize_example_id
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from qkcore.config import DatasetConfig
 
 _LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
@@ -41,7 +44,7 @@ class DocumentCheck:
     empty: int  # empty texts (skipped: they have no tokens)
 
 
-def open_dataset(dataset_cfg: Any) -> Any:
+def open_dataset(dataset_cfg: DatasetConfig) -> Any:
     """Open the configured dataset split (streaming where asked) without reading it all."""
     from datasets import DatasetDict, load_dataset, load_from_disk
 
@@ -94,7 +97,7 @@ def _check_json_lines(path: Path) -> None:
                 raise QkcoreError(f"dataset.path: {path} line {number} is a JSON {type(value).__name__}, not an object")
 
 
-def check_columns(data: Any, dataset_cfg: Any) -> None:
+def check_columns(data: Any, dataset_cfg: DatasetConfig) -> None:
     """Fail early, naming the missing column and the columns that exist."""
     columns = list(data.column_names or []) if getattr(data, "column_names", None) is not None else None
     if columns is None:
@@ -107,7 +110,7 @@ def check_columns(data: Any, dataset_cfg: Any) -> None:
             )
 
 
-def check_documents(data: Any, dataset_cfg: Any) -> DocumentCheck:
+def check_documents(data: Any, dataset_cfg: DatasetConfig) -> DocumentCheck:
     """Check every document's text and id before any compute; raise naming the first bad row.
 
     For an in-memory dataset this reads only the Arrow columns (types, nulls, lengths,
@@ -155,13 +158,13 @@ def _first_non_string(data: Any, column: str, n: int) -> tuple[int, Any]:
     return 0, None
 
 
-def _raw_ids(data: Any, dataset_cfg: Any, n: int) -> list[Any]:
+def _raw_ids(data: Any, dataset_cfg: DatasetConfig, n: int) -> list[Any]:
     if not dataset_cfg.id_column:
         return list(range(n))
     return data.data.column(dataset_cfg.id_column).slice(0, n).to_pylist()
 
 
-def _bad_text(dataset_cfg: Any, row: int, raw_id: Any, value: Any) -> str:
+def _bad_text(dataset_cfg: DatasetConfig, row: int, raw_id: Any, value: Any) -> str:
     what = "no text (null)" if value is None else f"a {type(value).__name__} ({_short(value)}), not text"
     return f"dataset.text_column: row {row} (id {raw_id!r}) of {dataset_cfg.path} has {what} in column '{dataset_cfg.text_column}'"
 
@@ -171,7 +174,7 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _check_unique(seen: dict[int, int], example_id: int, row: int, raw_ids: Any, dataset_cfg: Any) -> None:
+def _check_unique(seen: dict[int, int], example_id: int, row: int, raw_ids: Any, dataset_cfg: DatasetConfig) -> None:
     first = seen.setdefault(example_id, row)
     if first != row:
         raise QkcoreError(
@@ -181,7 +184,7 @@ def _check_unique(seen: dict[int, int], example_id: int, row: int, raw_ids: Any,
         )
 
 
-def iter_documents(data: Any, dataset_cfg: Any) -> Iterator[Document]:
+def iter_documents(data: Any, dataset_cfg: DatasetConfig) -> Iterator[Document]:
     """Yield documents in dataset order, at most ``max_samples`` of them, checking each one.
 
     A null or non-string text, or an id shared with an earlier row, raises naming the row.
@@ -206,7 +209,7 @@ def iter_documents(data: Any, dataset_cfg: Any) -> Iterator[Document]:
         yield Document(example_id, text, index)
 
 
-def document_count(data: Any, dataset_cfg: Any) -> int | None:
+def document_count(data: Any, dataset_cfg: DatasetConfig) -> int | None:
     """Number of documents the run will read, when known without reading them."""
     try:
         total = len(data)

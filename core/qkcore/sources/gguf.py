@@ -14,10 +14,13 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qkcore.errors import QkcoreError
 from qkcore.sources.locations import PACKAGE_PREFIX, package_file, pinned_revision, source_kind
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from qkcore.config import ModelConfig
 
 #: How to install what GGUF loading needs.
 INSTALL_HINT = "pip install 'qkcore[gguf]' (or bash scripts/install.sh)"
@@ -61,7 +64,7 @@ def require_gguf_support(key: str = "model.gguf_file") -> None:
         raise QkcoreError(f"{key}: loading a GGUF checkpoint needs {' and '.join(missing)}: {INSTALL_HINT}")
 
 
-def locate_gguf(model_cfg: Any) -> GgufLocation:
+def locate_gguf(model_cfg: ModelConfig) -> GgufLocation:
     """Where ``model.gguf_file`` is, per the rules in :class:`qkcore.config.ModelConfig`; errors if absent."""
     spec: str = model_cfg.gguf_file
     key = "model.gguf_file"

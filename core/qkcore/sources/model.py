@@ -15,7 +15,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import torch
@@ -31,6 +31,9 @@ from qkcore.sources.gguf import (
     require_gguf_support,
 )
 from qkcore.sources.locations import files_sha256, file_sha256, hub_commit, pinned_revision, source_kind
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from qkcore.config import ModelConfig
 
 log = structlog.get_logger(__name__)
 
@@ -125,7 +128,7 @@ def _checkpoint_dtype(config: Any) -> torch.dtype | None:
     return value if isinstance(value, torch.dtype) else None
 
 
-def _precision(requested: torch.dtype | str, device: torch.device, model_cfg: Any, config: Any) -> Precision:
+def _precision(requested: torch.dtype | str, device: torch.device, model_cfg: ModelConfig, config: Any) -> Precision:
     name = "auto" if requested == "auto" else str(requested).removeprefix("torch.")
     dtype: torch.dtype | None
     notes = []
@@ -147,7 +150,7 @@ def _precision(requested: torch.dtype | str, device: torch.device, model_cfg: An
     return Precision(name, dtype, "; ".join(notes) or None)
 
 
-def precision(model_cfg: Any, device: torch.device, config: Any = None) -> Precision:
+def precision(model_cfg: ModelConfig, device: torch.device, config: Any = None) -> Precision:
     """The dtype ``model.dtype`` resolves to on ``device`` (``config``: the checkpoint's, for ``auto``)."""
     return _precision(resolve_dtype(model_cfg.dtype), device, model_cfg, config)
 
@@ -252,7 +255,7 @@ def architecture_config(spec: str | dict[str, Any]) -> Any:
         raise QkcoreError(f"model.config: cannot build a '{model_type}' config: {exc}") from exc
 
 
-def _gguf_architecture(model_cfg: Any) -> Any:
+def _gguf_architecture(model_cfg: ModelConfig) -> Any:
     """The config stored in a GGUF file, read by transformers."""
     from transformers import AutoConfig
 
@@ -265,7 +268,7 @@ def _gguf_architecture(model_cfg: Any) -> Any:
         raise load_error(location, "config", exc) from exc
 
 
-def load_architecture(model_cfg: Any) -> Any:
+def load_architecture(model_cfg: ModelConfig) -> Any:
     """The model's config (with ``config_overrides`` applied), without loading weights.
 
     From ``model.config`` (an architecture to build with random weights), from
@@ -346,7 +349,7 @@ def _check_safetensors(path: Path) -> None:
         raise QkcoreError(f"model.name: {path} is truncated or corrupt ({exc}); copy or download it again") from exc
 
 
-def load_model(model_cfg: Any, config: Any, model_class: Any, dtype: Any, device: torch.device) -> torch.nn.Module:
+def load_model(model_cfg: ModelConfig, config: Any, model_class: Any, dtype: Any, device: torch.device) -> torch.nn.Module:
     """Return ``model_class`` for ``config`` in eval mode on ``device``.
 
     ``model.config`` set: random weights seeded by ``init_seed``, never
@@ -395,7 +398,7 @@ def load_model(model_cfg: Any, config: Any, model_class: Any, dtype: Any, device
     return model.to(device).eval()
 
 
-def _load_gguf_model(model_cfg: Any, config: Any, model_class: Any, dtype: torch.dtype | None, attn: str) -> Any:
+def _load_gguf_model(model_cfg: ModelConfig, config: Any, model_class: Any, dtype: torch.dtype | None, attn: str) -> Any:
     require_gguf_support()
     location = locate_gguf(model_cfg)
     extra: dict[str, Any] = {}
@@ -431,7 +434,7 @@ def _config_sha256(config: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def model_identity(model_cfg: Any, config: Any, hash_cache: dict[str, str] | None = None) -> dict[str, Any]:
+def model_identity(model_cfg: ModelConfig, config: Any, hash_cache: dict[str, str] | None = None) -> dict[str, Any]:
     """What pins the weights a run computes with, as a JSON-able dict.
 
     It changes whenever the weights could differ and not otherwise:

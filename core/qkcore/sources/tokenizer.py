@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qkcore.errors import QkcoreError
 from qkcore.sources.gguf import gguf_path, load_error, locate_gguf, require_gguf_support
 from qkcore.sources.locations import file_sha256, files_sha256, hub_commit, pinned_revision, source_kind
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from qkcore.config import ModelConfig, TokenizerConfig
 
 #: ``tokenizer.name`` of the offline tokenizer: one token per UTF-8 byte, plus specials.
 BYTE_TOKENIZER = "qkcore:bytes"
@@ -40,12 +43,12 @@ def byte_tokenizer() -> Any:
     )
 
 
-def uses_gguf_tokenizer(tokenizer_cfg: Any, model_cfg: Any) -> bool:
+def uses_gguf_tokenizer(tokenizer_cfg: TokenizerConfig, model_cfg: ModelConfig) -> bool:
     """True when the tokenizer comes from ``model.gguf_file`` (``tokenizer.name`` unset or equal to ``model.name``)."""
     return bool(model_cfg.gguf_file) and tokenizer_cfg.name in (None, model_cfg.name)
 
 
-def load_tokenizer(tokenizer_cfg: Any, model_cfg: Any) -> Any:
+def load_tokenizer(tokenizer_cfg: TokenizerConfig, model_cfg: ModelConfig) -> Any:
     """Return a tokenizer with a pad token, per ``tokenizer.*`` (falling back to ``model.name``)."""
     from transformers import AutoTokenizer
 
@@ -78,7 +81,7 @@ def load_tokenizer(tokenizer_cfg: Any, model_cfg: Any) -> Any:
     return tokenizer
 
 
-def tokenizer_identity(tokenizer_cfg: Any, model_cfg: Any, hash_cache: dict[str, str] | None = None) -> dict[str, Any]:
+def tokenizer_identity(tokenizer_cfg: TokenizerConfig, model_cfg: ModelConfig, hash_cache: dict[str, str] | None = None) -> dict[str, Any]:
     """What pins how texts become token ids, as a JSON-able dict.
 
     Built-in byte tokenizer: its name and version. GGUF: the file's name and sha256.
