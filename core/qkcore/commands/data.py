@@ -21,9 +21,11 @@ def _inspect_options() -> list[click.Parameter]:
 @click.command(cls=DeferredOptions, declare=_inspect_options)
 @click.argument("data_root", metavar="DATA_ROOT", type=click.Path(path_type=Path))
 def inspect(data_root: Path, out: Path | None) -> None:
-    """Summarise a captured data folder: rows per config and bucket, coverage, and a plot.
+    """Summarise a captured data folder (rows, coverage, plot).
 
-    DATA_ROOT is a folder written by qkcore sniff.
+    Rows per config and bucket, coverage of layers, heads and examples (checked
+    against the manifest), and a plot of rows per bucket. DATA_ROOT is a folder
+    written by qkcore sniff.
     """
     from qkcore.inspect_data import DEFAULT_PLOT, format_inspection, inspect_data, plot_rows_per_bucket
 
@@ -71,7 +73,7 @@ def _plasticity_options() -> list[click.Parameter]:
 def plasticity(data: str, revision: str | None, out: Path | None, seed: int, pairs_per_bucket: int, min_queries: int,
                keep_small_buckets: bool, locality: float, workers: int, num_q_heads: int | None,
                num_kv_heads: int | None, model_index: int, no_progress: bool) -> None:
-    """Attention plasticity per query head and position bucket of a captured Q/K dataset.
+    """Attention plasticity per query head and position bucket.
 
     DATA_ROOT_OR_HUB_REPO is a dataset folder, or a Hub dataset repo id. Writes the
     per-bucket and per-head CSVs, a plot and a README to the output folder and prints

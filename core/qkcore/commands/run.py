@@ -36,7 +36,10 @@ def sniff(pm: pluggy.PluginManager, config: str, overrides: tuple[str, ...], deb
 @config_options
 @click.option("--replace", is_flag=True, help="replace a different run the Hub branch holds")
 def push(config: str, overrides: tuple[str, ...], replace: bool) -> None:
-    """Upload a finished data root to its Hub branch (retry after a failed push)."""
+    """Upload a finished data root to its Hub branch.
+
+    Retries a push that failed at the end of qkcore sniff.
+    """
     from qkcore.sniff import run_push
 
     run_push(load_run_config(config, overrides), replace=replace)
@@ -76,7 +79,11 @@ def _plan_options() -> list[click.Parameter]:
 @click.pass_obj
 def plan(pm: pluggy.PluginManager, config: str, overrides: tuple[str, ...], documents: int | None,
          lengths: list[int] | None, sample: int) -> None:
-    """Show what a config would capture (layers, heads, rows, disk, GPU time) without loading weights."""
+    """What a config would capture and cost; no weights loaded.
+
+    Layers, heads, expected rows per config, disk, free disk needed while writing,
+    and a GPU-time estimate.
+    """
     from qkcore.plan import format_plan, make_plan
 
     cfg = load_run_config(config, overrides)
