@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 import yaml
 from datasets import load_dataset
 
+import qkcore
 from qkcore.card import read_front_matter
 from qkcore.cli import main
 from tests.conftest import REPO, TEXTS, TINY_LLAMA
@@ -91,3 +93,73 @@ def test_demo_config_loads_from_the_repository_root(monkeypatch) -> None:
     monkeypatch.chdir(REPO)
     cfg = load_config(REPO / "configs" / "demo" / "llama-tiny.yaml")
     assert cfg.capture.sampler.type == "uniform" and cfg.tokenizer.name == "qkcore:bytes"
+
+
+# --------------------------------------------------------------------------- the command line itself
+
+HEAVY = ("torch", "transformers", "datasets", "numpy", "pyarrow", "matplotlib", "pydantic")
+_STARTUP = """
+import sys
+from qkcore.cli import main
+code = main(sys.argv[1:])
+print("HEAVY", code, sorted(m for m in {heavy!r} if m in sys.modules))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["sniff", "--help"], ["plugins", "list"]])
+def test_help_version_and_plugins_list_import_nothing_heavy(argv) -> None:
+    # `qkcore --help` must answer at once: no torch, transformers or datasets before the arguments are parsed
+    # (every installed plugin is loaded to list the commands, so their modules must be light too).
+    done = subprocess.run([sys.executable, "-c", _STARTUP.format(heavy=HEAVY), *argv],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "HEAVY 0 []"
+
+
+def test_help_lists_every_built_in_command(capsys) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    commands = out[out.index("Commands:"):]
+    for name in ("sniff", "push", "plan", "inspect", "plasticity", "plugins"):
+        assert f"\n  {name} " in commands, out
+
+
+def test_version(capsys) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"qkcore {qkcore.__version__}\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], "missing command"),
+        (["snif"], "No such command 'snif'"),
+        (["sniff"], "sniff: Missing option '--config'"),
+        (["sniff", "--config", "run.yaml", "--frobnicate"], "sniff: No such option '--frobnicate'"),
+        (["plugins"], "plugins: missing command"),
+        (["plan", "--config", "run.yaml", "--documents", "0"], "plan: Invalid value for '--documents'"),
+        (["plasticity", "data", "--locality", "2"], "plasticity: Invalid value for '--locality'"),
+        (["inspect"], "inspect: Missing argument 'DATA_ROOT'"),
+    ],
+)
+def test_a_usage_error_is_one_line_and_exit_2(argv, expected, capsys) -> None:
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qkcore: error: "), captured.err
+    assert expected in lines[0] and "--help" in lines[0]
+    assert captured.out == ""
+
+
+def test_plugins_list_json_names_each_plugins_hooks(capsys) -> None:
+    assert main(["plugins", "list", "--json"]) == 0
+    plugins = {entry["name"]: entry for entry in json.loads(capsys.readouterr().out)}
+    llama = plugins["llama"]
+    assert (llama["package"], llama["version"], llama["model_types"], llama["builtin"]) == (
+        "qk-plugin-llama", "0.1.0", ["llama"], False)
+    assert llama["hooks"] == ["qkcore_card_notes", "qkcore_model_types"]
+    core = plugins["qkcore.builtin"]
+    assert core["builtin"] and core["package"] == "qkcore" and core["version"] == qkcore.__version__
+    assert core["hooks"] == ["qkcore_register_commands", "qkcore_samplers"]
+    assert "qkcore_attention_layers" in plugins["qkcore.generic"]["hooks"]

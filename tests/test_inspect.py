@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 
+import click
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from qkcore.cli import QkcoreCli, main
 from qkcore.config import load_config
 from qkcore.errors import QkcoreError
 from qkcore.inspect_data import (
     DEFAULT_PLOT,
-    InspectCommand,
     format_inspection,
     inspect_data,
     plot_rows_per_bucket,
@@ -96,19 +96,18 @@ def test_works_without_a_card_and_notices_a_stale_one(captured, tmp_path) -> Non
 
 
 def test_inspect_command_prints_and_plots(captured, tmp_path, capsys) -> None:
-    command = InspectCommand()
-    parser = argparse.ArgumentParser()
-    command.add_arguments(parser)
+    cli = QkcoreCli()
+    command = cli.get_command(click.Context(cli), "inspect")
     assert command.name == "inspect" and command.help
 
     out = tmp_path / "plot.png"
-    assert command.run(parser.parse_args([str(captured), "--out", str(out)])) == 0
+    assert main(["inspect", str(captured), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert out.read_bytes()[:8] == PNG_MAGIC and str(out) in printed
 
     root = tmp_path / "default"
     shutil.copytree(captured, root)
-    assert command.run(parser.parse_args([str(root)])) == 0
+    assert main(["inspect", str(root)]) == 0
     assert (root / DEFAULT_PLOT).read_bytes()[:8] == PNG_MAGIC
 
 

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 
+import click
 import pytest
 import torch
 
 import qkcore.plan as plan_module
 from qkcore.batching import tokenize_batches
+from qkcore.cli import QkcoreCli, main
 from qkcore.config import ConfigError, load_config
 from qkcore.plan import (
     build_meta_model,
     DEFAULT_DOCUMENTS,
     disk_needed_bytes,
     THROUGHPUT_TOKENS_PER_S,
-    PlanCommand,
     format_plan,
     make_plan,
     throughput_tokens_per_s,
@@ -222,21 +222,18 @@ def test_throughput_table_reproduces_its_measurements() -> None:
 
 
 def test_plan_command_prints_the_plan(tiny_config, pm, capsys) -> None:
-    command = PlanCommand(pm)
-    parser = argparse.ArgumentParser()
-    command.add_arguments(parser)
-    args = parser.parse_args(
-        ["--config", str(tiny_config(capture=UNIFORM)), "--set", "capture.layers=[1]", "--lengths", "64,32"]
-    )
+    cli = QkcoreCli(pm)
+    command = cli.get_command(click.Context(cli), "plan")
+    args = ["--config", str(tiny_config(capture=UNIFORM)), "--set", "capture.layers=[1]", "--lengths", "64,32"]
     assert command.name == "plan" and command.help
-    assert command.run(args) == 0
+    assert main(["plan", *args], pm=pm) == 0
     out = capsys.readouterr().out
     assert "configs: 10 (8 query, 2 key)" in out
     assert "expected rows per config: 6" in out  # (64 + 32) / 16
     assert "uncompressed estimate" in out and "free disk needed while writing" in out
     assert "on one H100: an estimate, not measured" in out and "bare forward (no capture)" in out
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--config", "x.yaml", "--lengths", "1,-2"])
+    assert main(["plan", "--config", "x.yaml", "--lengths", "1,-2"], pm=pm) == 2  # a usage error, before any work
+    assert "qkcore: error: plan: Invalid value for '--lengths'" in capsys.readouterr().err
 
 
 def test_key_head_of_each_query_head_comes_from_the_family_hook(tiny_config, pm) -> None:

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 from pathlib import Path
 
+import click
 import numpy as np
 import pluggy
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from qkcore import hookspecs
-from qkcore.analysis import Analysis
-from qkcore.analysis import plasticity as plasticity_module
+from qkcore import builtin, hookspecs
 from qkcore.analysis.data import LocalSource
 from qkcore.analysis.pairs import KeyIndex, eligible_keys, sample_key_pairs
-from qkcore.analysis.plasticity import PlasticityAnalysis
+from qkcore.cli import main
 
 HEAD_DIM = 8
 BUCKET_SIZE = 16
@@ -98,17 +96,11 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _make_dataset(tmp_path_factory.mktemp("capture"))
 
 
-def _args(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    PlasticityAnalysis().add_arguments(parser)
-    return parser.parse_args(list(argv))
-
-
 def _run(root: Path, out: Path | None, *extra: str) -> int:
     argv = [str(root), "--pairs-per-bucket", "256", "--workers", "1", "--no-progress", *extra]
     if out is not None:
         argv += ["--out", str(out)]
-    return PlasticityAnalysis().run(_args(*argv))
+    return main(["plasticity", *argv])
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -119,10 +111,11 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 def test_registered_through_the_hook() -> None:
     pm = pluggy.PluginManager("qkcore")
     pm.add_hookspecs(hookspecs)
-    pm.register(plasticity_module)
-    (analyses,) = pm.hook.qkcore_analyses()
-    analysis = analyses["plasticity"]
-    assert isinstance(analysis, Analysis)
+    pm.register(builtin)
+    cli = click.Group()
+    pm.hook.qkcore_register_commands(cli=cli)
+    analysis = cli.commands["plasticity"]
+    assert isinstance(analysis, click.Command)
     assert analysis.name == "plasticity" and analysis.help
 
 

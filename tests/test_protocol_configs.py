@@ -7,7 +7,6 @@ there) and is built on the meta device with the class its plugin picks.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import json
@@ -313,14 +312,13 @@ def test_llama_vision_original_candidates_at_the_real_shape() -> None:
 
 
 def test_plan_points_llama_vision_to_the_original_setting(capsys) -> None:
-    from qkcore.plan import PlanCommand
+    from qkcore.cli import main
 
     path = PROTOCOL / "llama3.2-11b.yaml"
     _require_plugin(load_protocol_config(path))
     architecture = architecture_path(load_protocol_config(path))
-    command = PlanCommand()
-    args = argparse.Namespace(config=str(path), overrides=[f"model.config={architecture}"], documents=1, lengths=None)
-    assert command.run(args) == 0
+    args = ["plan", "--config", str(path), "--set", f"model.config={architecture}", "--documents", "1"]
+    assert main(args) == 0
     out = capsys.readouterr().out
     assert "configs: 487 (300 query, 187 key)" in out
     assert (
@@ -328,8 +326,8 @@ def test_plan_points_llama_vision_to_the_original_setting(capsys) -> None:
         "captures 239 query heads here (75 in common with the 300 chosen now): set "
         "capture.head_sampling.candidates: all_decoder_layers to reproduce its published datasets"
     ) in out
-    args.overrides.append("capture.head_sampling.candidates=all_decoder_layers")
-    assert command.run(args) == 0
+    args += ["--set", "capture.head_sampling.candidates=all_decoder_layers"]
+    assert main(args) == 0
     out = capsys.readouterr().out
     assert "configs: 396 (239 query, 157 key)" in out and "NOTE:" not in out
     assert "61 picks on cross-attention layers are not captured, leaving 239 query heads" in out

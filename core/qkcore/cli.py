@@ -1,104 +1,151 @@
-"""The ``qkcore`` command line: ``sniff``, ``push``, ``plan``, ``inspect``, ``plugins list`` and one subcommand per analysis.
+"""The ``qkcore`` command line (click).
+
+Every command comes from the ``qkcore_register_commands`` hook: the built-in ones
+(``sniff``, ``push``, ``plan``, ``inspect``, ``plasticity``, ``plugins``) from the
+core's own plugin, :mod:`qkcore.builtin`, and any other from an installed plugin.
+Plugins are loaded the first time the commands are needed, so ``qkcore --version``
+loads none; no module loaded for ``qkcore --help`` imports torch.
 
 Exit status: 0 on success, 2 on an error the user can act on (one ``qkcore: error:``
-line naming the key, file or row at fault), 130 when interrupted (Ctrl-C or SIGTERM;
-the same command resumes from the last commit).
+line naming the key, file or row at fault; usage errors too), 130 when interrupted
+(Ctrl-C or SIGTERM; the same command resumes from the last commit).
 """
 
 from __future__ import annotations
 
-import argparse
 import signal
 import sys
-import warnings
 from typing import Any, Sequence
 
-from qkcore import ENTRY_POINT_GROUP, __version__
-from qkcore.config import ConfigError, QkcoreConfigWarning, load_config
+import click
+import pluggy
+
+from qkcore import __version__
 from qkcore.errors import QkcoreError
-from qkcore.logs import configure_logging
-from qkcore.inspect_data import InspectCommand
-from qkcore.plan import PlanCommand
-from qkcore.plugins import list_plugins, make_plugin_manager
+
+_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+_INTERRUPTED = "interrupted; the same command resumes from the last commit"
 
 
-def build_parser(commands_by_name: dict) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qkcore", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"qkcore {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+class QkcoreCli(click.Group):
+    """The root ``qkcore`` group; its commands are registered through the plugin hook on first need."""
 
-    sniff = commands.add_parser("sniff", help="capture sampled Q/K rows and write the dataset")
-    sniff.add_argument("--config", required=True, help="run configuration (YAML)")
-    sniff.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config key, e.g. --set capture.sampler.type=all (repeatable)",
-    )
-    sniff.add_argument("--debug", action="store_true", help="debug logging (a line per batch)")
-    sniff.add_argument("--quiet", action="store_true", help="warnings and errors only, no progress line")
-    sniff.add_argument("--json-logs", action="store_true", help="log lines as JSON objects, no progress line")
-    sniff.add_argument(
-        "--restart", action="store_true",
-        help="discard the data root's staged progress (of this or another run) and capture from the start",
-    )
-    sniff.add_argument(
-        "--replace", action="store_true",
-        help="let this run replace the different run (or foreign files) the data root or Hub branch holds, "
-             "when it finishes",
-    )
+    def __init__(self, pm: pluggy.PluginManager | None = None) -> None:
+        super().__init__(
+            name="qkcore",
+            help="Capture post-RoPE query/key vectors from Hugging Face models and publish them as a Parquet dataset.",
+            context_settings=_SETTINGS,
+            params=[click.Option(["--version"], is_flag=True, expose_value=False, is_eager=True,
+                                 callback=_show_version, help="print the version and exit")],
+        )
+        self._pm = pm
+        self._registered = False
 
-    push = commands.add_parser("push", help="upload a finished data root to its Hub branch (retry after a failed push)")
-    push.add_argument("--config", required=True, help="the run configuration that wrote the data")
-    push.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    push.add_argument("--replace", action="store_true", help="replace a different run the Hub branch holds")
+    def plugin_manager(self) -> pluggy.PluginManager:
+        """The plugin manager (made on first use), with every plugin's commands added to this group."""
+        if self._pm is None:
+            from qkcore.plugins import make_plugin_manager
 
-    plugins = commands.add_parser("plugins", help="installed model-family plugins")
-    plugins_commands = plugins.add_subparsers(dest="plugins_command", required=True)
-    plugins_commands.add_parser("list", help="name, package, version and model types of each plugin")
+            self._pm = make_plugin_manager()
+        if not self._registered:
+            self._registered = True
+            self._pm.hook.qkcore_register_commands(cli=self)
+        return self._pm
 
-    for name, command in sorted(commands_by_name.items()):
-        sub = commands.add_parser(name, help=command.help)
-        command.add_arguments(sub)
-    return parser
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        """Every command's name, sorted."""
+        self._load(ctx)
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """The command called ``cmd_name``, or None."""
+        self._load(ctx)
+        return super().get_command(ctx, cmd_name)
+
+    def _load(self, ctx: click.Context) -> None:
+        pm = self.plugin_manager()
+        if ctx.obj is None:  # what `@click.pass_obj` hands a command
+            ctx.obj = pm
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        """Add ``cmd``; a name another plugin already took is an error naming both."""
+        name = name or cmd.name
+        taken = self.commands.get(name or "")
+        if taken is not None:
+            raise QkcoreError(
+                f"the command '{name}' is added twice ({_origin(taken)} and {_origin(cmd)}); uninstall one of the "
+                "plugins, or leave it out with QKCORE_LOAD_PLUGINS"
+            )
+        super().add_command(cmd, name)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``qkcore`` script; returns the exit status."""
+def _origin(command: click.Command) -> str:
+    return getattr(command.callback, "__module__", None) or type(command).__name__
+
+
+def _show_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(f"qkcore {__version__}")
+        ctx.exit()
+
+
+def main(argv: Sequence[str] | None = None, *, pm: pluggy.PluginManager | None = None) -> int:
+    """Entry point of the ``qkcore`` script; returns the exit status.
+
+    ``argv`` defaults to ``sys.argv[1:]``; ``pm`` (default: a new one with every
+    installed plugin) is the plugin manager the commands run with.
+    """
+    from qkcore.logs import configure_logging
+
     configure_logging()
-    try:
-        pm = make_plugin_manager()
-    except QkcoreError as exc:  # a broken plugin install: say which, without a traceback
-        print(f"qkcore: error: {exc}", file=sys.stderr)
-        return 2
-    # Know-before-you-spend commands, then every analysis a plugin provides.
-    extra: dict = {"plan": PlanCommand(pm), "inspect": InspectCommand()}
-    for provided in pm.hook.qkcore_analyses():
-        extra.update(provided or {})
-    args = build_parser(extra).parse_args(argv)
-    configure_logging(debug=getattr(args, "debug", False), quiet=getattr(args, "quiet", False),
-                      json=getattr(args, "json_logs", False))
+    cli = QkcoreCli(pm)
+    args = list(sys.argv[1:] if argv is None else argv)
     previous = _terminate_like_interrupt()
     try:
-        if args.command == "sniff":
-            return _sniff(args, pm)
-        if args.command == "push":
-            return _push(args)
-        if args.command == "plugins":
-            return _plugins_list(pm)
-        return int(extra[args.command].run(args) or 0)
-    except (ConfigError, QkcoreError) as exc:
-        print(f"qkcore: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("qkcore: error: interrupted; the same command resumes from the last commit", file=sys.stderr)
+        with cli.make_context("qkcore", args) as ctx:
+            cli.invoke(ctx)
+        return 0
+    except click.exceptions.Exit as exc:  # --help, --version, or a command's ctx.exit(code)
+        return exc.exit_code
+    except click.exceptions.NoArgsIsHelpError as exc:  # `qkcore` or `qkcore plugins` alone
+        return _error(f"{_where(exc.ctx)}missing command (see '{exc.ctx.command_path} --help')")
+    except click.UsageError as exc:  # unknown option, missing or bad value: one line, like every user error
+        message = " ".join(exc.format_message().split()).rstrip(".")
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        return _error(f"{_where(exc.ctx)}{message}{hint}")
+    except click.ClickException as exc:  # a plugin command's own user error
+        return _error(exc.format_message())
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        print(f"qkcore: error: {_INTERRUPTED}", file=sys.stderr)
         return 130
     except OSError as exc:  # disk full, permissions, a vanished mount: the environment, not a bug
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"qkcore: error: {where}{exc.strerror or exc}; the same command resumes from the last commit "
-              "once this is fixed", file=sys.stderr)
-        return 2
+        return _error(f"{where}{exc.strerror or exc}; the same command resumes from the last commit once this is fixed")
+    except Exception as exc:
+        if not _is_user_error(exc):
+            raise
+        return _error(str(exc))
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _error(message: str) -> int:
+    """Print one ``qkcore: error:`` line; return exit status 2."""
+    print(f"qkcore: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _is_user_error(exc: Exception) -> bool:
+    """A QkcoreError or a ConfigError (looked up only if qkcore.config was imported: then only can one exist)."""
+    config = sys.modules.get("qkcore.config")
+    return isinstance(exc, QkcoreError) or (config is not None and isinstance(exc, config.ConfigError))
+
+
+def _where(ctx: click.Context | None) -> str:
+    """``"sniff: "`` for an error in a subcommand, nothing for the root."""
+    sub = ctx.command_path.partition(" ")[2] if ctx is not None else ""
+    return f"{sub}: " if sub else ""
 
 
 def _terminate_like_interrupt() -> Any:
@@ -110,46 +157,6 @@ def _terminate_like_interrupt() -> Any:
         return signal.signal(signal.SIGTERM, interrupt)
     except ValueError:  # not the main thread (e.g. called from a test runner thread)
         return None
-
-
-def _sniff(args: argparse.Namespace, pm) -> int:
-    from qkcore.sniff import run_sniff
-
-    cfg = _load(args)
-    if cfg.inference.debug_logging:  # the original tool's switch for verbose logs
-        configure_logging(debug=True, quiet=args.quiet, json=args.json_logs)
-    run_sniff(cfg, pm, restart=args.restart, replace=args.replace)
-    return 0
-
-
-def _push(args: argparse.Namespace) -> int:
-    from qkcore.sniff import run_push
-
-    run_push(_load(args), replace=args.replace)
-    return 0
-
-
-def _load(args: argparse.Namespace):
-    with warnings.catch_warnings():
-        warnings.simplefilter("always", QkcoreConfigWarning)
-        warnings.showwarning = _show_config_warning
-        return load_config(args.config, overrides=args.overrides)
-
-
-def _show_config_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"qkcore: warning: {message}", file=sys.stderr)
-
-
-def _plugins_list(pm) -> int:
-    rows = [("NAME", "PACKAGE", "VERSION", "MODEL TYPES")]
-    for info in list_plugins(pm):
-        types = ", ".join(info.model_types) if info.model_types else ("(built-in)" if info.builtin else "-")
-        rows.append((info.name, info.package, info.version, types))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
-    print(f"\nPlugins register under the entry-point group '{ENTRY_POINT_GROUP}'.")
-    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,12 +8,13 @@ family plugin overrides only what differs; all hooks here are ``trylast``.
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
-
-from torch import nn
+from typing import TYPE_CHECKING, Any, Callable
 
 from qkcore import hookimpl
 from qkcore.layers import AttentionLayer, RopeSite, describe_layer, module_window, text_decoder
+
+if TYPE_CHECKING:  # pragma: no cover - typing only (plugins load for `qkcore --help`: no torch import)
+    from torch import nn
 
 _LAYER_KINDS = {"full_attention": "full", "sliding_attention": "sliding", "chunked_attention": "sliding"}
 

@@ -10,7 +10,6 @@ rows on disk are checked against the manifest (``qkcore.json``).
 
 from __future__ import annotations
 
-import argparse
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,6 @@ __all__ = [
     "DEFAULT_PLOT",
     "CONFIG_COLUMNS",
     "ConfigSummary",
-    "InspectCommand",
     "Inspection",
     "format_inspection",
     "inspect_data",
@@ -239,24 +237,3 @@ def plot_rows_per_bucket(inspection: Inspection, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
-
-
-class InspectCommand:
-    """``qkcore inspect DATA_ROOT``: print the summary and write the rows-per-bucket plot."""
-
-    name = "inspect"
-    help = "summarise a captured data folder: rows per config and bucket, coverage, and a plot"
-
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        """Declare ``DATA_ROOT`` and ``--out``."""
-        parser.add_argument("data_root", type=Path, metavar="DATA_ROOT", help="folder written by qkcore sniff")
-        parser.add_argument("--out", type=Path, default=None, metavar="PNG",
-                            help=f"plot file (default: DATA_ROOT/{DEFAULT_PLOT})")
-
-    def run(self, args: argparse.Namespace) -> int:
-        """Print the report and write the plot; 0 on success (a bad folder raises QkcoreError)."""
-        inspection = inspect_data(args.data_root)
-        out = plot_rows_per_bucket(inspection, args.out or Path(args.data_root) / DEFAULT_PLOT)
-        print(format_inspection(inspection))
-        print(f"\nplot: {out}")
-        return 0

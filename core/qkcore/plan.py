@@ -18,10 +18,7 @@ explicit token counts.
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
-import warnings
 from pathlib import Path
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -32,7 +29,7 @@ import pluggy
 import torch
 from torch import nn
 
-from qkcore.config import QkcoreConfigWarning, SniffConfig, load_config
+from qkcore.config import SniffConfig
 from qkcore.errors import QkcoreError
 from qkcore.heads import _ranges, select_query_heads
 from qkcore.plugins import Family, installed_summary, make_plugin_manager, resolve_family
@@ -52,7 +49,6 @@ __all__ = [
     "THROUGHPUT_TOKENS_PER_S",
     "LayerPlan",
     "Plan",
-    "PlanCommand",
     "build_meta_model",
     "disk_needed_bytes",
     "estimate_gpu_seconds",
@@ -556,73 +552,3 @@ def format_plan(plan: Plan) -> str:
 
 
 # --------------------------------------------------------------------------- command
-
-
-def _lengths_arg(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated token counts, got {text!r}") from None
-    if not values or any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected non-negative token counts, got {text!r}")
-    return values
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-class PlanCommand:
-    """``qkcore plan``: layers, heads, rows, disk and GPU time of a config, without running it."""
-
-    name = "plan"
-    help = "show what a config would capture (layers, heads, rows, disk, GPU time) without loading weights"
-
-    def __init__(self, pm: pluggy.PluginManager | None = None) -> None:
-        #: Plugin manager to plan with; None makes one (with every installed plugin) per run.
-        self.pm = pm
-
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        """Declare ``--config``, ``--set``, ``--documents`` and ``--lengths``."""
-        parser.add_argument("--config", required=True, help="run configuration (YAML)")
-        parser.add_argument(
-            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-            help="override a config key, e.g. --set capture.sampler.base_rate=4 (repeatable)",
-        )
-        group = parser.add_mutually_exclusive_group()
-        group.add_argument(
-            "--documents", type=_positive_int, default=None, metavar="N",
-            help=f"documents to assume, each tokenizer.max_length long (default: a local dataset is counted and "
-                 f"tokenised; a Hub dataset has dataset.max_samples, else {DEFAULT_DOCUMENTS})",
-        )
-        group.add_argument(
-            "--lengths", type=_lengths_arg, default=None, metavar="N,N,...",
-            help="explicit token counts of the documents (truncated to tokenizer.max_length)",
-        )
-        parser.add_argument(
-            "--sample", type=_positive_int, default=LENGTH_SAMPLE, metavar="N",
-            help=f"local dataset: tokenise at most N documents, evenly spaced, to measure lengths (default {LENGTH_SAMPLE})",
-        )
-
-    def run(self, args: argparse.Namespace) -> int:
-        """Print the plan; 0 even with warnings (config errors propagate as ConfigError)."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("always", QkcoreConfigWarning)
-            warnings.showwarning = _show_config_warning
-            cfg = load_config(args.config, overrides=getattr(args, "overrides", []) or [])
-        plan = make_plan(
-            cfg, self.pm, documents=getattr(args, "documents", None), lengths=getattr(args, "lengths", None),
-            sample=getattr(args, "sample", LENGTH_SAMPLE),
-        )
-        print(format_plan(plan))
-        return 0
-
-
-def _show_config_warning(message: Any, category: Any, filename: Any, lineno: Any, file: Any = None, line: Any = None) -> None:
-    print(f"qkcore: warning: {message}", file=sys.stderr)

@@ -255,11 +255,3 @@ def cap_rows(kept: torch.Tensor, limit: int | None, example_id: int, layer: int,
     generator.manual_seed(subsample_seed(example_id, layer, first_head, kind))
     return kept[torch.randperm(kept.numel(), generator=generator)[:limit]]
 
-
-from qkcore import hookimpl  # noqa: E402  (module-bottom registration, after the classes)
-
-
-@hookimpl
-def qkcore_samplers() -> dict[str, SamplerFactory]:
-    """Register the built-in samplers."""
-    return {"uniform": UniformSampler, "log_uniform": LogUniformSampler, "all": AllSampler}

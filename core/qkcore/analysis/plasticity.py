@@ -14,11 +14,8 @@ head plus one query head.
 
 from __future__ import annotations
 
-import argparse
 import math
 import multiprocessing
-import os
-import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,16 +24,13 @@ import numpy as np
 import structlog
 from tqdm import tqdm
 
-from qkcore import hookimpl
 from qkcore.analysis.data import (
     HeadData,
     HubSource,
-    LocalSource,
     ModelMeta,
     PlasticityError,
     Source,
     card_models,
-    open_source,
 )
 from qkcore.analysis.gaussian import fit_query_model, pair_plasticity
 from qkcore.analysis.pairs import DEFAULT_LOCALITY, KeyIndex, eligible_keys, sample_key_pairs
@@ -55,12 +49,10 @@ from qkcore.layout import config_name, parse_config_name
 __all__ = [
     "KeyGroup",
     "KeyPlan",
-    "PlasticityAnalysis",
     "PlasticityConfig",
     "PlasticityError",
     "analyze_key_group",
     "plan_key_groups",
-    "qkcore_analyses",
     "run_plasticity",
 ]
 
@@ -399,79 +391,3 @@ def summary_line(rows: list[BucketResult], heads: list[HeadMetrics], keep_small_
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text}")
-    return value
-
-
-class PlasticityAnalysis:
-    """The ``plasticity`` analysis (see the module docstring)."""
-
-    name = "plasticity"
-    help = "Attention plasticity per query head and position bucket of a captured Q/K dataset."
-
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        """Declare ``DATA_ROOT_OR_HUB_REPO`` and the estimate's options."""
-        parser.add_argument("data", metavar="DATA_ROOT_OR_HUB_REPO", help="dataset folder, or a Hub dataset repo id")
-        parser.add_argument("--revision", default=None, help="Hub branch/revision (one model per branch)")
-        parser.add_argument("--out", type=Path, default=None, help="output folder (default: DATA_ROOT/plasticity, or ./plasticity for a Hub repo)")
-        parser.add_argument("--seed", type=_non_negative_int, default=0, help="pair-sampling seed (default: 0)")
-        parser.add_argument("--pairs-per-bucket", type=_positive_int, default=2048, help="key pairs per query bucket (default: 2048)")
-        parser.add_argument("--min-queries", type=_positive_int, default=2, help="fewest queries for a bucket's Gaussian (default: 2, at least 2 used)")
-        parser.add_argument("--keep-small-buckets", action="store_true", help="average buckets with at most head_dim queries into the head means and the plot's mean curve (default: flagged, left out)")
-        parser.add_argument("--locality", type=_fraction, default=DEFAULT_LOCALITY, help="neighbour bound as a fraction of the example's captured length (default: 0.05)")
-        parser.add_argument("--workers", type=_positive_int, default=min(4, os.cpu_count() or 1), help="worker processes (default: min(4, cpus))")
-        parser.add_argument("--num-q-heads", type=_positive_int, default=None, help="query heads per layer (overrides the card)")
-        parser.add_argument("--num-kv-heads", type=_positive_int, default=None, help="key/value heads per layer (overrides the card)")
-        parser.add_argument("--model-index", type=_non_negative_int, default=0, help="which qkcore.models card entry to use (default: 0)")
-        parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-
-    def run(self, args: argparse.Namespace) -> int:
-        """Run on ``args.data``; print a one-line summary, return 0 (or 2 on bad input)."""
-        source = open_source(args.data, args.revision)
-        out = args.out
-        if out is None:
-            out = source.root / "plasticity" if isinstance(source, LocalSource) else Path("plasticity")
-        title = source.root.name if isinstance(source, LocalSource) else f"{source.repo}@{source.revision or 'main'}"
-        config = PlasticityConfig(args.seed, args.pairs_per_bucket, max(args.min_queries, 2), args.locality, args.keep_small_buckets)
-        try:
-            rows, heads = run_plasticity(
-                source,
-                Path(out),
-                config,
-                workers=args.workers,
-                num_q_heads=args.num_q_heads,
-                num_kv_heads=args.num_kv_heads,
-                model_index=args.model_index,
-                progress=not args.no_progress,
-                title=f"attention plasticity: {title}",
-            )
-        except PlasticityError as exc:
-            print(f"qkcore: error: {exc}", file=sys.stderr)
-            return 2
-        print(summary_line(rows, heads, config.keep_small_buckets, Path(out)))
-        return 0
-
-
-@hookimpl
-def qkcore_analyses() -> dict[str, PlasticityAnalysis]:
-    """Register the ``plasticity`` analysis."""
-    return {"plasticity": PlasticityAnalysis()}

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
 from qkcore import hookimpl
 from qkcore.layers import AttentionLayer, rope_stage
 
-if TYPE_CHECKING:  # pragma: no cover - typing only
+if TYPE_CHECKING:  # pragma: no cover - typing only (keep imports light: plugins load for `qkcore --help`)
+    import torch
+    from torch import nn
+
     from qkcore.capture import CapturePlan
 
 MODEL_TYPES = ["mistral", "ministral", "ministral3", "mistral3"]
@@ -83,6 +83,8 @@ def query_scale(positions: torch.Tensor, beta: float, original_max: int) -> torc
 def qkcore_postprocess_query(
     layer: AttentionLayer, query: torch.Tensor, positions: torch.Tensor
 ) -> torch.Tensor | None:
+    import torch
+
     parameters = query_scale_parameters(layer.module)
     if parameters is None:
         return None

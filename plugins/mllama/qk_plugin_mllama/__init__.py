@@ -31,12 +31,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from torch import nn
-
 from qkcore import hookimpl
 from qkcore.layers import AttentionLayer, describe_layer, rope_stage, text_decoder
 
-if TYPE_CHECKING:  # pragma: no cover - typing only
+if TYPE_CHECKING:  # pragma: no cover - typing only (keep imports light: plugins load for `qkcore --help`)
+    from torch import nn
+
     from qkcore.capture import CapturePlan
 
 MODEL_TYPES = ["mllama"]

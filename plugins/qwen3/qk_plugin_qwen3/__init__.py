@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from torch import nn
-
 from qkcore import hookimpl
 
-if TYPE_CHECKING:  # pragma: no cover - typing only
+if TYPE_CHECKING:  # pragma: no cover - typing only (keep imports light: plugins load for `qkcore --help`)
+    from torch import nn
+
     from qkcore.capture import CapturePlan
 
 MODEL_TYPES = ["qwen3"]

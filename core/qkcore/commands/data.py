@@ -1,0 +1,94 @@
+"""``qkcore inspect`` and ``qkcore plasticity``: the commands that read a captured dataset."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from qkcore.commands.options import DeferredOptions
+
+
+def _inspect_options() -> list[click.Parameter]:
+    """``--out``, naming inspect_data.py's default plot file."""
+    from qkcore.inspect_data import DEFAULT_PLOT
+
+    return [click.Option(["--out"], type=click.Path(path_type=Path), default=None, metavar="PNG",
+                         help=f"plot file (default: DATA_ROOT/{DEFAULT_PLOT})")]
+
+
+@click.command(cls=DeferredOptions, declare=_inspect_options)
+@click.argument("data_root", metavar="DATA_ROOT", type=click.Path(path_type=Path))
+def inspect(data_root: Path, out: Path | None) -> None:
+    """Summarise a captured data folder (rows, coverage, plot).
+
+    Rows per config and bucket, coverage of layers, heads and examples (checked
+    against the manifest), and a plot of rows per bucket. DATA_ROOT is a folder
+    written by qkcore sniff.
+    """
+    from qkcore.inspect_data import DEFAULT_PLOT, format_inspection, inspect_data, plot_rows_per_bucket
+
+    inspection = inspect_data(data_root)
+    plot = plot_rows_per_bucket(inspection, out or data_root / DEFAULT_PLOT)
+    click.echo(format_inspection(inspection))
+    click.echo(f"\nplot: {plot}")
+
+
+def _plasticity_options() -> list[click.Parameter]:
+    """The estimate's options, with PlasticityConfig's defaults."""
+    from qkcore.analysis.plasticity import PlasticityConfig
+
+    default = PlasticityConfig()
+    positive, non_negative = click.IntRange(min=1), click.IntRange(min=0)
+    return [
+        click.Option(["--revision"], default=None, help="Hub branch/revision (one model per branch)"),
+        click.Option(["--out"], type=click.Path(path_type=Path), default=None,
+                     help="output folder (default: DATA_ROOT/plasticity, or ./plasticity for a Hub repo)"),
+        click.Option(["--seed"], type=non_negative, default=default.seed,
+                     help=f"pair-sampling seed (default: {default.seed})"),
+        click.Option(["--pairs-per-bucket"], type=positive, default=default.pairs_per_bucket,
+                     help=f"key pairs per query bucket (default: {default.pairs_per_bucket})"),
+        click.Option(["--min-queries"], type=positive, default=default.min_queries,
+                     help=f"fewest queries for a bucket's Gaussian (default: {default.min_queries}, at least 2 used)"),
+        click.Option(["--keep-small-buckets"], is_flag=True,
+                     help="average buckets with at most head_dim queries into the head means and the plot's mean "
+                          "curve (default: flagged, left out)"),
+        click.Option(["--locality"], type=click.FloatRange(0.0, 1.0), default=default.locality,
+                     help="neighbour bound as a fraction of the example's captured length "
+                          f"(default: {default.locality})"),
+        click.Option(["--workers"], type=positive, default=min(4, os.cpu_count() or 1),
+                     help="worker processes (default: min(4, cpus))"),
+        click.Option(["--num-q-heads"], type=positive, default=None, help="query heads per layer (overrides the card)"),
+        click.Option(["--num-kv-heads"], type=positive, default=None,
+                     help="key/value heads per layer (overrides the card)"),
+        click.Option(["--model-index"], type=non_negative, default=0,
+                     help="which qkcore.models card entry to use (default: 0)"),
+        click.Option(["--no-progress"], is_flag=True, help="hide the progress bar"),
+    ]
+
+
+@click.command(cls=DeferredOptions, declare=_plasticity_options)
+@click.argument("data", metavar="DATA_ROOT_OR_HUB_REPO")
+def plasticity(data: str, revision: str | None, out: Path | None, seed: int, pairs_per_bucket: int, min_queries: int,
+               keep_small_buckets: bool, locality: float, workers: int, num_q_heads: int | None,
+               num_kv_heads: int | None, model_index: int, no_progress: bool) -> None:
+    """Attention plasticity per query head and position bucket.
+
+    DATA_ROOT_OR_HUB_REPO is a dataset folder, or a Hub dataset repo id. Writes the
+    per-bucket and per-head CSVs, a plot and a README to the output folder and prints
+    a one-line summary.
+    """
+    from qkcore.analysis.data import LocalSource, open_source
+    from qkcore.analysis.plasticity import PlasticityConfig, run_plasticity, summary_line
+
+    source = open_source(data, revision)
+    if out is None:
+        out = source.root / "plasticity" if isinstance(source, LocalSource) else Path("plasticity")
+    title = source.root.name if isinstance(source, LocalSource) else f"{source.repo}@{source.revision or 'main'}"
+    config = PlasticityConfig(seed, pairs_per_bucket, max(min_queries, 2), locality, keep_small_buckets)
+    rows, heads = run_plasticity(
+        source, out, config, workers=workers, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+        model_index=model_index, progress=not no_progress, title=f"attention plasticity: {title}",
+    )
+    click.echo(summary_line(rows, heads, config.keep_small_buckets, out))
