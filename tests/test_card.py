@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from qkcore.card import ModelEntry, card_run_key, read_card, read_front_matter, render_card
 from qkcore.datafile import ConfigStats, read_config

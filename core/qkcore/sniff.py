@@ -600,7 +600,7 @@ class _Run:
 
     def capture(self, inputs: RunInputs, decision: Decision, merged: bool) -> SniffResult:
         """Steps 6 to 9: the model, the capture (or its resume), finish, publish, push."""
-        cfg, ranks, root = self.cfg, self.ranks, self.root
+        ranks, root = self.ranks, self.root
         sniffer = Sniffer(inputs, ranks)
         if ranks.is_main:
             self._check_disk(sniffer)
