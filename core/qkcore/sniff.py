@@ -42,7 +42,7 @@ from qkcore import __version__
 from qkcore.background import BackgroundWriter
 from qkcore.batching import Batch, tokenize_batches
 from qkcore.capture import CaptureSession
-from qkcore.card import ModelEntry, card_run_key, render_card
+from qkcore.card import ModelEntry, card_models, card_run_key, read_card, render_card
 from qkcore.config import ConfigError, SniffConfig, config_to_dict, resolve_dtype
 from qkcore.distributed import Ranks, init_ranks, shutdown
 from qkcore.errors import QkcoreError
@@ -406,6 +406,14 @@ def _warn_nonfinite(chunk: CapturedChunk, warned: set[str]) -> None:
                 layer=chunk.layer, kind=chunk.kind, rows_in_batch=rows)
 
 
+def _summary_of_card(card: str, manifest: Manifest) -> dict[str, Any]:
+    """A pulled run's record summary, from its card (model, date) and manifest (counts)."""
+    models = card_models(read_card(card))
+    entry = models[0] if models else {}
+    return {"model": entry.get("name"), "created": entry.get("created"), "documents": manifest.documents,
+            "tokens": manifest.tokens}
+
+
 def _display_path(path: str) -> str:
     """A dataset path for the card: a Hub id as is, a local path by its name (no machine's directories)."""
     local = Path(path)
@@ -575,7 +583,7 @@ class _Run:
                 raise QkcoreError(f"{name} pulled from {where} does not match its manifest; the branch is damaged")
         files = {name: file_entry(final / name) for name in [*wanted, MANIFEST_FILE]}
         record = Record("publishing", manifest.run_key, manifest.identity, files,
-                        summary={"model": self.cfg.model.name, "documents": manifest.documents, "tokens": manifest.tokens},
+                        summary=_summary_of_card((final / CARD_FILE).read_text(encoding="utf-8"), manifest),
                         hub=self._hub_target(self.branch.commit))
         record = root.publish(record)
         log.info("pulled: the Hub branch already holds this run", branch=where, configs=len(manifest.configs))
