@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qkcore.heads import key_head_for, key_heads_for, sample_query_heads, select_query_heads, validate_filters
+from qkcore.heads import key_head_for, key_heads_for, sample_query_heads, validate_filters
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ LAYERS = [
 def _select(layers=LAYERS, **kw):  # type: ignore[no-untyped-def]
     args = {"layer_filter": None, "head_filter": None, "full_attention_only": False, "count": None, "seed": 0}
     args.update(kw)
-    return select_query_heads(layers, **args)
+    return sample_query_heads(layers, **args).heads
 
 
 # --- GQA mapping ----------------------------------------------------------------------
@@ -151,9 +151,9 @@ def test_rules_agree_without_cross_layers_or_sampling() -> None:
     no_cross = [layer for layer in LAYERS if layer.kind != "cross"]
     for seed in range(10):
         kw = {"layer_filter": None, "head_filter": [0, 3], "full_attention_only": False, "count": 5, "seed": seed}
-        assert sample_query_heads(no_cross, candidates="all_decoder_layers", **kw).heads == select_query_heads(
+        assert sample_query_heads(no_cross, candidates="all_decoder_layers", **kw).heads == sample_query_heads(
             no_cross, **kw
-        )
+        ).heads
     # Without sampling every candidate is taken, and cross-attention is never captured.
     assert _sample("all_decoder_layers").heads == _sample("eligible_layers").heads == _select()
     assert _sample("all_decoder_layers").uncaptured_picks == 4
@@ -209,8 +209,8 @@ def test_select_properties(  # type: ignore[no-untyped-def]
         "count": count,
         "seed": seed,
     }
-    got = select_query_heads(layers, **kw)
-    assert got == select_query_heads(layers, **kw)  # reproducible
+    got = sample_query_heads(layers, **kw).heads
+    assert got == sample_query_heads(layers, **kw).heads  # reproducible
     by_index = {layer.index: layer for layer in layers}
     total = 0
     for index, heads in got.items():
@@ -228,7 +228,7 @@ def test_select_properties(  # type: ignore[no-untyped-def]
     assert list(got) == sorted(got)
     if count is not None:
         assert total <= count
-    uncapped = select_query_heads(layers, **{**kw, "count": None})
+    uncapped = sample_query_heads(layers, **{**kw, "count": None}).heads
     uncapped_total = sum(len(v) for v in uncapped.values())
     assert total == (uncapped_total if count is None else min(count, uncapped_total))
     # The original tool's rule: cross-attention layers are candidates too, their picks dropped.

@@ -178,28 +178,6 @@ def sample_query_heads(
     )
 
 
-def select_query_heads(
-    layers: Sequence[LayerLike],
-    *,
-    layer_filter: Sequence[int] | None,
-    head_filter: Sequence[int] | None,
-    full_attention_only: bool,
-    count: int | None,
-    seed: int = 0,
-    candidates: CandidateRule = "eligible_layers",
-) -> dict[int, list[int]]:
-    """The captured query heads of :func:`sample_query_heads`: ``{layer_index: sorted heads}``."""
-    return sample_query_heads(
-        layers,
-        layer_filter=layer_filter,
-        head_filter=head_filter,
-        full_attention_only=full_attention_only,
-        count=count,
-        seed=seed,
-        candidates=candidates,
-    ).heads
-
-
 def key_heads_for(
     query_heads: Iterable[int],
     num_query_heads: int,

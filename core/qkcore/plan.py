@@ -31,7 +31,7 @@ from torch import nn
 
 from qkcore.config import SniffConfig
 from qkcore.errors import QkcoreError
-from qkcore.heads import _ranges, select_query_heads
+from qkcore.heads import _ranges, sample_query_heads
 from qkcore.plugins import Family, installed_summary, make_plugin_manager, resolve_family
 from qkcore.samplers import Sampler
 from qkcore.planning import build_sampler, plan_capture
@@ -385,13 +385,13 @@ def make_plan(
     capture_plan = plan_capture(model, family, cfg, installed_summary(pm))
     all_layers = family.hooks.qkcore_attention_layers(model=model) or []
     capture = cfg.capture
-    eligible = select_query_heads(
+    eligible = sample_query_heads(
         all_layers,
         layer_filter=capture.layers,
         head_filter=capture.heads,
         full_attention_only=capture.full_attention_only,
         count=None,
-    )
+    ).heads
     layers = [
         LayerPlan(
             index=layer.index,

@@ -10,11 +10,20 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["BucketResult", "HeadInfo", "HeadMetrics", "counts_in_mean", "head_metrics", "plot_plasticity", "write_csv"]
+__all__ = ["BucketResult", "HeadInfo", "HeadKey", "HeadMetrics", "counts_in_mean", "head_metrics", "plot_plasticity", "write_csv"]
 
 
 @dataclass(frozen=True)
-class BucketResult:
+class HeadKey:
+    """A captured query head (layer, head) and the key head it attends with: the first columns of every table."""
+
+    layer: int
+    q_head: int
+    k_head: int
+
+
+@dataclass(frozen=True)
+class BucketResult(HeadKey):
     """Plasticity of one query head in one query bucket (NaN with a ``reason`` if undefined).
 
     ``bucket`` is ``None`` only on the single row of a head with no rows at all.
@@ -24,9 +33,6 @@ class BucketResult:
     and had to be shrunk).
     """
 
-    layer: int
-    q_head: int
-    k_head: int
     bucket: int | None
     n_queries: int
     skipped_queries: int
@@ -37,12 +43,9 @@ class BucketResult:
 
 
 @dataclass(frozen=True)
-class HeadInfo:
+class HeadInfo(HeadKey):
     """What the analysis of one query head reports besides its bucket rows."""
 
-    layer: int
-    q_head: int
-    k_head: int
     sliding_window: int | None
     head_dim: int
     skipped_queries: int
@@ -52,12 +55,9 @@ class HeadInfo:
 
 
 @dataclass(frozen=True)
-class HeadMetrics:
+class HeadMetrics(HeadKey):
     """Per-head summary: mean plasticity over the buckets that count (see :func:`counts_in_mean`)."""
 
-    layer: int
-    q_head: int
-    k_head: int
     plasticity: float
     n_buckets: int
     n_small_buckets: int
