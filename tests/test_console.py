@@ -108,3 +108,12 @@ def test_without_a_terminal_the_libraries_draw_no_bars_either(tiny_config, tmp_p
     config = tiny_config(model={"name": None, "config": None, "gguf_file": str(gguf)}, tokenizer={"name": None})
     err = _run(config)
     assert "it/s" not in err and "de-quantizing" not in err and "%|" not in err, err[-2000:]
+
+
+@pytest.mark.slow
+def test_plasticity_draws_no_bar_into_a_log_file(tiny_config, tmp_path) -> None:
+    _run(_config(tiny_config, tmp_path))
+    done = subprocess.run([sys.executable, "-m", "qkcore", "plasticity", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "%|" not in done.stderr and "head/s" not in done.stderr

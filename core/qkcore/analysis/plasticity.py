@@ -291,7 +291,9 @@ def _run_groups(
     """Run every group, in worker processes when ``workers > 1``."""
     rows: list[BucketResult] = []
     infos: list[HeadInfo] = []
-    bar = tqdm(total=sum(len(g.q_heads) for g in groups), desc="plasticity", unit="head", disable=not progress)
+    # disable=None: a bar on a terminal only, never a line per update into a log file.
+    bar = tqdm(total=sum(len(g.q_heads) for g in groups), desc="plasticity", unit="head",
+               disable=None if progress else True)
 
     def collect(group: KeyGroup, result: tuple[list[BucketResult], list[HeadInfo]]) -> None:
         rows.extend(result[0])
