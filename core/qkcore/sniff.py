@@ -138,15 +138,20 @@ def check_config(cfg: SniffConfig, pm: pluggy.PluginManager) -> Sampler:
 
 
 def load_inputs(
-    cfg: SniffConfig, pm: pluggy.PluginManager, ranks: Ranks | None = None, hash_cache: dict[str, str] | None = None
+    cfg: SniffConfig,
+    pm: pluggy.PluginManager,
+    ranks: Ranks | None = None,
+    hash_cache: dict[str, str] | None = None,
+    sampler: Sampler | None = None,
 ) -> RunInputs:
     """Check and load everything but the model weights, and compute the run's identity.
 
     ``hash_cache`` maps ``path|size|mtime_ns`` to a file's sha256, so unchanged weight
-    files are not hashed again (the run keeps it in the data root).
+    files are not hashed again (the run keeps it in the data root). ``sampler``: the one
+    :func:`check_config` already built, if the caller ran it.
     """
     ranks = ranks or Ranks()
-    sampler = check_config(cfg, pm)
+    sampler = sampler or check_config(cfg, pm)
     device = ranks.device(resolve_device(cfg.model.device_map))
     data = open_dataset(cfg.dataset)
     check_columns(data, cfg.dataset)
@@ -393,6 +398,14 @@ class Sniffer:
         return disk_needed_bytes(rows, head_dims, spills=max(1, batches))
 
 
+def _require_tokens(state: RunState) -> None:
+    """Refuse a run whose documents, all read, held no token at all (every text empty)."""
+    if state.documents == 0:
+        raise QkcoreError(
+            f"dataset.text_column: none of the {state.skipped} documents read has any tokens; nothing to capture"
+        )
+
+
 def _warn_nonfinite(chunk: CapturedChunk, warned: set[str]) -> None:
     """Warn, once per (layer, kind), as soon as captured rows hold NaN or infinity (usually an fp16 overflow)."""
     import numpy as np
@@ -439,7 +452,7 @@ def run_sniff(
     structlog.contextvars.bind_contextvars(rank=ranks.rank)
     try:
         pm = pm or make_plugin_manager()
-        check_config(cfg, pm)
+        sampler = check_config(cfg, pm)  # before the data root is touched
         root = open_output(cfg.output)
         with ExitStack() as stack:
             if ranks.is_main:
@@ -450,7 +463,7 @@ def run_sniff(
                 stack.enter_context(root.locked(command_line()))
 
             _agree(ranks, lock)
-            return _Run(cfg, pm, root, ranks, hub_sync(cfg.output, api=hub_api), restart, replace).execute()
+            return _Run(cfg, pm, root, ranks, hub_sync(cfg.output, api=hub_api), restart, replace).execute(sampler)
     finally:
         shutdown(ranks)
 
@@ -502,9 +515,9 @@ class _Run:
         self.started = time.perf_counter()
         self.branch: Any = None  # the hub preflight's BranchState
 
-    def execute(self) -> SniffResult:
+    def execute(self, sampler: Sampler) -> SniffResult:
         cache = _HashCache(self.root.work_dir / "hashes.json")
-        inputs = load_inputs(self.cfg, self.pm, self.ranks, cache.values)
+        inputs = load_inputs(self.cfg, self.pm, self.ranks, cache.values, sampler)
         if self.ranks.is_main:
             cache.save()
         decision, merged = _agree(self.ranks, lambda: self.decide(inputs))
@@ -528,16 +541,17 @@ class _Run:
         if staged is None:  # a staging folder without a journal holds nothing committed (killed early, or emptied)
             remove_tree(root.staging_dir)
         record = root.read_record()
+        staged_ranks = root.staged_ranks()
         ranks_key = None
-        if root.staged_ranks():
-            first = read_journal(root.rank_staging(root.staged_ranks()[0]))
+        if staged_ranks:
+            first = read_journal(root.rank_staging(staged_ranks[0]))
             ranks_key = (first or {}).get("run_key")
         view = RootView(
             path=root.location,
             record=record,
             dataset_files=tuple(root.dataset_files()),
             staged=staged,
-            ranks=tuple(root.staged_ranks()),
+            ranks=tuple(staged_ranks),
             ranks_run_key=ranks_key,
             problems=tuple(root.verify(record)) if record is not None and record.state == "complete" else (),
         )
@@ -616,19 +630,15 @@ class _Run:
         if ranks.distributed:
             state = fresh
             if not merged:  # every rank captures its batches into its own staging
-                state = self._capture_into(sniffer, root.rank_staging(ranks.rank), fresh)
+                rank_writer, state = self._capture_into(sniffer, root.rank_staging(ranks.rank), fresh, whole_run=False)
+                rank_writer.abort()  # the state is committed; release the writer's buffers
             shares = ranks.gather(state.to_journal())
             ranks.barrier()
             if not ranks.is_main:
                 return SniffResult(self.cfg.output.data_root, {}, state.documents, state.tokens, "captured")
             writer, state = self._merge_ranks(shares, fresh)
         else:
-            writer = self._open_writer(root.staging_dir, inputs.run_key)
-            state = RunState.from_journal(writer.resumed_state) if writer.resumed_state else fresh
-            if writer.resumed_state is not None:
-                log.info("resuming", documents_done=state.documents, next_index=state.next_index, phase=state.phase)
-            if state.phase == "capturing":
-                self._capture_run(sniffer, writer, state)
+            writer, state = self._capture_into(sniffer, root.staging_dir, fresh, whole_run=True)
         try:
             if state.phase == "captured":
                 self.finish(sniffer, writer, state)
@@ -648,35 +658,31 @@ class _Run:
         except StagingConflict as exc:  # the rule checked the staged key: this is a damaged staging
             raise QkcoreError(f"{exc}; rerun with --restart to discard it") from None
 
-    def _capture_run(self, sniffer: Sniffer, writer: DatasetWriter, state: RunState) -> None:
-        try:
-            sniffer.capture(writer, state)
-            if state.documents == 0:
-                raise QkcoreError(
-                    f"dataset.text_column: none of the {state.skipped} documents read has any tokens; nothing to capture"
-                )
-            state.phase = "captured"
-            writer.commit(state.to_journal())
-        except QkcoreError:
-            writer.discard() if state.documents == 0 else writer.abort()
-            raise
-        except BaseException:
-            writer.abort()
-            raise
+    def _capture_into(
+        self, sniffer: Sniffer, staging: Path, fresh: RunState, *, whole_run: bool
+    ) -> tuple[DatasetWriter, RunState]:
+        """Capture (or resume capturing) into ``staging`` until every document is done; commit that.
 
-    def _capture_into(self, sniffer: Sniffer, staging: Path, fresh: RunState) -> RunState:
+        ``whole_run``: this process captures the whole run (not one torchrun rank's share,
+        which may hold no document), so a run without a single token is refused here.
+        """
         writer = self._open_writer(staging, fresh.run_key)
         state = RunState.from_journal(writer.resumed_state) if writer.resumed_state else fresh
-        if state.phase == "capturing":
-            try:
-                sniffer.capture(writer, state)
-                state.phase = "captured"
-                writer.commit(state.to_journal())
-            except BaseException:
-                writer.abort()
-                raise
-        writer.abort()  # the state is committed; release the writer's buffers
-        return state
+        if writer.resumed_state is not None:
+            log.info("resuming", documents_done=state.documents, next_index=state.next_index, phase=state.phase)
+        if state.phase != "capturing":
+            return writer, state
+        try:
+            sniffer.capture(writer, state)
+            if whole_run:
+                _require_tokens(state)
+            state.phase = "captured"
+            writer.commit(state.to_journal())
+        except BaseException:
+            # Nothing captured at all (every text empty): leave nothing behind; else keep the last commit.
+            writer.discard() if state.documents == 0 and whole_run else writer.abort()
+            raise
+        return writer, state
 
     def _merge_ranks(self, shares: list[dict[str, Any]], fresh: RunState) -> tuple[DatasetWriter, RunState]:
         """Rank 0: adopt every rank's committed parts into one writer; committed before anything else."""
@@ -693,8 +699,7 @@ class _Run:
             skipped=sum(s.skipped for s in states), tokens=sum(s.tokens for s in states),
             example_ids=[i for s in states for i in s.example_ids],
         )
-        if merged.documents == 0:
-            raise QkcoreError("dataset.text_column: no document read has any tokens; nothing to capture")
+        _require_tokens(merged)
         writer.commit(merged.to_journal())
         remove_tree(self.root.ranks_dir)
         return writer, merged
