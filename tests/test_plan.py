@@ -8,11 +8,11 @@ import click
 import pytest
 import torch
 
-import qkcore.plan as plan_module
+import qkcore.estimate as plan_module
 from qkcore.batching import tokenize_batches
 from qkcore.cli import QkcoreCli, main
 from qkcore.config import ConfigError, load_config
-from qkcore.plan import (
+from qkcore.estimate import (
     build_meta_model,
     DEFAULT_DOCUMENTS,
     disk_needed_bytes,
@@ -22,7 +22,7 @@ from qkcore.plan import (
     throughput_tokens_per_s,
 )
 from qkcore.plugins import installed_summary, make_plugin_manager, resolve_family
-from qkcore.planning import plan_capture
+from qkcore.stages.plan import plan_capture
 from qkcore.sniff import run_sniff
 from qkcore.sources.documents import iter_documents, open_dataset
 from qkcore.sources.model import load_architecture, load_model

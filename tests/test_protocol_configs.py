@@ -20,7 +20,7 @@ import torch
 
 from qkcore.config import SniffConfig, load_config
 from qkcore.plugins import make_plugin_manager, resolve_family
-from qkcore.planning import plan_capture
+from qkcore.stages.plan import plan_capture
 from qkcore.sources.model import apply_config_overrides, architecture_config
 
 REPO = Path(__file__).resolve().parents[1]

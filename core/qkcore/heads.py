@@ -80,6 +80,8 @@ class HeadSelection:
     seed: int
     #: Picks on cross-attention layers, which are never captured (``all_decoder_layers`` only).
     uncaptured_picks: int = 0
+    #: Indices of the layers the candidates come from, in order.
+    candidate_layer_indices: tuple[int, ...] = ()
 
     @property
     def num_heads(self) -> int:
@@ -144,7 +146,7 @@ def sample_query_heads(
     head_set = None if head_filter is None else set(head_filter)
     cross = {layer.index for layer in layers if layer.kind == "cross"}
     pairs: list[tuple[int, int]] = []
-    candidate_layers = 0
+    candidate_layers: list[int] = []
     for layer in layers:
         if layer.kind == "cross" and candidates == "eligible_layers":
             continue  # cross-attention is never captured
@@ -154,7 +156,8 @@ def sample_query_heads(
         if layer_set is not None and layer.index not in layer_set:
             continue
         heads = [head for head in range(layer.num_query_heads) if head_set is None or head in head_set]
-        candidate_layers += bool(heads)
+        if heads:
+            candidate_layers.append(layer.index)
         pairs.extend((layer.index, head) for head in heads)
     # The candidate order above is part of the contract: sample() depends on it.
     chosen = pairs
@@ -171,10 +174,11 @@ def sample_query_heads(
         heads={layer_index: sorted(selected[layer_index]) for layer_index in sorted(selected)},
         rule=candidates,
         candidates=len(pairs),
-        candidate_layers=candidate_layers,
+        candidate_layers=len(candidate_layers),
         count=count,
         seed=seed,
         uncaptured_picks=uncaptured,
+        candidate_layer_indices=tuple(candidate_layers),
     )
 
 

@@ -87,6 +87,15 @@ def output_schema(head_dim: int, token_strings: bool = False) -> pa.Schema:
     return pa.schema(fields)
 
 
+def row_bytes(head_dim: int) -> int:
+    """Bytes of one row uncompressed: the float32 vector plus 16 bytes of integer columns.
+
+    The same in a final file (four int32 columns) and in the writer's memory (64-bit id,
+    position, bucket); the writer's buffers and ``qkcore plan``'s sizes both use it.
+    """
+    return 4 * head_dim + 16
+
+
 def low32_ids(ids: np.ndarray) -> np.ndarray:
     """The ``example_id`` column: low 32 bits of int64 ids, reinterpreted as signed int32."""
     return (np.asarray(ids, dtype=np.int64) & 0xFFFFFFFF).astype(np.uint32).view(np.int32)

@@ -36,12 +36,12 @@ import numpy as np
 
 from qkcore.datafile import DEFAULT_ROW_GROUP_SIZE, ConfigStats, write_data_file
 from qkcore.fsutil import remove_tree, write_durably
-from qkcore.layout import DATA_FILE, config_name
+from qkcore.layout import DATA_FILE, config_name, row_bytes
 from qkcore.staging import journal as journals
 from qkcore.staging.journal import JOURNAL_FILE, Journal, StagingConflict, read_journal
 from qkcore.staging.merge import sorted_runs
 from qkcore.staging.parts import Slice, Spill, load_index, part_name
-from qkcore.staging.rows import Rows, row_bytes, to_int32
+from qkcore.staging.rows import Rows, to_int32
 
 __all__ = [
     "JOURNAL_FILE",

@@ -30,7 +30,7 @@ from qkcore.analysis.data import (
     ModelMeta,
     PlasticityError,
     Source,
-    card_models,
+    read_card_models,
 )
 from qkcore.analysis.gaussian import fit_query_model, pair_plasticity
 from qkcore.analysis.pairs import DEFAULT_LOCALITY, KeyIndex, eligible_keys, sample_key_pairs
@@ -345,7 +345,7 @@ def run_plasticity(
     """
     configs = _configs(source)
     card = source.card()
-    models = card_models(card)
+    models = read_card_models(card)
     if models and not 0 <= model_index < len(models):
         raise PlasticityError(f"--model-index {model_index} out of range: the card lists {len(models)} model(s)")
     meta = ModelMeta.from_card_entry(models[model_index], f"{card}: qkcore.models[{model_index}]") if models else ModelMeta()

@@ -60,7 +60,7 @@ def _lengths(ctx: click.Context, param: click.Parameter, text: str | None) -> li
 
 def _plan_options() -> list[click.Parameter]:
     """``--documents``, ``--lengths``, ``--sample``, with plan.py's defaults (imported now: it imports torch)."""
-    from qkcore.plan import DEFAULT_DOCUMENTS, LENGTH_SAMPLE
+    from qkcore.estimate import DEFAULT_DOCUMENTS, LENGTH_SAMPLE
 
     return [
         click.Option(["--documents"], type=click.IntRange(min=1), default=None, metavar="N",
@@ -84,7 +84,7 @@ def plan(pm: pluggy.PluginManager, config: str, overrides: tuple[str, ...], docu
     Layers, heads, expected rows per config, disk, free disk needed while writing,
     and a GPU-time estimate.
     """
-    from qkcore.plan import format_plan, make_plan
+    from qkcore.estimate import format_plan, make_plan
 
     cfg = load_run_config(config, overrides)
     click.echo(format_plan(make_plan(cfg, pm, documents=documents, lengths=lengths, sample=sample)))

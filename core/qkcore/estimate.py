@@ -1,8 +1,8 @@
-"""``qkcore plan``: what a capture would write and cost, before spending GPU hours.
+"""The estimates behind ``qkcore plan``: what a capture would write and cost, before spending GPU hours.
 
 The model is built from its architecture config on PyTorch's ``meta`` device
 (no weights are read or allocated), so the family plugin's hooks and
-:func:`qkcore.planning.plan_capture` pick exactly the layers and heads a real run
+:func:`qkcore.stages.plan.plan_capture` pick exactly the layers and heads a real run
 would. From the sampler's keep probabilities the plan derives the expected rows
 per config, the disk size and the free disk a run needs while writing
 (:func:`disk_needed_bytes`), and a GPU-time estimate from
@@ -31,12 +31,13 @@ from torch import nn
 
 from qkcore.config import SniffConfig
 from qkcore.errors import QkcoreError
-from qkcore.heads import _ranges, sample_query_heads
+from qkcore.heads import _ranges
 from qkcore.plugins import Family, installed_summary, make_plugin_manager, resolve_family
+from qkcore.capture import CapturePlan
 from qkcore.samplers import Sampler
-from qkcore.planning import build_sampler, plan_capture
+from qkcore.stages.plan import build_sampler, plan_capture
 from qkcore.batching import tokenize_batches
-from qkcore.layout import config_name
+from qkcore.layout import config_name, row_bytes
 from qkcore.sources.documents import check_columns, document_count, iter_documents, open_dataset
 from qkcore.sources.model import load_architecture
 from qkcore.sources.tokenizer import load_tokenizer
@@ -47,10 +48,12 @@ __all__ = [
     "LENGTH_SAMPLE",
     "THROUGHPUT_SOURCE",
     "THROUGHPUT_TOKENS_PER_S",
+    "DiskEstimate",
     "LayerPlan",
     "Plan",
     "build_meta_model",
     "disk_needed_bytes",
+    "estimate_disk",
     "estimate_gpu_seconds",
     "expected_rows",
     "format_plan",
@@ -66,9 +69,6 @@ DEFAULT_DOCUMENTS = 500
 LENGTH_SAMPLE = 1000
 #: A plan whose estimated disk size exceeds this (1 TB, decimal) is flagged.
 DISK_WARNING_BYTES = 1e12
-#: Bytes per row besides the vector: bucket, example_id, position, sliding_window (int32 each).
-ROW_OVERHEAD_BYTES = 16
-
 #: Disk a run writes, measured with benchmarks/staging_disk.py (2026-11-24, pyarrow 26; see
 #: docs/benchmarks.md): zstd bytes per vector element by the dtype the vectors were computed in
 #: (float32 is taken as incompressible, an upper bound: real float32 rows compress ~6 %), plus
@@ -173,9 +173,35 @@ def expected_rows(sampler: Sampler, lengths: Lengths) -> float:
     return sum(count * float(cumulative[length - 1]) for length, count in histogram.items())
 
 
-def row_bytes(head_dim: int) -> int:
-    """Uncompressed bytes of one row: the float32 vector plus four int32 columns."""
-    return head_dim * 4 + ROW_OVERHEAD_BYTES
+@dataclass(frozen=True)
+class DiskEstimate:
+    """The disk one run takes: expected rows per config, their uncompressed size, the free disk needed while writing."""
+
+    rows_per_config: dict[str, float]
+    uncompressed_bytes: float  # rows × row_bytes(head_dim)
+    needed_bytes: float  # staging parts + final files, see disk_needed_bytes()
+
+
+def estimate_disk(
+    capture_plan: CapturePlan, sampler: Sampler, lengths: Lengths, *, documents: int, batch_size: int, vector_dtype: str
+) -> DiskEstimate:
+    """**The** disk estimate of a run: ``qkcore plan`` prints it, ``qkcore sniff`` warns with it.
+
+    ``lengths``: the documents' token counts; ``documents``: how many there are (one
+    commit, so one spill, per batch at most); ``vector_dtype``: the dtype the vectors
+    are computed in (the run knows it; the plan assumes the widest, :func:`_vector_dtype`).
+    """
+    per_config = expected_rows(sampler, lengths)
+    rows: dict[str, float] = {}
+    head_dims: dict[str, int] = {}
+    for (index, kind), heads in sorted(capture_plan.heads.items()):
+        for head in heads:
+            name = config_name(index, head, kind)
+            rows[name], head_dims[name] = per_config, capture_plan.layers[index].head_dim
+    uncompressed = sum(count * row_bytes(head_dims[name]) for name, count in rows.items())
+    spills = math.ceil(documents / batch_size)  # at most one commit (spill) per batch; flush spills are large
+    needed = disk_needed_bytes(rows, head_dims, vector_dtype=vector_dtype, spills=spills)
+    return DiskEstimate(rows, uncompressed, needed)
 
 
 def disk_needed_bytes(
@@ -383,47 +409,23 @@ def make_plan(
     model, family = build_meta_model(cfg, pm)
     doc_lengths, n_documents, lengths_note, problems = _document_lengths(cfg, documents, lengths, sample)
     capture_plan = plan_capture(model, family, cfg, installed_summary(pm))
-    all_layers = family.hooks.qkcore_attention_layers(model=model) or []
-    capture = cfg.capture
-    eligible = sample_query_heads(
-        all_layers,
-        layer_filter=capture.layers,
-        head_filter=capture.heads,
-        full_attention_only=capture.full_attention_only,
-        count=None,
-    ).heads
     layers = [
         LayerPlan(
             index=layer.index,
             kind=layer.kind,
             sliding_window=layer.sliding_window,
             applies_rope=capture_plan.rope_sites[layer.index].applies_rope,
-            eligible=layer.index in eligible,
+            eligible=layer.index in capture_plan.eligible_layers,
             head_dim=layer.head_dim,
             query_heads=list(capture_plan.heads.get((layer.index, "q"), [])),
             key_heads=list(capture_plan.heads.get((layer.index, "k"), [])),
         )
-        for layer in all_layers
+        for layer in capture_plan.all_layers
     ]
-
-    per_config = expected_rows(sampler, doc_lengths)
-    head_dims = {layer.index: layer.head_dim for layer in all_layers}
-    rows_per_config: dict[str, float] = {}
-    disk = 0.0
-    for (index, kind), heads in sorted(capture_plan.heads.items()):
-        for head in heads:
-            rows_per_config[config_name(index, head, kind)] = per_config
-            disk += per_config * row_bytes(head_dims[index])
-    total_rows = per_config * len(rows_per_config)
-
-    batches = math.ceil(n_documents / cfg.inference.batch_size)
-    needed = disk_needed_bytes(
-        rows_per_config,
-        {name: head_dims[index] for (index, kind), heads in capture_plan.heads.items()
-         for name in (config_name(index, head, kind) for head in heads)},
-        vector_dtype=_vector_dtype(cfg),
-        spills=batches,  # at most one commit (spill) per batch; flush spills are large
-    )
+    disk = estimate_disk(capture_plan, sampler, doc_lengths, documents=n_documents,
+                         batch_size=cfg.inference.batch_size, vector_dtype=_vector_dtype(cfg))
+    rows_per_config = disk.rows_per_config
+    total_rows = len(rows_per_config) * next(iter(rows_per_config.values()), 0.0)  # one expectation per config
 
     params = non_embedding_parameters(model)
     gpu_seconds = estimate_gpu_seconds(params, doc_lengths)
@@ -437,8 +439,8 @@ def make_plan(
     if params < reference / 10:
         throughput_note += "; a model this much smaller than the reference runs slower than linear scaling says"
 
-    if disk > DISK_WARNING_BYTES:
-        problems.append(f"WARNING: estimated disk {_bytes(disk)} exceeds 1 TB")
+    if disk.uncompressed_bytes > DISK_WARNING_BYTES:
+        problems.append(f"WARNING: estimated disk {_bytes(disk.uncompressed_bytes)} exceeds 1 TB")
     starved = [name for name, rows in rows_per_config.items() if rows < 1]
     if not rows_per_config:
         problems.append("WARNING zero rows: no config would be written (no layer/head selected)")
@@ -462,8 +464,8 @@ def make_plan(
         heads=dict(capture_plan.heads),
         rows_per_config=rows_per_config,
         total_rows=total_rows,
-        disk_bytes=disk,
-        disk_needed_bytes=needed,
+        disk_bytes=disk.uncompressed_bytes,
+        disk_needed_bytes=disk.needed_bytes,
         gpu_seconds=gpu_seconds,
         throughput_note=throughput_note,
         local_accelerator=_local_accelerator(),

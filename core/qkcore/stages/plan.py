@@ -1,4 +1,4 @@
-"""Deciding what a run captures: the sampler, the layers and the heads.
+"""The plan stage: what a run captures: the sampler, the layers and the heads.
 
 :func:`plan_capture` is **where heads are chosen and mapped**: eligible layers from
 the family's ``qkcore_attention_layers``, query heads by :mod:`qkcore.heads`, key
@@ -97,6 +97,8 @@ def plan_capture(model: torch.nn.Module, family: Family, cfg: SniffConfig, insta
         unscaled_queries=capture.unscaled_queries,
         head_selection=selection.describe(),
         head_selection_note=_original_tool_note(layers, cfg, selection),
+        all_layers=list(layers),
+        eligible_layers=tuple(i for i in selection.candidate_layer_indices if by_index[i].kind != "cross"),
     )
 
 
