@@ -16,6 +16,7 @@ covers what reaches a run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -141,8 +142,10 @@ def _data_root_under_a_file(env: Env) -> list[str]:
 
 
 def _staged_other_run(env: Env) -> list[str]:
+    from qkcore.run_state import RunIdentity, RunState
+
     writer = DatasetWriter(LocalDataRoot(env.root).staging_dir, run_key="feedfacecafebeef")
-    writer.commit({"documents": 3})
+    writer.commit(RunState(RunIdentity("feedfacecafebeef", {"rules": 1}), documents=3).to_json())
     writer.abort()
     return env.sniff()
 
@@ -158,9 +161,8 @@ def _ranks_left(env: Env) -> list[str]:
 def _half_published_other_run(env: Env) -> list[str]:
     root = LocalDataRoot(env.root)
     record = root.read_record()
-    record.state = "publishing"
-    record.run_key = "0badc0de0badc0de"
-    root.write_record(record)
+    identity = dataclasses.replace(record.identity, key="0badc0de0badc0de")
+    root.write_record(dataclasses.replace(record, state="publishing", identity=identity))
     return env.sniff()
 
 
@@ -214,9 +216,7 @@ def _push_without_repo(env: Env) -> list[str]:
 
 def _push_half_published(env: Env) -> list[str]:
     root = LocalDataRoot(env.root)
-    record = root.read_record()
-    record.state = "publishing"
-    root.write_record(record)
+    root.write_record(dataclasses.replace(root.read_record(), state="publishing"))
     return _interrupt_free_push()(env)
 
 
