@@ -461,7 +461,7 @@ def run_sniff(
     with timers.time("detach"):
         instrumented.__exit__(None, None, None)
     with timers.time("close"):
-        stats = writer.finalize(data_root)
+        stats = writer.write_final_files(data_root)
         writer.discard()
         rows = {name: s.rows for name, s in stats.items()}
     with timers.time("card"):

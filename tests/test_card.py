@@ -66,7 +66,7 @@ def populate(root: Path) -> dict[str, ConfigStats]:
                         sliding_window=None, **common))
     w.add(CapturedChunk(1, "q", [0], vectors=rng.standard_normal((1, n, HEAD_DIM)).astype(np.float32),
                         sliding_window=64, **common))
-    stats = w.finalize(root)
+    stats = w.write_final_files(root)
     w.discard()
     return stats
 

@@ -278,7 +278,7 @@ def test_disk_needed_covers_the_staging_parts_and_the_final_files(tmp_path, head
         ))
         writer.commit({"doc": doc})
     parts = sum(p.stat().st_size for p in (tmp_path / "staging").glob("*.arrow"))
-    rows = {name: stats.rows for name, stats in writer.finalize(tmp_path / "out").items()}  # parts still there
+    rows = {name: stats.rows for name, stats in writer.write_final_files(tmp_path / "out").items()}  # parts still there
     finals = sum(p.stat().st_size for p in (tmp_path / "out").glob("*/data.parquet"))
     needed = disk_needed_bytes({name: float(n) for name, n in rows.items()}, head_dim, spills=documents)
     assert parts + finals <= needed <= 1.3 * (parts + finals), (parts, finals, needed)

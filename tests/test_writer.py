@@ -30,7 +30,7 @@ STAGING_DIR = "staging"  # where these tests stage, inside the folder that recei
 
 def close(w: DatasetWriter, target: Path) -> dict[str, int]:
     """Finalize into ``target`` and remove staging; return rows per config."""
-    stats = w.finalize(target)
+    stats = w.write_final_files(target)
     w.discard()
     return {name: s.rows for name, s in stats.items()}
 
@@ -509,7 +509,7 @@ def test_finalize_reports_what_it_wrote(tmp_path):
     w = DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=0.0005, row_group_size=7)
     for lo in range(0, 40, 9):
         w.add(chunk(rows, lo, lo + 9))
-    stats = w.finalize(tmp_path / "final")
+    stats = w.write_final_files(tmp_path / "final")
     for name, head in (("l00h00q", 0), ("l00h01q", 1)):
         table = read_config(tmp_path / "final" / name)
         path = tmp_path / "final" / name / "data.parquet"
@@ -520,14 +520,14 @@ def test_finalize_reports_what_it_wrote(tmp_path):
         assert stats[name].nonfinite_rows == int((~np.isfinite(vectors).all(axis=1)).sum()) == (2 if head == 0 else 1)
         assert stats[name].size == path.stat().st_size and stats[name].sha256 == digest(path)
         assert (stats[name].head_dim, stats[name].sliding_window) == (HEAD_DIM, None)
-    assert w.staging_dir.exists(), "finalize leaves staging to the caller"
+    assert w.staging_dir.exists(), "write_final_files leaves staging to the caller"
 
 
 def test_drop_parts_after_a_finalized_commit_resumes_without_parts(tmp_path):
     w = DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=0.0, run_key="A")
     w.add(chunk(make_rows(6), 0, 6))
     w.commit({"phase": "capturing"})
-    stats = w.finalize(tmp_path / "final")
+    stats = w.write_final_files(tmp_path / "final")
     w.commit({"phase": "finalized", "rows": {n: s.rows for n, s in stats.items()}})
     w.drop_parts()
     assert staged_parts(tmp_path) == [] and journal(tmp_path)["parts"] == []

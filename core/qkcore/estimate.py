@@ -214,7 +214,7 @@ def disk_needed_bytes(
     """Free disk a run needs at its peak: its staging parts plus its final Parquet files.
 
     A run spills rows into zstd parts under ``.qkcore/staging/`` (at every commit and
-    whenever its buffer passes ``output.flush_threshold_mb``); ``finalize()`` writes
+    whenever its buffer passes ``output.flush_threshold_mb``); ``write_final_files()`` writes
     every final file before the parts are removed, so both exist at once. Parts cost
     about what the finals do per row (measured ratio 1.00-1.07 at head_dim 8-128 with
     large spills), plus :data:`PART_BYTES_PER_CONFIG_SPILL` per config and spill: many

@@ -36,7 +36,7 @@ log = structlog.get_logger(__name__)
 def finish(sniffer: Sniffer, writer: DatasetWriter, state: RunState, final: Path) -> RunState:
     """Final files, card and manifest into ``final``; the ``finalized`` state committed; parts freed."""
     remove_tree(final)  # leftovers of an interrupted finish are rewritten from the parts
-    stats = writer.finalize(final)
+    stats = writer.write_final_files(final)
     entry = model_entry(sniffer, state, stats)
     out = sniffer.cfg.output
     card = render_card(entry, stats, hub_repo=out.hf_repo_id, hub_branch=out.hf_branch, license=out.license)
