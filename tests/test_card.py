@@ -187,3 +187,24 @@ def test_the_log_sampler_is_named_as_sniff_qk_names_it_with_its_effective_bucket
     body = render_card(make_model(sampler=sampler), stats)
     assert "`log_uniform` (sniff-qk calls it `log`)" in body
     assert "min_bucket_size 100 (effective 128: the power of two used)" in body
+
+
+@pytest.mark.parametrize("token_strings", [False, True])
+def test_the_schema_table_lists_every_column_of_the_data_files(tmp_path: Path, token_strings: bool) -> None:
+    from qkcore.layout import output_schema
+
+    stats = populate(tmp_path)
+    capture = dict(make_model().capture, capture_token_strings=token_strings)
+    text = render_card(make_model(capture=capture), stats)
+    table = text.split("## Schema", 1)[1].split("## Loading", 1)[0]
+    listed = [line.split("`")[1] for line in table.splitlines() if line.startswith("| `")]
+    assert listed == output_schema(HEAD_DIM, token_strings).names
+    assert ("| `token_str` | string |" in table) is token_strings
+
+
+def test_a_model_entry_reads_back_from_the_card_it_wrote(tmp_path: Path) -> None:
+    entry = make_model()
+    front = read_card(render_card(entry, populate(tmp_path)))
+    assert ModelEntry.from_json(front["qkcore"]["models"][0]) == entry
+    with pytest.raises(ValueError, match="num_layers"):
+        ModelEntry.from_json({k: v for k, v in dataclasses.asdict(entry).items() if k != "num_layers"})

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import numpy as np
 import yaml
 
-from qkcore.layout import config_file, parse_config_name
+from qkcore.layout import config_file, parse_config_name, schema_table
 from qkcore.datafile import ConfigStats
 from qkcore.run_state import RunSummary
 
@@ -299,11 +299,8 @@ def _body(
         "",
         "| column | type | meaning |",
         "|---|---|---|",
-        "| `bucket` | int32 | sampler bucket of the token |",
-        "| `example_id` | int32 | low 32 bits of the normalised 64-bit example id |",
-        "| `position` | int32 | token position within the example |",
-        f"| `vector` | fixed_size_list<float32>[head_dim] | the {'pre' if pre_rope else 'post'}-RoPE query or key |",
-        "| `sliding_window` | int32, nullable | the layer's sliding window; null for full attention |",
+        *(f"| `{column}` | {kind} | {meaning} |"
+          for column, kind, meaning in schema_table(bool(m.capture.get("capture_token_strings")), pre_rope)),
         "",
         "## Loading",
         "",
