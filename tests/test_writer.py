@@ -59,6 +59,10 @@ def chunk(rows: dict, lo: int, hi: int, *, layer=0, kind="q", heads=(0, 1), sw=N
     )
 
 
+#: One byte: every add spills (a threshold must be > 0, as output.flush_threshold_mb is).
+EVERY_ADD = 1 / 2**20
+
+
 def write(root: Path, rows: dict, cuts: list[int], commits: frozenset[int] = frozenset(), **kw) -> dict[str, int]:
     """Add ``rows`` in chunks split at ``cuts``, committing after the chunks whose index is in ``commits``."""
     w = DatasetWriter(root / STAGING_DIR, **kw)
@@ -180,7 +184,7 @@ def test_low32_ids():
 
 def test_example_id_column_and_sort(tmp_path):
     rows = make_rows(40, seed=3)
-    write(tmp_path, rows, [7, 19], flush_threshold_mb=0.0)
+    write(tmp_path, rows, [7, 19], flush_threshold_mb=EVERY_ADD)
     ids = rows["example_ids"]
     order = np.lexsort((rows["positions"], ids, low32_ids(ids)))  # stable: documented order
     for h in (0, 1):
@@ -202,7 +206,7 @@ def test_sort_order_with_int32_collision(tmp_path):
         buckets=np.arange(8, dtype=np.int64),
         vectors=np.zeros((2, 8, HEAD_DIM), np.float32),
     )
-    write(tmp_path, rows, [3, 5], flush_threshold_mb=0.0)
+    write(tmp_path, rows, [3, 5], flush_threshold_mb=EVERY_ADD)
     t = read_config(tmp_path / "l00h00q")
     assert t.column("example_id").to_pylist() == [-3, -3, -3, 5, 5, 5, 5, 7]  # visible column sorted
     # Within one int32 value, by 64-bit id (documents stay contiguous), then position.
@@ -229,7 +233,7 @@ def test_position_out_of_int32_raises(tmp_path):
 )
 @given(
     cuts=st.lists(st.integers(0, 60), max_size=6),
-    threshold=st.sampled_from([0.0, 0.0005, 0.002]),
+    threshold=st.sampled_from([EVERY_ADD, 0.0005, 0.002]),
     commits=st.frozensets(st.integers(0, 6), max_size=4),
 )
 def test_spill_chunking_and_commits_give_identical_bytes(tmp_path_factory, cuts, threshold, commits):
@@ -269,7 +273,7 @@ def test_part_files_scale_with_spills_not_configs(tmp_path):
 def test_row_group_size(tmp_path):
     write(tmp_path, make_rows(25), [], row_group_size=10)
     assert pq.ParquetFile(tmp_path / "l00h00q" / "data.parquet").metadata.num_row_groups == 3
-    write(tmp_path / "default", make_rows(25), [3], flush_threshold_mb=0.0)
+    write(tmp_path / "default", make_rows(25), [3], flush_threshold_mb=EVERY_ADD)
     assert pq.ParquetFile(tmp_path / "default" / "l00h00q" / "data.parquet").metadata.num_row_groups == 1
 
 
@@ -341,7 +345,7 @@ CHILD_SRC = DOC_SRC + textwrap.dedent(
     from qkcore.writer import DatasetWriter
 
     root, mode = sys.argv[1], sys.argv[2]
-    w = DatasetWriter(root + "/staging", flush_threshold_mb=0.0, run_key="run-A")
+    w = DatasetWriter(root + "/staging", flush_threshold_mb=1 / 2**20, run_key="run-A")
     for d in range({n_docs}):
         for i, c in enumerate(doc_chunks(d)):
             w.add(c)  # threshold 0: every add spills an uncommitted part
@@ -391,7 +395,7 @@ def test_sigkill_between_commits_resumes_identically(tmp_path, mode):
 
 
 def test_different_run_key_conflicts_and_restart_discards(tmp_path):
-    w = DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=0.0, run_key="A")
+    w = DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=EVERY_ADD, run_key="A")
     for c in doc_chunks(0):
         w.add(c)
     w.commit({"documents_done": 1})
@@ -412,7 +416,7 @@ def test_different_run_key_conflicts_and_restart_discards(tmp_path):
 
 
 def test_missing_committed_part_conflicts(tmp_path):
-    w = DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=0.0, run_key="A")
+    w = DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=EVERY_ADD, run_key="A")
     w.add(chunk(make_rows(4), 0, 4))
     w.commit({})
     w.abort()
@@ -473,7 +477,7 @@ def test_zero_row_config(tmp_path):
 def test_abort_without_commit_removes_staging_and_keeps_final_files(tmp_path):
     write(tmp_path, make_rows(10), [])
     before = digest(tmp_path / "l00h00q" / "data.parquet")
-    w = DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=0.0)
+    w = DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=EVERY_ADD)
     w.add(chunk(make_rows(5, seed=9), 0, 5))
     w.add(chunk(make_rows(5, seed=9), 0, 5, layer=1))
     assert (tmp_path / STAGING_DIR).exists()
@@ -484,7 +488,7 @@ def test_abort_without_commit_removes_staging_and_keeps_final_files(tmp_path):
 
 
 def test_abort_keeps_committed_state_and_discard_removes_it(tmp_path):
-    w = DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=0.0, run_key="A")
+    w = DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=EVERY_ADD, run_key="A")
     w.add(chunk(make_rows(5), 0, 5))
     w.commit({"documents_done": 1})
     w.add(chunk(make_rows(5, seed=2), 0, 5))  # spilled, uncommitted
@@ -524,7 +528,7 @@ def test_finalize_reports_what_it_wrote(tmp_path):
 
 
 def test_drop_parts_after_a_finalized_commit_resumes_without_parts(tmp_path):
-    w = DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=0.0, run_key="A")
+    w = DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=EVERY_ADD, run_key="A")
     w.add(chunk(make_rows(6), 0, 6))
     w.commit({"phase": "capturing"})
     stats = w.write_final_files(tmp_path / "final")
@@ -538,7 +542,7 @@ def test_drop_parts_after_a_finalized_commit_resumes_without_parts(tmp_path):
 
 def test_orphan_parts_after_drop_parts_crash_are_removed(tmp_path):
     """A kill between the journal rewrite and the unlinks leaves parts the next writer removes."""
-    w = DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=0.0, run_key="A")
+    w = DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=EVERY_ADD, run_key="A")
     w.add(chunk(make_rows(6), 0, 6))
     w.commit({"phase": "finalized"})
     parts = staged_parts(tmp_path)
@@ -555,7 +559,7 @@ def test_nothing_created_before_first_add_or_commit(tmp_path):
     w.add(chunk(make_rows(3), 0, 3))  # buffered, below the threshold
     assert not (tmp_path / "new").exists()
     w.abort()
-    w = DatasetWriter(root / STAGING_DIR, flush_threshold_mb=0.0, run_key="A")
+    w = DatasetWriter(root / STAGING_DIR, flush_threshold_mb=EVERY_ADD, run_key="A")
     w.add(chunk(make_rows(3), 0, 3))
     assert w.staging_dir.exists()
     w.abort()  # no commit: the run leaves nothing, not even the directories it created
@@ -563,7 +567,7 @@ def test_nothing_created_before_first_add_or_commit(tmp_path):
 
 
 def test_no_temp_files_left(tmp_path):
-    write(tmp_path, make_rows(30), [10, 20], flush_threshold_mb=0.0)
+    write(tmp_path, make_rows(30), [10, 20], flush_threshold_mb=EVERY_ADD)
     leftovers = [p for p in tmp_path.rglob("*") if p.name.startswith(".") or "tmp" in p.name]
     assert leftovers == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["l00h00q", "l00h01q"]
@@ -577,3 +581,9 @@ def test_stale_staging_without_journal_is_removed(tmp_path):
     (stale / ".part-000001.arrow.tmp").write_bytes(b"garbage")
     assert write(tmp_path, make_rows(5), []) == {"l00h00q": 5, "l00h01q": 5}
     assert not (tmp_path / STAGING_DIR).exists()
+
+
+@pytest.mark.parametrize("threshold", [0, 0.0, -1.0])
+def test_a_flush_threshold_the_config_would_refuse_is_refused_by_the_writer_too(tmp_path: Path, threshold: float) -> None:
+    with pytest.raises(ValueError, match="flush_threshold_mb must be > 0"):
+        DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=threshold)

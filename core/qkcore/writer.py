@@ -122,8 +122,8 @@ class DatasetWriter:
         different ``run_key`` (or this writer has none), unless ``restart`` discards it.
         Creates nothing on disk: that waits for the first spill or commit.
         """
-        if flush_threshold_mb < 0:
-            raise ValueError(f"flush_threshold_mb must be >= 0, got {flush_threshold_mb}")
+        if not flush_threshold_mb > 0:  # the rule of output.flush_threshold_mb (config.py), for direct callers
+            raise ValueError(f"flush_threshold_mb must be > 0, got {flush_threshold_mb}")
         if row_group_size is not None and row_group_size < 1:
             raise ValueError(f"row_group_size must be >= 1, got {row_group_size}")
         self.flush_threshold_bytes = int(flush_threshold_mb * 1024 * 1024)
