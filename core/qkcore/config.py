@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -84,6 +85,36 @@ class QkcoreConfigWarning(UserWarning):
 
 #: Other spellings of sampler types (lower-cased) -> the registered name.
 SAMPLER_ALIASES = {"log": "log_uniform"}
+
+
+#: The forms ``model.device_map`` takes.
+DEVICE_FORMS = "'auto', 'cpu', 'cuda', 'cuda:N', 'mps' or a CUDA index N"
+
+
+def parse_device_map(device_map: Any) -> tuple[str, int | None] | None:
+    """``model.device_map`` as ``(kind, index)`` (``cpu``/``cuda``/``mps``), ``None`` for ``auto``; ``ValueError`` if malformed.
+
+    The one check of the key's form (no torch needed); ``sources.model.resolve_device``
+    then asks whether this machine has that device.
+    """
+    if device_map is None or device_map == "auto":
+        return None
+    if isinstance(device_map, dict):
+        places = {str(place) for place in device_map.values()}
+        if len(places) == 1:  # e.g. {"": "cuda:0"}: everything on one device
+            return parse_device_map(next(iter(device_map.values())))
+        raise ValueError(f"only a single device is supported (got {device_map!r})")
+    if isinstance(device_map, bool) or not isinstance(device_map, (int, str)):
+        raise ValueError(f"expected {DEVICE_FORMS} (got {device_map!r})")
+    if isinstance(device_map, int) and device_map < 0:
+        raise ValueError("a CUDA device index must be an integer >= 0")
+    text = f"cuda:{device_map}" if isinstance(device_map, int) else device_map.strip().lower()
+    if text.isdigit():
+        text = f"cuda:{text}"
+    match = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", text)
+    if match is None or (match.group(1) != "cuda" and match.group(2) not in (None, "0")):
+        raise ValueError(f"{device_map!r} is not a device; use {DEVICE_FORMS}")
+    return match.group(1), None if match.group(2) is None else int(match.group(2))
 
 
 def _warn(message: str) -> None:
@@ -163,9 +194,8 @@ class ModelConfig(_Section):
 
     @field_validator("device_map")
     @classmethod
-    def _device_index(cls, value: int | str | dict[str, Any] | None) -> int | str | dict[str, Any] | None:
-        if isinstance(value, int) and (isinstance(value, bool) or value < 0):
-            raise ValueError("a CUDA device index must be an integer >= 0")
+    def _device(cls, value: int | str | dict[str, Any] | None) -> int | str | dict[str, Any] | None:
+        parse_device_map(value)  # the form only: whether this machine has the device is known when it loads
         return value
 
     @field_validator("dtype")

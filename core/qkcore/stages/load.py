@@ -50,12 +50,18 @@ class RunInputs:
 
 
 def check_config(cfg: SniffConfig, pm: pluggy.PluginManager) -> Sampler:
-    """The checks that need no I/O: what to capture, and the sampler."""
+    """The checks of a run that need no I/O, beyond the config's own (which ``qkcore plan`` also loads).
+
+    A config that would capture nothing (no kind, no document) loads, so that ``qkcore plan``
+    can show it, but a run refuses it here; the sampler is built from the plugins.
+    """
     where = cfg.source or "<config>"
     if not cfg.capture.capture_queries and not cfg.capture.capture_keys:
         raise ConfigError(
             f"{where}: capture.capture_queries and capture.capture_keys are both false: nothing would be captured"
         )
+    if cfg.dataset.max_samples == 0:
+        raise ConfigError(f"{where}: dataset.max_samples: 0 documents would be captured; remove it or set it to at least 1")
     return build_sampler(pm, cfg)
 
 
