@@ -14,6 +14,9 @@ key came from: the file, the variable or the ``--set`` item.
 from __future__ import annotations
 
 import difflib
+import math
+import numbers
+import operator
 import os
 import re
 import warnings
@@ -115,6 +118,29 @@ def parse_device_map(device_map: Any) -> tuple[str, int | None] | None:
     if match is None or (match.group(1) != "cuda" and match.group(2) not in (None, "0")):
         raise ValueError(f"{device_map!r} is not a device; use {DEVICE_FORMS}")
     return match.group(1), None if match.group(2) is None else int(match.group(2))
+
+
+def check_base_rate(value: Any) -> float:
+    """The rule of ``capture.sampler.base_rate``: a finite number > 0 (the config and every sampler apply it).
+
+    ``ValueError`` says what it must be; the caller names the key and the value.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError("must be a positive number")
+    if not (math.isfinite(float(value)) and value > 0):
+        raise ValueError("must be a finite number > 0")
+    return float(value)
+
+
+def check_min_bucket_size(value: Any) -> int:
+    """The rule of ``capture.min_bucket_size``: an integer >= 1 (the config and every sampler apply it)."""
+    try:
+        size = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        size = None
+    if size is None or size < 1:
+        raise ValueError("must be an integer >= 1")
+    return size
 
 
 def _warn(message: str) -> None:
@@ -294,14 +320,19 @@ class HeadSamplingConfig(_Section):
 
 
 class SamplerConfig(_Section):
-    """Which rows (token positions) to keep; ``type`` is checked by the sniff step.
+    """Which rows (token positions) to keep; ``type`` names a sampler a plugin registers (``stages.plan.build_sampler``).
 
     Like sniff-qk, ``type`` is case-insensitive; ``log`` (sniff-qk's name for it in its
     cards) means ``log_uniform``.
     """
 
     type: str = "log_uniform"
-    base_rate: float = Field(default=1.0, gt=0)
+    base_rate: float = 1.0
+
+    @field_validator("base_rate", mode="before")
+    @classmethod
+    def _base_rate(cls, value: Any) -> float:
+        return check_base_rate(value)
 
     @field_validator("type")
     @classmethod
@@ -323,13 +354,18 @@ class CaptureConfig(_Section):
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     #: At most this many rows per (document, layer, kind), picked as sniff-qk picks them (a seeded permutation).
     max_rows_per_batch: int | None = None
-    min_bucket_size: int = Field(default=128, ge=1)
+    min_bucket_size: int = 128
     capture_pre_rope: bool = False
     #: Undo a family's post-RoPE query scaling (e.g. Ministral 3's position scale) so query
     #: rows are exactly post-RoPE; by default they are the query the attention kernel receives.
     unscaled_queries: bool = False
     #: Add a ``token_str`` column: the tokenizer's token at each row (``convert_ids_to_tokens``, as in sniff-qk).
     capture_token_strings: bool = False
+
+    @field_validator("min_bucket_size", mode="before")
+    @classmethod
+    def _min_bucket_size(cls, value: Any) -> int:
+        return check_min_bucket_size(value)
 
     @field_validator("layers", "heads")
     @classmethod
