@@ -336,17 +336,13 @@ def _document_lengths(
     if lengths is not None:
         if documents is not None:
             raise QkcoreError("give either --documents or --lengths, not both")
-        given = [int(n) for n in lengths]
-        if any(n < 0 for n in given):
-            raise QkcoreError(f"--lengths: token counts must be >= 0, got {min(given)}")
+        given = [int(n) for n in lengths]  # >= 0: checked where the option is parsed (commands/run.py)
         clipped = [min(n, max_length) for n in given]
         note = f"{len(given)} documents with the given lengths"
         if clipped != given:
             note += f" (longer ones truncated to tokenizer.max_length={max_length})"
         return _histogram(clipped), len(given), note, []
-    if documents is not None:
-        if documents < 1:
-            raise QkcoreError(f"--documents must be >= 1, got {documents}")
+    if documents is not None:  # >= 1: checked where the option is parsed
         count, origin = documents, "--documents"
     elif Path(cfg.dataset.path).exists():
         return _measured_lengths(cfg, sample)
@@ -359,9 +355,7 @@ def _document_lengths(
 
 
 def _measured_lengths(cfg: SniffConfig, sample: int) -> tuple[dict[int, float], int, str, list[str]]:
-    """Count a local dataset's documents and tokenise them (or ``sample`` evenly spaced ones) as the run would."""
-    if sample < 1:
-        raise QkcoreError(f"--sample must be >= 1, got {sample}")
+    """Count a local dataset's documents and tokenise them (or ``sample`` (>= 1) evenly spaced ones) as the run would."""
     max_length = cfg.tokenizer.max_length
     data = open_dataset(cfg.dataset)
     check_columns(data, cfg.dataset)
@@ -400,7 +394,8 @@ def make_plan(
     """Plan the capture ``cfg`` describes without loading weights.
 
     A local dataset is read and tokenised (at most ``sample`` documents) unless
-    ``documents`` or ``lengths`` say what to assume. Raises
+    ``documents`` (>= 1) or ``lengths`` (each >= 0) say what to assume; ``qkcore plan``
+    checks those ranges where it parses its options (``commands/run.py``). Raises
     :class:`~qkcore.config.ConfigError` / :class:`~qkcore.errors.QkcoreError`
     when the config is invalid (unknown sampler, bad layer filter, unknown model).
     """
