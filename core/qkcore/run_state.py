@@ -58,6 +58,13 @@ def _str(data: Mapping[str, Any], key: str) -> str | None:
     return value
 
 
+def _required_str(data: Mapping[str, Any], key: str, what: str) -> str:
+    value = _str(data, key)
+    if not value:
+        raise ValueError(f"{what} has no {key}")
+    return value
+
+
 def _mapping(value: Any, what: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise ValueError(f"{what} must be a JSON object, got {type(value).__name__}")
@@ -103,9 +110,7 @@ class PublishedFile:
     @classmethod
     def from_json(cls, data: Any) -> PublishedFile:
         data = _mapping(data, "a file entry")
-        sha = _str(data, "sha256")
-        if not sha:
-            raise ValueError("a file entry has no sha256")
+        sha = _required_str(data, "sha256", "a file entry")
         size = data.get("size")
         if size is not None and (isinstance(size, bool) or not isinstance(size, int)):
             raise ValueError(f"size must be an integer, got {size!r}")
@@ -153,10 +158,7 @@ class HubTarget:
         if data is None:
             return None
         data = _mapping(data, "hub")
-        repo, branch = _str(data, "repo"), _str(data, "branch")
-        if not repo or not branch:
-            raise ValueError("hub names no repo or branch")
-        return cls(repo, branch, _str(data, "pushed_commit"))
+        return cls(_required_str(data, "repo", "hub"), _required_str(data, "branch", "hub"), _str(data, "pushed_commit"))
 
 
 @dataclass(frozen=True)
@@ -227,9 +229,7 @@ class RunState:
     def from_json(cls, data: Any) -> RunState:
         """Parse a journal's ``state``; ``ValueError`` names what is wrong."""
         data = _mapping(data, "the journal's state")
-        key = _str(data, "run_key")
-        if not key:
-            raise ValueError("the journal's state names no run_key")
+        key = _required_str(data, "run_key", "the journal's state")
         phase = data.get("phase", "capturing")
         if phase not in get_args(Phase):
             raise ValueError(f"unknown phase {phase!r}")
