@@ -129,6 +129,8 @@ def _dispatch(ctx: RunContext, sampler: Sampler, *, restart: bool, replace: bool
         if decision.discard_staged or restart:
             ctx.root.discard_work()
             return decision, False
+        if view.staged is None:  # a staging folder without a journal holds nothing committed (killed early, or emptied)
+            remove_tree(ctx.root.staging_dir)
         merged = view.staged is not None and view.staged.phase in ("captured", "finalized")
         return decision, merged
 
@@ -151,14 +153,11 @@ _DONE = {"complete": "already complete", "pull": "pulled", "publish": "published
 
 
 def read_root(root: DataRoot, *, restart: bool) -> RootView:
-    """What the rule needs of the root: its record, published files, staged work and the quick check.
+    """What the rule needs of the root: its record, published files, staged work and the quick check; reads only.
 
-    A staging folder without a journal holds nothing committed (killed early, or emptied):
-    it is removed here. With ``restart`` the staged state is not read (it is discarded).
+    With ``restart`` the staged state is not parsed (it is discarded).
     """
     staged = read_journal(root.staging_dir) if root.staging_dir.exists() else None
-    if staged is None:
-        remove_tree(root.staging_dir)
     record = root.read_record()
     staged_ranks = root.staged_ranks()
     ranks_key = None
