@@ -9,8 +9,6 @@ what a run captures.
 
 from __future__ import annotations
 
-from typing import Any
-
 import pluggy
 import torch
 
@@ -19,15 +17,17 @@ from qkcore.config import ConfigError, SniffConfig
 from qkcore.errors import QkcoreError
 from qkcore.heads import HeadSelection, sample_query_heads, validate_filters
 from qkcore.layers import AttentionLayer
-from qkcore.plugins import Family
+from qkcore.plugins import Family, collect_named
 from qkcore.samplers import Sampler
 
 
 def build_sampler(pm: pluggy.PluginManager, cfg: SniffConfig) -> Sampler:
-    """The sampler named by ``capture.sampler.type``, from any plugin."""
-    factories: dict[str, Any] = {}
-    for provided in pm.hook.qkcore_samplers():
-        factories.update(provided or {})
+    """The sampler named by ``capture.sampler.type``, from any plugin.
+
+    A sampler name two plugins provide is an error naming both (as for commands and
+    model types), whichever name the run asks for.
+    """
+    factories = {name: factory for name, (_, factory) in collect_named(pm, "qkcore_samplers", "sampler").items()}
     name = cfg.capture.sampler.type
     if name not in factories:
         raise ConfigError(
