@@ -85,6 +85,22 @@ TINY_SIZES: dict[str, Any] = {
     "eos_token_id": 258,
 }
 
+#: A real LlamaConfig, shrunk: three layers, GQA 4 query heads per key head, head_dim 8, the byte
+#: tokenizer's vocabulary (the repository's default test model; ``model.config`` of :func:`write_run_config`).
+TINY_LLAMA: Architecture = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "vocab_size": 259,
+    "max_position_embeddings": 2048,
+    "rope_theta": 10000.0,
+    "pad_token_id": 256,
+}
+
 #: Phrases that say rows are post-RoPE; a pre-RoPE run's card notes must contain none.
 POST_ROPE_CLAIM = re.compile(r"after rotary embedding|after RoPE|post-RoPE", re.IGNORECASE)
 
