@@ -15,7 +15,7 @@ import torch
 from qkcore.capture import CapturePlan
 from qkcore.config import ConfigError, SniffConfig
 from qkcore.errors import QkcoreError
-from qkcore.heads import HeadSelection, sample_query_heads, validate_filters
+from qkcore.heads import HeadSelection, map_key_heads, sample_query_heads, validate_filters
 from qkcore.layers import AttentionLayer
 from qkcore.plugins import Family, collect_named
 from qkcore.samplers import Sampler
@@ -64,12 +64,7 @@ def plan_capture(model: torch.nn.Module, family: Family, cfg: SniffConfig, insta
         layer = by_index[index]
         # The family's GQA mapping, recorded per query head (the card publishes it, so an
         # analysis pairs each query head with the key head the model really used).
-        key_head_of[index] = {
-            q: family.hooks.qkcore_key_head(
-                query_head=q, num_query_heads=layer.num_query_heads, num_key_value_heads=layer.num_key_value_heads
-            )
-            for q in q_heads
-        }
+        key_head_of[index] = map_key_heads(q_heads, layer.num_query_heads, layer.num_key_value_heads, family.key_head)
         if capture.capture_queries:
             heads[(index, "q")] = list(q_heads)
         if capture.capture_keys:

@@ -271,6 +271,15 @@ class Family:
     is_fallback: bool
     hooks: Any = field(repr=False)
 
+    def key_head(self, query_head: int, num_query_heads: int, num_key_value_heads: int) -> int:
+        """The key/value head ``query_head`` attends with, by the family's ``qkcore_key_head`` (GQA).
+
+        A :data:`qkcore.heads.KeyHeadMapper`: the one way the core and the test kit ask a family.
+        """
+        return self.hooks.qkcore_key_head(
+            query_head=query_head, num_query_heads=num_query_heads, num_key_value_heads=num_key_value_heads
+        )
+
 
 def resolve_family(pm: pluggy.PluginManager, model_type: str) -> Family:
     """Pick the plugin whose ``qkcore_model_types`` lists ``model_type``.
