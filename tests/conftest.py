@@ -18,8 +18,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-# The kit's asserts (the oracle's) report their operands, as a test's own do.
-pytest.register_assert_rewrite("qkcore.testing")
 # After the offline switches: importing the kit imports transformers and huggingface_hub.
 # The kit is also this suite's pytest plugin (its fixtures: qk_eager_reference, qk_sniff, ...).
 from qkcore.testing import TEXTS, TINY_LLAMA, write_corpus, write_run_config  # noqa: E402,F401 (shared by the tests)
