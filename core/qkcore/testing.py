@@ -70,7 +70,8 @@ from qkcore.layers import AttentionLayer, text_decoder
 from qkcore.layout import config_file, config_name, low32, parse_config_name
 from qkcore.plugins import Family, make_plugin_manager, resolve_family
 from qkcore.sniff import SniffResult, run_sniff
-from qkcore.sources.model import load_architecture, load_model
+from qkcore.meta_model import on_meta_device
+from qkcore.sources.model import architecture_config, load_architecture, load_model
 from qkcore.sources.tokenizer import load_tokenizer
 
 #: An inline architecture: a transformers config as a dict, ``model_type`` included (``model.config``).
@@ -254,15 +255,12 @@ def meta_model(architecture: Architecture, *, pm: PluginManager | None = None) -
     """``architecture`` built by its family's model class on the meta device, and the family.
 
     No weights and no compute: enough to ask the structural hooks (layers, RoPE sites,
-    card notes) about any size of model in milliseconds, not to run it.
+    card notes) about any size of model in milliseconds, not to run it. Built as
+    ``qkcore plan`` builds it (:func:`qkcore.meta_model.on_meta_device`).
     """
-    from transformers import AutoConfig
-
-    settings = dict(architecture)
-    config = AutoConfig.for_model(settings.pop("model_type"), **settings)
+    config = architecture_config(architecture)
     family = resolve_family(pm or make_plugin_manager(), config.model_type)
-    with torch.device("meta"):
-        return family.hooks.qkcore_model_class(config=config).from_config(config), family
+    return on_meta_device(config, family), family
 
 
 def read_rows(root: Path, config: str, example_id: Any) -> tuple[np.ndarray, np.ndarray, list[int | None]]:
