@@ -373,9 +373,13 @@ def expected_sampled_configs(eligible_layers: list[int], num_q: int, num_kv: int
 def card_notes(
     model: torch.nn.Module, family: Family, *, pre_rope: bool = False, unscaled_queries: bool = False
 ) -> list[str]:
-    """The family's dataset-card notes for ``model``, rendered for a run at the given RoPE stage."""
+    """The family's dataset-card notes for ``model``, rendered for a run at the given RoPE stage.
+
+    The plan carries the RoPE site the family declares for every layer, as a run's does.
+    """
     layers = family.hooks.qkcore_attention_layers(model=model)
-    plan = CapturePlan(layers={}, heads={}, pre_rope=pre_rope, unscaled_queries=unscaled_queries)
+    rope_sites = {layer.index: family.hooks.qkcore_locate_rope(model=model, layer=layer) for layer in layers}
+    plan = CapturePlan(layers={}, heads={}, pre_rope=pre_rope, rope_sites=rope_sites, unscaled_queries=unscaled_queries)
     return [note for provided in family.hooks.qkcore_card_notes(model=model, layers=layers, plan=plan)
             for note in provided or []]
 
