@@ -72,10 +72,9 @@ class QkcoreCli(click.Group):
         name = name or cmd.name
         taken = self.commands.get(name or "")
         if taken is not None:
-            raise QkcoreError(
-                f"the command '{name}' is added twice ({_origin(taken)} and {_origin(cmd)}); uninstall one of the "
-                "plugins, or leave it out with QKCORE_LOAD_PLUGINS"
-            )
+            from qkcore.plugins import clash_error
+
+            raise clash_error("command", name or "", _origin(taken), _origin(cmd))
         super().add_command(cmd, name)
 
 

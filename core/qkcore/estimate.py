@@ -38,6 +38,7 @@ from qkcore.samplers import Sampler
 from qkcore.stages.plan import build_sampler, plan_capture
 from qkcore.batching import tokenize_batches
 from qkcore.layout import config_name, row_bytes
+from qkcore.meta_model import on_meta_device
 from qkcore.sources.documents import check_columns, document_count, iter_documents, open_dataset
 from qkcore.sources.model import load_architecture
 from qkcore.sources.tokenizer import load_tokenizer
@@ -306,26 +307,14 @@ def estimate_gpu_seconds(params: float, lengths: Lengths, device: str = "h100") 
 def build_meta_model(cfg: SniffConfig, pm: pluggy.PluginManager) -> tuple[nn.Module, Family]:
     """The configured model built on the ``meta`` device (shapes only, no weights) and its family.
 
-    An attention implementation that cannot be set up here (e.g. flash attention
-    on a machine without it) falls back to ``eager``: it changes no layer or head.
+    Built by :func:`qkcore.meta_model.on_meta_device` (see there for the attention fallback).
     """
     config = load_architecture(cfg.model)
     family = resolve_family(pm, config.model_type)
-    model_class = family.hooks.qkcore_model_class(config=config)
-    extra: dict[str, Any] = {"trust_remote_code": True} if cfg.model.trust_remote_code else {}
-    attn = cfg.model.attn_implementation or "sdpa"
-    error: Exception | None = None
-    for candidate in dict.fromkeys((attn, "eager")):
-        try:
-            with torch.device("meta"):
-                model = model_class.from_config(config, attn_implementation=candidate, **extra)
-            return model.eval(), family
-        except (ImportError, ValueError) as exc:
-            error = exc
-    raise QkcoreError(
-        f"model.config: cannot build '{config.model_type}' with {getattr(model_class, '__name__', model_class)} "
-        f"on the meta device: {error}"
+    model = on_meta_device(
+        config, family, attn_implementation=cfg.model.attn_implementation, trust_remote_code=cfg.model.trust_remote_code
     )
+    return model, family
 
 
 def _document_lengths(

@@ -44,6 +44,9 @@ class LayerLike(Protocol):
 #: Maps ``(query_head, num_query_heads, num_key_value_heads)`` to a key head.
 KeyHeadMapper = Callable[[int, int, int], int]
 
+#: The generic GQA rule of :func:`key_head_for`, in words (cards, logs, docs).
+GQA_RULE = "q // (n_q // n_kv)"
+
 
 def key_head_for(query_head: int, num_query_heads: int, num_key_value_heads: int) -> int:
     """Return the key/value head that ``query_head`` attends with under GQA.
@@ -182,14 +185,19 @@ def sample_query_heads(
     )
 
 
-def key_heads_for(
+def map_key_heads(
     query_heads: Iterable[int],
     num_query_heads: int,
     num_key_value_heads: int,
     mapper: KeyHeadMapper = key_head_for,
-) -> list[int]:
-    """Return the sorted distinct key heads used by ``query_heads``."""
-    return sorted({mapper(q, num_query_heads, num_key_value_heads) for q in query_heads})
+) -> dict[int, int]:
+    """Return ``{query head: key head}`` for ``query_heads``, by ``mapper``.
+
+    ``mapper`` is the family's mapping (:meth:`qkcore.plugins.Family.key_head`, its
+    ``qkcore_key_head`` hook); by default the generic GQA rule, :func:`key_head_for`.
+    The distinct key heads to capture are ``sorted(set(result.values()))``.
+    """
+    return {q: mapper(q, num_query_heads, num_key_value_heads) for q in query_heads}
 
 
 def validate_filters(

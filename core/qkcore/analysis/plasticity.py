@@ -43,7 +43,7 @@ from qkcore.analysis.report import (
     plot_plasticity,
     write_csv,
 )
-from qkcore.heads import key_head_for
+from qkcore.heads import GQA_RULE, key_head_for
 from qkcore.layout import config_name, parse_config_name
 
 __all__ = [
@@ -63,7 +63,7 @@ HEADS_CSV = "head_metrics.csv"
 PLOT_PNG = "plasticity.png"
 README_MD = "README.md"
 #: The generic GQA rule (:func:`qkcore.heads.key_head_for`), in words.
-DEFAULT_RULE = "q // (n_q // n_kv)"
+DEFAULT_RULE = GQA_RULE
 
 
 @dataclass(frozen=True)
