@@ -187,3 +187,17 @@ def test_the_log_sampler_is_named_as_sniff_qk_names_it_with_its_effective_bucket
     body = render_card(make_model(sampler=sampler), stats)
     assert "`log_uniform` (sniff-qk calls it `log`)" in body
     assert "min_bucket_size 100 (effective 128: the power of two used)" in body
+
+
+def test_manifest_lists_buckets_in_numeric_order():
+    import json
+
+    from qkcore.manifest import Manifest
+
+    stats = ConfigStats(rows=6, bucket_counts={10: 1, 2: 2, 0: 3}, nonfinite_rows=0, head_dim=HEAD_DIM,
+                        sliding_window=None, size=1, sha256="0" * 64)
+    text = Manifest("0123456789abcdef", {"z": 1, "a": {"y": 2, "b": 3}}, {"l00h00q": stats}).to_json()
+    data = json.loads(text)
+    assert list(data["configs"]["l00h00q"]["bucket_counts"]) == ["0", "2", "10"]  # not "0", "10", "2"
+    assert list(data) == sorted(data) and list(data["identity"]["a"]) == ["b", "y"]  # other keys stay sorted
+    assert Manifest.from_json(text).configs["l00h00q"].bucket_counts == {0: 3, 2: 2, 10: 1}

@@ -35,6 +35,7 @@ from qkcore.heads import _ranges, sample_query_heads
 from qkcore.plugins import Family, installed_summary, make_plugin_manager, resolve_family
 from qkcore.samplers import Sampler
 from qkcore.planning import build_sampler, plan_capture
+from qkcore.plan_defaults import DEFAULT_DOCUMENTS, LENGTH_SAMPLE
 from qkcore.batching import tokenize_batches
 from qkcore.layout import config_name
 from qkcore.sources.documents import check_columns, document_count, iter_documents, open_dataset
@@ -60,10 +61,6 @@ __all__ = [
     "throughput_tokens_per_s",
 ]
 
-#: Documents assumed for a Hub dataset when ``dataset.max_samples`` is null and no ``--documents`` is given.
-DEFAULT_DOCUMENTS = 500
-#: Local documents tokenised to measure lengths; a larger dataset is sampled evenly and scaled.
-LENGTH_SAMPLE = 1000
 #: A plan whose estimated disk size exceeds this (1 TB, decimal) is flagged.
 DISK_WARNING_BYTES = 1e12
 #: Bytes per row besides the vector: bucket, example_id, position, sliding_window (int32 each).
