@@ -289,6 +289,11 @@ CASES = [
          ("model.config", "no model_type 'lama'", "closest: llama")),
     Case("model-unknown-rope-type", _model(config_overrides={"rope_scaling": {"rope_type": "yarnn", "factor": 2.0}}),
          ("model.config_overrides", "unknown rope_type 'yarnn'", "did you mean 'yarn'")),
+    # sniff-qk writes nothing and exits 0 here (README, compatibility table): qkcore refuses.
+    Case("model-mistral-sliding-window-full-attention-only",
+         _then(lambda env: env.config["capture"].update(full_attention_only=True),
+               _model(config={**TINY_LLAMA, "model_type": "mistral", "sliding_window": 64})),
+         ("capture", "no layer is eligible", "full_attention_only=True")),
     Case("model-device-not-a-device", _model(device_map="gpu0"), ("model.device_map", "'gpu0' is not a device")),
     Case("model-missing-directory", _model(name="./no/such/model", config=None),
          ("model.name", "there is no directory", "not a Hub id either")),
