@@ -224,7 +224,8 @@ def test_throughput_table_reproduces_its_measurements() -> None:
 def test_plan_command_prints_the_plan(tiny_config, pm, capsys) -> None:
     cli = QkcoreCli(pm)
     command = cli.get_command(click.Context(cli), "plan")
-    args = ["--config", str(tiny_config(capture=UNIFORM)), "--set", "capture.layers=[1]", "--lengths", "64,32"]
+    args = ["--config", str(tiny_config(capture=UNIFORM)), "--set", "capture.layers=[1]", "--set", "model.device_map=cuda",
+            "--lengths", "64,32"]
     assert command.name == "plan" and command.help
     assert main(["plan", *args], pm=pm) == 0
     out = capsys.readouterr().out
@@ -248,7 +249,7 @@ def test_key_head_of_each_query_head_comes_from_the_family_hook(tiny_config, pm)
 
 
 def test_the_gpu_time_is_an_estimate_for_an_h100_whatever_this_machine_has(tiny_config, pm, monkeypatch) -> None:
-    cfg = load_config(tiny_config(capture=UNIFORM))
+    cfg = load_config(tiny_config(capture=UNIFORM), overrides=["model.device_map=auto"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     gpu_line = next(line for line in format_plan(make_plan(cfg, pm)).splitlines() if line.startswith("GPU time"))
@@ -257,6 +258,18 @@ def test_the_gpu_time_is_an_estimate_for_an_h100_whatever_this_machine_has(tiny_
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA A10G")
     gpu_line = next(line for line in format_plan(make_plan(cfg, pm)).splitlines() if line.startswith("GPU time"))
     assert "an estimate, not measured (this machine has NVIDIA A10G)" in gpu_line
+
+
+@pytest.mark.parametrize("device_map", ["cpu", "mps"])
+def test_no_gpu_time_estimate_for_a_device_without_figures(device_map, tiny_config, pm) -> None:
+    # A CPU run is not an H100 run: "GPU time ~<0.1 s on one H100" would be a wrong answer, not an estimate.
+    cfg = load_config(tiny_config(capture=UNIFORM), overrides=[f"model.device_map={device_map}"])
+    plan = make_plan(cfg, pm)
+    text = format_plan(plan)
+    assert plan.gpu_seconds is None and "H100:" not in text and "basis:" not in text
+    assert f"GPU time: no estimate for model.device_map '{device_map}'" in text
+    cuda = make_plan(load_config(tiny_config(capture=UNIFORM), overrides=["model.device_map=cuda:0"]), pm)
+    assert cuda.gpu_seconds is not None and cuda.gpu_seconds > 0
 
 
 @pytest.mark.parametrize("head_dim", [8, 64, 128])

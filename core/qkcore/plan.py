@@ -52,6 +52,7 @@ __all__ = [
     "Plan",
     "build_meta_model",
     "disk_needed_bytes",
+    "estimate_device",
     "estimate_gpu_seconds",
     "expected_rows",
     "format_plan",
@@ -126,12 +127,13 @@ class Plan:
     total_rows: float
     disk_bytes: float  # uncompressed estimate, see row_bytes()
     disk_needed_bytes: float  # free disk while writing: staging parts + final files, see disk_needed_bytes()
-    gpu_seconds: float  # estimate for one H100, see THROUGHPUT_SOURCE
+    gpu_seconds: float | None  # estimate for one H100, see THROUGHPUT_SOURCE; None: no figures for the device
     throughput_note: str
     local_accelerator: str | None = None  # the GPU of the machine that planned, None without one
     warnings: list[str] = field(default_factory=list)
     head_selection: str = ""  # CapturePlan.head_selection
     head_selection_note: str | None = None  # CapturePlan.head_selection_note (how to match the original tool)
+    device_map: Any = "auto"  # model.device_map: which device the estimate is for
 
 
 # --------------------------------------------------------------------------- estimates
@@ -261,6 +263,17 @@ def throughput_tokens_per_s(params: float, seq_len: int, device: str = "h100") -
         slope = (ys[i] - ys[i - 1]) / (xs[i] - xs[i - 1])
         log_rate = ys[i - 1] + slope * (x - xs[i - 1])
     return math.exp(log_rate) * reference / params
+
+
+def estimate_device(device_map: Any) -> str | None:
+    """The device of :data:`THROUGHPUT_TOKENS_PER_S` a run with ``model.device_map`` is estimated for.
+
+    A CUDA device (or ``auto``, which picks CUDA where there is one) gets the H100 figures;
+    the CPU and Apple GPUs have none, so no estimate (None) rather than an H100's.
+    """
+    text = str(device_map if not isinstance(device_map, dict) else next(iter(device_map.values()), "auto"))
+    kind = text.strip().lower().partition(":")[0]
+    return None if kind in ("cpu", "mps") else "h100"
 
 
 def estimate_gpu_seconds(params: float, lengths: Lengths, device: str = "h100") -> float:
@@ -423,7 +436,8 @@ def make_plan(
     )
 
     params = non_embedding_parameters(model)
-    gpu_seconds = estimate_gpu_seconds(params, doc_lengths)
+    device = estimate_device(cfg.model.device_map)
+    gpu_seconds = None if device is None else estimate_gpu_seconds(params, doc_lengths, device)
     typical = max(doc_lengths, default=0)
     throughput_note = (
         f"from the {THROUGHPUT_SOURCE}, scaled linearly by non-embedding parameters ({params:.3g} here) "
@@ -467,6 +481,7 @@ def make_plan(
         warnings=problems,
         head_selection=capture_plan.head_selection,
         head_selection_note=capture_plan.head_selection_note,
+        device_map=cfg.model.device_map,
     )
 
 
@@ -501,6 +516,16 @@ def _duration(seconds: float) -> str:
     if seconds >= 60:
         return f"{seconds / 60:.1f} min"
     return f"{seconds:.1f} s"
+
+
+def _gpu_time_lines(plan: Plan) -> list[str]:
+    """The GPU-time estimate and its basis, or one line saying there is none for the configured device."""
+    if plan.gpu_seconds is None:
+        return [f"GPU time: no estimate for model.device_map {plan.device_map!r} (qkcore has throughput figures "
+                "for CUDA on an H100 only)"]
+    here = f"this machine has {plan.local_accelerator}" if plan.local_accelerator else "this machine has no GPU"
+    return [f"GPU time: ~{_duration(plan.gpu_seconds)} on one H100: an estimate, not measured ({here})",
+            f"  basis: {plan.throughput_note}"]
 
 
 def format_plan(plan: Plan) -> str:
@@ -539,9 +564,7 @@ def format_plan(plan: Plan) -> str:
         f"disk: {_bytes(plan.disk_bytes)} (uncompressed estimate: rows × (head_dim × 4 + 16) bytes; zstd Parquet is smaller)",
         f"free disk needed while writing: {_bytes(plan.disk_needed_bytes)} (staging parts and final files "
         f"exist together until the parts are removed)",
-        f"GPU time: ~{_duration(plan.gpu_seconds)} on one H100: an estimate, not measured "
-        f"({'this machine has ' + plan.local_accelerator if plan.local_accelerator else 'this machine has no GPU'})",
-        f"  basis: {plan.throughput_note}",
+        *_gpu_time_lines(plan),
     ]
     if plan.warnings:
         lines += ["", *plan.warnings]
