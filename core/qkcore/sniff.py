@@ -518,6 +518,7 @@ class _Run:
     def execute(self, sampler: Sampler) -> SniffResult:
         cache = _HashCache(self.root.work_dir / "hashes.json")
         inputs = load_inputs(self.cfg, self.pm, self.ranks, cache.values, sampler)
+        structlog.contextvars.bind_contextvars(run_key=inputs.run_key)  # the card's name for this run, on every line
         if self.ranks.is_main:
             cache.save()
         decision, merged = _agree(self.ranks, lambda: self.decide(inputs))
