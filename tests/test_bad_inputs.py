@@ -327,6 +327,8 @@ CASES = [
     Case("push-changed-files", _push_changed_file, ("do not match the record", "nothing was pushed"), earlier_run=True),
     # -- other commands
     Case("inspect-missing-folder", lambda env: ["inspect", str(env.tmp / "missing")], ("no such data folder",)),
+    Case("plasticity-folder-without-data", lambda env: ((env.tmp / "empty-root").mkdir(), ["plasticity", str(env.tmp / "empty-root")])[1],
+         ("empty-root: no captured query heads", "qkcore sniff")),
     Case("plan-unknown-sampler", lambda env: (env.config["capture"].update(sampler={"type": "zipf"}),
                                               ["plan", "--config", str(env.write())])[1], ("capture.sampler.type",)),
 ]
