@@ -194,3 +194,17 @@ def test_an_interrupt_says_how_to_resume(restart, tiny_config, capsys, monkeypat
         assert "without --restart to resume from the last commit" in err
     else:
         assert "the same command resumes from the last commit" in err
+
+
+def test_an_error_of_several_lines_is_printed_as_one(tiny_config, capsys, monkeypatch) -> None:
+    # A library's text quoted as a cause (transformers' offline advice, PyYAML's dump) must not spill over lines.
+    import qkcore.sniff
+    from qkcore.errors import QkcoreError
+
+    def fails(*args, **kwargs):
+        raise QkcoreError("tokenizer.name: cannot load 'x': We couldn't connect.\nCheck your connection.\n\n")
+
+    monkeypatch.setattr(qkcore.sniff, "run_sniff", fails)
+    assert main(["sniff", "--config", str(tiny_config())]) == 2
+    assert capsys.readouterr().err == (
+        "qkcore: error: tokenizer.name: cannot load 'x': We couldn't connect.; Check your connection.\n")

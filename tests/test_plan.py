@@ -297,3 +297,22 @@ def test_disk_needed_covers_the_staging_parts_and_the_final_files(tmp_path, head
     assert parts + finals <= needed <= 1.3 * (parts + finals), (parts, finals, needed)
     # Without counting the spills the small parts would be missed at small head_dim.
     assert disk_needed_bytes({name: float(n) for name, n in rows.items()}, head_dim, spills=1) < needed
+
+
+def test_plan_offline_on_a_protocol_config_fails_at_once_and_names_the_offline_route(pm, capsys, monkeypatch) -> None:
+    # No Hub (as every test runs): one line naming the architecture file the README's offline route uses.
+    import time
+
+    from huggingface_hub import constants
+
+    from tests.conftest import REPO
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(REPO)
+    started = time.monotonic()
+    assert main(["plan", "--config", "configs/attention-plasticity/qwen3-8b.yaml"], pm=pm) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("qkcore: error: model.name: "), err
+    assert "no Hub repo 'Qwen/Qwen3-8B'" in err
+    assert err.rstrip().endswith("--set model.config=configs/architectures/Qwen--Qwen3-8B.json"), err
+    assert time.monotonic() - started < 20

@@ -138,9 +138,18 @@ def main(argv: Sequence[str] | None = None, *, pm: pluggy.PluginManager | None =
 
 
 def _error(message: str) -> int:
-    """Print one ``qkcore: error:`` line; return exit status 2."""
-    print(f"qkcore: error: {message}", file=sys.stderr)
+    """Print one ``qkcore: error:`` line; return exit status 2.
+
+    A message of several lines (several bad keys, a library's text quoted as the cause) is
+    joined with ``"; "``: the user sees one line, and a log collector one record.
+    """
+    print(f"qkcore: error: {one_line(message)}", file=sys.stderr)
     return 2
+
+
+def one_line(message: str) -> str:
+    """``message`` with its lines (blank ones dropped, each stripped) joined by ``"; "``."""
+    return "; ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
 def _is_user_error(exc: Exception) -> bool:

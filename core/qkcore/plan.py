@@ -19,6 +19,7 @@ explicit token counts.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -287,13 +288,41 @@ def estimate_gpu_seconds(params: float, lengths: Lengths, device: str = "h100") 
 # --------------------------------------------------------------------------- planning
 
 
+def offline_architecture_hint(cfg: SniffConfig) -> str | None:
+    """For a Hub model whose config could not be read: how to plan without the Hub (``--set model.config=...``).
+
+    Names the protocol's architecture file for the model when there is one (``configs/architectures/``
+    beside the config's folder, or under the working directory); None for a model that is not a Hub id.
+    """
+    name = cfg.model.name
+    if cfg.model.config is not None or cfg.model.gguf_file or not name or Path(name).expanduser().is_dir():
+        return None
+    file = f"{name.replace('/', '--')}.json"
+    folders = [Path("configs") / "architectures"]
+    if cfg.source is not None:
+        folders.insert(0, Path(cfg.source).parent.parent / "architectures")
+    for folder in folders:
+        if (folder / file).is_file():
+            path = folder / file
+            shown = os.path.relpath(path) if path.is_absolute() and Path.cwd() in path.parents else str(path)
+            return f"to plan without the Hub, give the architecture: --set model.config={shown}"
+    return ("to plan without the Hub, give the architecture: --set model.config=PATH (the model's config.json; "
+            "configs/architectures/ holds those of the protocol's models)")
+
+
 def build_meta_model(cfg: SniffConfig, pm: pluggy.PluginManager) -> tuple[nn.Module, Family]:
     """The configured model built on the ``meta`` device (shapes only, no weights) and its family.
 
     An attention implementation that cannot be set up here (e.g. flash attention
     on a machine without it) falls back to ``eager``: it changes no layer or head.
     """
-    config = load_architecture(cfg.model)
+    try:
+        config = load_architecture(cfg.model)
+    except QkcoreError as exc:
+        hint = offline_architecture_hint(cfg)
+        if hint is None:
+            raise
+        raise QkcoreError(f"{exc}; {hint}") from exc
     family = resolve_family(pm, config.model_type)
     model_class = family.hooks.qkcore_model_class(config=config)
     extra: dict[str, Any] = {"trust_remote_code": True} if cfg.model.trust_remote_code else {}
