@@ -208,3 +208,18 @@ def test_a_model_entry_reads_back_from_the_card_it_wrote(tmp_path: Path) -> None
     assert ModelEntry.from_json(front["qkcore"]["models"][0]) == entry
     with pytest.raises(ValueError, match="num_layers"):
         ModelEntry.from_json({k: v for k, v in dataclasses.asdict(entry).items() if k != "num_layers"})
+
+
+def test_manifest_lists_buckets_in_numeric_order():
+    import json
+
+    from qkcore.manifest import Manifest
+    from qkcore.run_state import RunIdentity
+
+    stats = ConfigStats(rows=6, bucket_counts={10: 1, 2: 2, 0: 3}, nonfinite_rows=0, head_dim=HEAD_DIM,
+                        sliding_window=None, size=1, sha256="0" * 64)
+    text = Manifest(RunIdentity("0123456789abcdef", {"z": 1, "a": {"y": 2, "b": 3}}), {"l00h00q": stats}).to_json()
+    data = json.loads(text)
+    assert list(data["configs"]["l00h00q"]["bucket_counts"]) == ["0", "2", "10"]  # not "0", "10", "2"
+    assert list(data) == sorted(data) and list(data["identity"]["a"]) == ["b", "y"]  # other keys stay sorted
+    assert Manifest.from_json(text).configs["l00h00q"].bucket_counts == {0: 3, 2: 2, 10: 1}

@@ -115,4 +115,11 @@ def test_the_config_of_the_fixtures_captures_today_the_same_run_key_and_the_same
     new = LocalDataRoot(tmp_path / "again").read_record()
     assert new is not None and new.identity == old.identity
     data = [name for name in old.files if name.endswith("/data.parquet")]
-    assert data and {n: new.files[n].sha256 for n in data} == {n: old.files[n].sha256 for n in data}
+    assert data and sorted(n for n in new.files if n.endswith("/data.parquet")) == sorted(data)
+    # The files' bytes changed on purpose since the fixtures were written (each Parquet file now
+    # carries a page index for the Hub's viewer), so the rows are compared through the manifest.
+    old_manifest = Manifest.from_json((V1 / "qkcore.json").read_text(encoding="utf-8"))
+    new_manifest = Manifest.from_json((tmp_path / "again" / "qkcore.json").read_text(encoding="utf-8"))
+    assert {n: (c.rows, c.bucket_counts) for n, c in new_manifest.configs.items()} == {
+        n: (c.rows, c.bucket_counts) for n, c in old_manifest.configs.items()
+    }

@@ -277,6 +277,30 @@ def test_row_group_size(tmp_path):
     assert pq.ParquetFile(tmp_path / "default" / "l00h00q" / "data.parquet").metadata.num_row_groups == 1
 
 
+def test_final_files_carry_a_page_index_for_the_hub_viewer(tmp_path):
+    # The Hub's dataset viewer reads a large Parquet file only when it has a page index.
+    write(tmp_path, make_rows(25), [], row_group_size=10)
+    meta = pq.ParquetFile(tmp_path / "l00h00q" / "data.parquet").metadata
+    chunks = [meta.row_group(g).column(c) for g in range(meta.num_row_groups) for c in range(meta.num_columns)]
+    assert chunks and all(c.has_offset_index and c.has_column_index for c in chunks)
+    again = tmp_path / "again"
+    write(again, make_rows(25), [7], row_group_size=10)
+    assert digests(again) == digests(tmp_path)  # the index is as deterministic as the rest
+
+
+def test_row_groups_stay_within_the_hub_viewers_limit(tmp_path, monkeypatch):
+    import qkcore.datafile as datafile
+
+    # At real sizes: 65,536 rows of head_dim 128 (35 MB) are kept; any larger request is cut to half the limit.
+    assert datafile.viewer_row_group_size(65536, 128, False) == 65536
+    assert datafile.viewer_row_group_size(10**9, 128, True) * (128 * 4 + 16 + 32) <= 300_000_000 / 2
+    # A row of head_dim 4 is 32 bytes: a 320-byte limit allows 10 rows per row group.
+    monkeypatch.setattr(datafile, "VIEWER_ROW_GROUP_BYTES", 320)
+    write(tmp_path, make_rows(25), [], row_group_size=1000)
+    meta = pq.ParquetFile(tmp_path / "l00h00q" / "data.parquet").metadata
+    assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [10, 10, 5]
+
+
 def test_close_memory_is_bounded_by_threshold(tmp_path):
     """One config far larger than the threshold (one document larger still) is sorted in bounded pieces."""
     head_dim, n = 64, 6000

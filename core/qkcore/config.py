@@ -480,12 +480,28 @@ def _dotted(path: Sequence[str | int]) -> str:
     return ".".join(str(p) for p in path)
 
 
+def _yaml_problem(exc: yaml.YAMLError, *, lines: bool = True) -> str:
+    """PyYAML's multi-line report as one phrase: where (line and column, 1-based), what, and what it was inside."""
+    problem = getattr(exc, "problem", None)
+    mark, context, start = (getattr(exc, name, None) for name in ("problem_mark", "context", "context_mark"))
+    if problem is None or mark is None:
+        return " ".join(str(exc).split())
+
+    def at(where: Any) -> str:
+        return f"line {where.line + 1}, column {where.column + 1}" if lines else f"column {where.column + 1}"
+
+    text = f"{at(mark)}: {problem}"
+    if context:
+        text += f" ({context}" + (f" at {at(start)})" if start is not None else ")")
+    return text
+
+
 def _parse_value(text: str, origin: str) -> Any:
     """Parse an override value as YAML (so ``null``, ``[0, 1]``, ``4.0`` get their types)."""
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{origin}: value is not valid YAML: {exc}") from None
+        raise ConfigError(f"{origin}: value is not valid YAML: {_yaml_problem(exc, lines=False)}") from None
 
 
 def _read_file(path: str | Path) -> dict[str, Any]:
@@ -500,7 +516,7 @@ def _read_file(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{label}: invalid YAML: {exc}") from None
+        raise ConfigError(f"{label}: invalid YAML at {_yaml_problem(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -19,6 +19,7 @@ explicit token counts.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -36,6 +37,7 @@ from qkcore.plugins import Family, installed_summary, make_plugin_manager, resol
 from qkcore.capture import CapturePlan
 from qkcore.samplers import Sampler
 from qkcore.stages.plan import build_sampler, plan_capture
+from qkcore.plan_defaults import DEFAULT_DOCUMENTS, LENGTH_SAMPLE
 from qkcore.batching import tokenize_batches
 from qkcore.layout import config_name, row_bytes
 from qkcore.meta_model import on_meta_device
@@ -54,6 +56,7 @@ __all__ = [
     "Plan",
     "build_meta_model",
     "disk_needed_bytes",
+    "estimate_device",
     "estimate_disk",
     "estimate_gpu_seconds",
     "expected_rows",
@@ -64,10 +67,6 @@ __all__ = [
     "throughput_tokens_per_s",
 ]
 
-#: Documents assumed for a Hub dataset when ``dataset.max_samples`` is null and no ``--documents`` is given.
-DEFAULT_DOCUMENTS = 500
-#: Local documents tokenised to measure lengths; a larger dataset is sampled evenly and scaled.
-LENGTH_SAMPLE = 1000
 #: A plan whose estimated disk size exceeds this (1 TB, decimal) is flagged.
 DISK_WARNING_BYTES = 1e12
 #: Disk a run writes, measured with benchmarks/staging_disk.py (2026-11-24, pyarrow 26; see
@@ -130,12 +129,13 @@ class Plan:
     total_rows: float
     disk_bytes: float  # uncompressed estimate, see row_bytes()
     disk_needed_bytes: float  # free disk while writing: staging parts + final files, see disk_needed_bytes()
-    gpu_seconds: float  # estimate for one H100, see THROUGHPUT_SOURCE
+    gpu_seconds: float | None  # estimate for one H100, see THROUGHPUT_SOURCE; None: no figures for the device
     throughput_note: str
     local_accelerator: str | None = None  # the GPU of the machine that planned, None without one
     warnings: list[str] = field(default_factory=list)
     head_selection: str = ""  # CapturePlan.head_selection
     head_selection_note: str | None = None  # CapturePlan.head_selection_note (how to match the original tool)
+    device_map: Any = "auto"  # model.device_map: which device the estimate is for
 
 
 # --------------------------------------------------------------------------- estimates
@@ -293,6 +293,17 @@ def throughput_tokens_per_s(params: float, seq_len: int, device: str = "h100") -
     return math.exp(log_rate) * reference / params
 
 
+def estimate_device(device_map: Any) -> str | None:
+    """The device of :data:`THROUGHPUT_TOKENS_PER_S` a run with ``model.device_map`` is estimated for.
+
+    A CUDA device (or ``auto``, which picks CUDA where there is one) gets the H100 figures;
+    the CPU and Apple GPUs have none, so no estimate (None) rather than an H100's.
+    """
+    text = str(device_map if not isinstance(device_map, dict) else next(iter(device_map.values()), "auto"))
+    kind = text.strip().lower().partition(":")[0]
+    return None if kind in ("cpu", "mps") else "h100"
+
+
 def estimate_gpu_seconds(params: float, lengths: Lengths, device: str = "h100") -> float:
     """Estimated GPU seconds to run documents of the given ``lengths`` through the model."""
     return sum(
@@ -304,12 +315,40 @@ def estimate_gpu_seconds(params: float, lengths: Lengths, device: str = "h100") 
 # --------------------------------------------------------------------------- planning
 
 
+def offline_architecture_hint(cfg: SniffConfig) -> str | None:
+    """For a Hub model whose config could not be read: how to plan without the Hub (``--set model.config=...``).
+
+    Names the protocol's architecture file for the model when there is one (``configs/architectures/``
+    beside the config's folder, or under the working directory); None for a model that is not a Hub id.
+    """
+    name = cfg.model.name
+    if cfg.model.config is not None or cfg.model.gguf_file or not name or Path(name).expanduser().is_dir():
+        return None
+    file = f"{name.replace('/', '--')}.json"
+    folders = [Path("configs") / "architectures"]
+    if cfg.source is not None:
+        folders.insert(0, Path(cfg.source).parent.parent / "architectures")
+    for folder in folders:
+        if (folder / file).is_file():
+            path = folder / file
+            shown = os.path.relpath(path) if path.is_absolute() and Path.cwd() in path.parents else str(path)
+            return f"to plan without the Hub, give the architecture: --set model.config={shown}"
+    return ("to plan without the Hub, give the architecture: --set model.config=PATH (the model's config.json; "
+            "configs/architectures/ holds those of the protocol's models)")
+
+
 def build_meta_model(cfg: SniffConfig, pm: pluggy.PluginManager) -> tuple[nn.Module, Family]:
     """The configured model built on the ``meta`` device (shapes only, no weights) and its family.
 
     Built by :func:`qkcore.meta_model.on_meta_device` (see there for the attention fallback).
     """
-    config = load_architecture(cfg.model)
+    try:
+        config = load_architecture(cfg.model)
+    except QkcoreError as exc:
+        hint = offline_architecture_hint(cfg)
+        if hint is None:
+            raise
+        raise QkcoreError(f"{exc}; {hint}") from exc
     family = resolve_family(pm, config.model_type)
     model = on_meta_device(
         config, family, attn_implementation=cfg.model.attn_implementation, trust_remote_code=cfg.model.trust_remote_code
@@ -412,7 +451,8 @@ def make_plan(
     total_rows = len(rows_per_config) * next(iter(rows_per_config.values()), 0.0)  # one expectation per config
 
     params = non_embedding_parameters(model)
-    gpu_seconds = estimate_gpu_seconds(params, doc_lengths)
+    device = estimate_device(cfg.model.device_map)
+    gpu_seconds = None if device is None else estimate_gpu_seconds(params, doc_lengths, device)
     typical = max(doc_lengths, default=0)
     throughput_note = (
         f"from the {THROUGHPUT_SOURCE}, scaled linearly by non-embedding parameters ({params:.3g} here) "
@@ -456,6 +496,7 @@ def make_plan(
         warnings=problems,
         head_selection=capture_plan.head_selection,
         head_selection_note=capture_plan.head_selection_note,
+        device_map=cfg.model.device_map,
     )
 
 
@@ -490,6 +531,16 @@ def _duration(seconds: float) -> str:
     if seconds >= 60:
         return f"{seconds / 60:.1f} min"
     return f"{seconds:.1f} s"
+
+
+def _gpu_time_lines(plan: Plan) -> list[str]:
+    """The GPU-time estimate and its basis, or one line saying there is none for the configured device."""
+    if plan.gpu_seconds is None:
+        return [f"GPU time: no estimate for model.device_map {plan.device_map!r} (qkcore has throughput figures "
+                "for CUDA on an H100 only)"]
+    here = f"this machine has {plan.local_accelerator}" if plan.local_accelerator else "this machine has no GPU"
+    return [f"GPU time: ~{_duration(plan.gpu_seconds)} on one H100: an estimate, not measured ({here})",
+            f"  basis: {plan.throughput_note}"]
 
 
 def format_plan(plan: Plan) -> str:
@@ -528,9 +579,7 @@ def format_plan(plan: Plan) -> str:
         f"disk: {_bytes(plan.disk_bytes)} (uncompressed estimate: rows × (head_dim × 4 + 16) bytes; zstd Parquet is smaller)",
         f"free disk needed while writing: {_bytes(plan.disk_needed_bytes)} (staging parts and final files "
         f"exist together until the parts are removed)",
-        f"GPU time: ~{_duration(plan.gpu_seconds)} on one H100: an estimate, not measured "
-        f"({'this machine has ' + plan.local_accelerator if plan.local_accelerator else 'this machine has no GPU'})",
-        f"  basis: {plan.throughput_note}",
+        *_gpu_time_lines(plan),
     ]
     if plan.warnings:
         lines += ["", *plan.warnings]

@@ -9,7 +9,7 @@
   warnings), ``--debug`` (or ``inference.debug_logging``) adds a line per batch.
 * ``--json-logs`` writes one JSON object per line (no bar), for log collectors.
 
-A run id is bound to every line, so the lines of two runs in one log can be told apart.
+The run key (the card's name for the run) is bound to every line once known, so two runs in one log can be told apart.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import uuid
 from contextlib import contextmanager
 from typing import Any, Iterator, TextIO
 
@@ -45,8 +44,12 @@ class _AboveProgress:
         sys.stderr.flush()
 
 
-def configure_logging(debug: bool = False, *, quiet: bool = False, json: bool = False) -> str:
-    """Configure structlog for this process; return the run id bound to every line."""
+def configure_logging(debug: bool = False, *, quiet: bool = False, json: bool = False) -> None:
+    """Configure structlog for this process.
+
+    A run is named in log lines by its run key (as in the card and ``qkcore.json``), which
+    ``qkcore sniff`` binds once it is known; there is no other run id.
+    """
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     _state["progress"] = not (quiet or json)
     _state["library_bars"] = not (quiet or json or not sys.stderr.isatty())
@@ -74,9 +77,6 @@ def configure_logging(debug: bool = False, *, quiet: bool = False, json: bool = 
         logger_factory=logger_factory,
         cache_logger_on_first_use=False,
     )
-    run_id = uuid.uuid4().hex[:8]
-    structlog.contextvars.bind_contextvars(run_id=run_id)
-    return run_id
 
 
 def progress_disable() -> bool | None:

@@ -65,7 +65,8 @@ class Manifest:
             "configs": configs,
             **({"extra": self.extra} if self.extra else {}),
         }
-        return json.dumps(data, indent=1, sort_keys=True) + "\n"
+        # Keys sorted for stable bytes, except bucket numbers: numerically ("2" before "10").
+        return json.dumps(_sorted_keys(data), indent=1) + "\n"
 
     @classmethod
     def from_json(cls, text: str, where: str = MANIFEST_FILE) -> Manifest:
@@ -95,6 +96,16 @@ class Manifest:
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise QkcoreError(f"{where} is not a qkcore manifest ({exc})") from None
+
+
+def _sorted_keys(value: Any, parent: str = "") -> Any:
+    """``value`` with every mapping's keys sorted, but a ``bucket_counts`` mapping kept in its (numeric) order."""
+    if isinstance(value, dict):
+        items = value.items() if parent == "bucket_counts" else sorted(value.items())
+        return {key: _sorted_keys(child, key) for key, child in items}
+    if isinstance(value, list):
+        return [_sorted_keys(child) for child in value]
+    return value
 
 
 def read_manifest(path: Path) -> Manifest | None:

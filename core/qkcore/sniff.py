@@ -114,6 +114,7 @@ def _dispatch(ctx: RunContext, sampler: Sampler, *, restart: bool, replace: bool
     """Load the inputs, apply the rule on rank 0, and run the action it chose."""
     cache = HashCache(ctx.root.work_dir / "hashes.json")
     inputs = load_inputs(ctx.cfg, ctx.pm, ctx.ranks, cache.values, sampler)
+    structlog.contextvars.bind_contextvars(run_key=inputs.run_key)  # the card's name for this run, on every line
     if ctx.ranks.is_main:
         cache.save()
     branch: list[BranchState] = []  # rank 0's preflight of the Hub branch, for a pull

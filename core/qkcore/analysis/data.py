@@ -205,7 +205,9 @@ class LocalSource:
         return path if path.is_file() else None
 
     def describe(self) -> str:
-        return str(self.root.resolve())
+        # The folder's name, not its absolute path: the README travels (to the Hub, to a paper's supplement)
+        # and a machine's paths mean nothing there.
+        return f"{self.root.resolve().name} (a local data root)"
 
 
 @dataclass(frozen=True)

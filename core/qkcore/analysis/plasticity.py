@@ -323,8 +323,22 @@ def _configs(source: Source) -> list[str]:
     except PlasticityError:
         raise
     except Exception as exc:  # noqa: BLE001 - datasets/hub raise many types for "not there"
-        name = source.repo if isinstance(source, HubSource) else source.describe()
+        name = source.repo if isinstance(source, HubSource) else str(source.root)
         raise PlasticityError(f"{name}: no such dataset folder, and no Hub dataset of that name could be read ({exc})") from exc
+
+
+def _require_query_configs(source: Source, configs: list[str]) -> None:
+    """A source without one query config is one error naming the folder (or Hub repo) and what was looked for."""
+    if any(parsed[2] == "q" for parsed in map(parse_config_name, configs) if parsed is not None):
+        return
+    if isinstance(source, HubSource):
+        where = f"{source.repo}@{source.revision or 'main'}"
+    else:
+        where = str(getattr(source, "root", source.describe()))
+    raise PlasticityError(
+        f"{where}: no captured query heads (no lXXhYYq/data.parquet) found; give a data root written by qkcore sniff "
+        "(or a Hub dataset repo it was pushed to)"
+    )
 
 
 def run_plasticity(
@@ -344,6 +358,7 @@ def run_plasticity(
     Every input check (card, mapping, configs) runs before any compute or write.
     """
     configs = _configs(source)
+    _require_query_configs(source, configs)
     card = source.card()
     models = read_card_models(card)
     if models and not 0 <= model_index < len(models):

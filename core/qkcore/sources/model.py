@@ -29,7 +29,7 @@ from qkcore.sources.gguf import (
     locate_gguf,
     require_gguf_support,
 )
-from qkcore.sources.locations import files_sha256, file_sha256, hub_commit, pinned_revision, source_kind
+from qkcore.sources.locations import check_hub_repo, files_sha256, file_sha256, hub_commit, pinned_revision, source_kind
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from qkcore.config import ModelConfig
@@ -273,6 +273,8 @@ def load_architecture(model_cfg: ModelConfig) -> Any:
     else:
         name = model_cfg.name
         local = source_kind(name, "model.name") == "local"
+        if not local:
+            check_hub_repo(name, model_cfg.revision, "model.name")
         if local and not (Path(os.path.expanduser(name)) / "config.json").is_file():
             raise QkcoreError(f"model.name: the model directory {Path(name).resolve()} has no config.json")
         revision = model_cfg.revision if local else pinned_revision(name, model_cfg.revision)
