@@ -118,3 +118,41 @@ def test_a_repo_without_an_index_is_one_clear_error(hub_server) -> None:
 def test_a_damaged_index_names_its_way_out() -> None:
     with pytest.raises(QkcoreError, match="delete the text between"):
         parse_index("<!-- qkcore:index:start -->\n<!-- qkcore:index {not json -->\n<!-- qkcore:index:end -->")
+
+
+def test_an_order_file_picks_a_whole_repos_runs(hub_server, two_runs, tmp_path, monkeypatch) -> None:
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", hub_server.url)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    for branch, root in two_runs.items():
+        _push(root, branch)
+    order = tmp_path / "order.yaml"
+    order.write_text("runs:\n- {run: lc-4k-to-32k-step-4000, label: long context}\n", encoding="utf-8")
+    from qkcore.analysis.compare import compare_runs
+    from qkcore.analysis.plasticity import PlasticityConfig
+
+    result = compare_runs([REPO], tmp_path / "cmp", PlasticityConfig(pairs_per_bucket=32), order=str(order), workers=1,
+                          progress=False)
+    assert [(r.label, r.ref.revision) for r in result.runs] == [("long context", "lc-4k-to-32k-step-4000")]
+
+
+def test_the_smollm3_order_file_names_the_protocols_ten_checkpoints() -> None:
+    import yaml
+
+    from tests.conftest import REPO as CHECKOUT
+
+    order = yaml.safe_load((CHECKOUT / "configs" / "compare" / "smollm3-checkpoints.yaml").read_text())
+    revisions = {yaml.safe_load(p.read_text())["model"]["revision"]
+                 for p in (CHECKOUT / "configs" / "attention-plasticity" / "smollm3-checkpoints").glob("*.yaml")}
+    assert [item["run"] for item in order["runs"]] == sorted(revisions, key=_step_order)
+    assert len(revisions) == 10
+
+
+def _step_order(revision: str) -> tuple:
+    from qkcore.analysis.compare import stage_sort_key
+    from qkcore.analysis.provenance import parse_checkpoint
+
+    stage, step = parse_checkpoint(revision)
+    return stage_sort_key(stage), step

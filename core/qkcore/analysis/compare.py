@@ -54,6 +54,8 @@ class RunRef:
     kind: RunKind
     location: str  # a folder, or a Hub repo id
     revision: str | None = None  # the Hub branch
+    #: Found through a whole repo's index (not named one by one): an order file may leave it out.
+    from_index: bool = False
 
     def describe(self) -> str:
         """Where the run is, for the README and messages."""
@@ -121,7 +123,7 @@ def resolve_runs(given: Sequence[str], read_index: Callable[[str], list[Any]] | 
         elif _REPO.match(text) and not path.exists():
             if read_index is None:
                 from qkcore.hub_index import read_index as read_index
-            refs += [RunRef(text, "hub", text, entry.branch) for entry in read_index(text)]
+            refs += [RunRef(text, "hub", text, entry.branch, from_index=True) for entry in read_index(text)]
         else:
             raise PlasticityError(
                 f"RUN {text}: not a run: no such folder, and not a Hub dataset (owner/repo or owner/repo@branch)"
@@ -190,6 +192,11 @@ def describe_runs(refs: Sequence[RunRef], labels: Sequence[str] | None) -> list[
                 _check_root(ref, facts)
         stage, step = parse_checkpoint(facts.revision)
         runs.append(ComparedRun(ref, facts, labels[i] if labels else _default_label(ref), stage, step))
+    if not labels:  # two folders of one name (".../out"): label them by their parent too
+        names = [r.label for r in runs]
+        for run in runs:
+            if names.count(run.label) > 1 and run.ref.kind != "hub":
+                run.label = "/".join(Path(run.ref.location).resolve().parts[-2:])
     seen: dict[str, ComparedRun] = {}
     for run in runs:
         key = run.facts.run_key
@@ -251,7 +258,9 @@ def _order_file(runs: list[ComparedRun], path: Path) -> list[ComparedRun]:
     """Runs ordered (and optionally labelled, staged, stepped) by a YAML file.
 
     The file is ``runs:``, a list whose items are a run (its label, RUN text, revision or run
-    key) or a mapping ``{run: ..., label: ..., stage: ..., step: ...}``. Every run is listed once.
+    key) or a mapping ``{run: ..., label: ..., stage: ..., step: ...}``. Every run named on the
+    command line is listed once; of a whole repo's runs (found through its index) the file
+    picks the ones it lists.
     """
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -284,9 +293,12 @@ def _order_file(runs: list[ComparedRun], path: Path) -> list[ComparedRun]:
         taken.add(matches[0])
         ordered.append(replace(run, label=str(spec.get("label", run.label)), stage=spec.get("stage", run.stage),
                                step=step if step is not None else run.step))
-    left = [r.label for i, r in enumerate(runs) if i not in taken]
+    left = [r.label for i, r in enumerate(runs) if i not in taken and not r.ref.from_index]
     if left:
         raise PlasticityError(f"--order {path}: does not list run(s) {', '.join(left)}; list every run once")
+    dropped = [r.label for i, r in enumerate(runs) if i not in taken and r.ref.from_index]
+    if dropped:  # a whole repo was named: the file picks its runs
+        log.info("runs of the repo that the order file does not list are left out", runs=dropped)
     if len({r.label for r in ordered}) != len(ordered):
         raise PlasticityError(f"--order {path}: two runs get the same label")
     return ordered
