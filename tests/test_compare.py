@@ -297,3 +297,20 @@ def test_order_step_needs_steps(tmp_path) -> None:
 
     with pytest.raises(QkcoreError, match="has no checkpoint step"):
         order_runs(describe_runs(refs, None), "step")
+
+
+def test_a_plasticity_output_folder_is_a_run(checkpoints, tmp_path, capsys) -> None:
+    """An output of ``qkcore plasticity`` compares as the run it records; other settings are one clear error."""
+    first, second = checkpoints[1], checkpoints[3]  # stage1-step-40000, stage1-step-1200000
+    assert main(["plasticity", str(first), "--out", str(tmp_path / "p"), *FAST]) == 0
+    out = tmp_path / "cmp"
+    assert main(["compare", str(tmp_path / "p"), str(second), "--out", str(out), *FAST]) == 0
+    rows = _rows(out / "head_plasticity.csv")
+    assert [r["revision"] for r in rows][:: LAYERS * N_Q] == ["stage1-step-40000", "stage1-step-1200000"]
+    readme = (out / "README.md").read_text(encoding="utf-8")
+    assert f"reused {tmp_path / 'p'}" in readme and not (out / "runs" / "p").exists()
+    assert main(["compare", str(tmp_path / "p"), str(second), "--out", str(tmp_path / "o2"), "--pairs-per-bucket", "64",
+                 "--workers", "1", "--no-progress"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "computed with other settings" in line and "pairs_per_bucket: it used 32, this comparison 64" in line
+    assert not (tmp_path / "o2").exists()  # refused before anything was computed or written

@@ -344,19 +344,25 @@ def load_heads(folder: Path, nope_layers: tuple[int, ...]) -> list[HeadRow]:
     return heads
 
 
+def check_output_settings(run: ComparedRun, config: PlasticityConfig) -> None:
+    """A plasticity output given as a RUN must have been computed with the comparison's settings."""
+    provenance = read_provenance(Path(run.ref.location))
+    assert provenance is not None  # resolve_runs saw the file
+    settings = _settings(config)
+    if provenance.settings != settings:
+        differ = {k: (provenance.settings.get(k), v) for k, v in settings.items() if provenance.settings.get(k) != v}
+        flags = ", ".join(f"{k}: it used {a}, this comparison {b}" for k, (a, b) in differ.items())
+        raise PlasticityError(f"RUN {run.ref.given}: computed with other settings ({flags}); pass the same settings, "
+                              "or give its data root so it is computed again")
+
+
 def analyse_run(run: ComparedRun, out: Path, config: PlasticityConfig, *, workers: int, progress: bool) -> None:
     """Fill ``run.heads``: from a reusable output, else computed into ``out/runs/LABEL``."""
     settings = _settings(config)
     target = out / "runs" / _safe(run.label)
     if run.ref.kind == "output":
+        check_output_settings(run, config)
         folder = Path(run.ref.location)
-        provenance = read_provenance(folder)
-        assert provenance is not None
-        if provenance.settings != settings:
-            differ = {k: (provenance.settings.get(k), v) for k, v in settings.items() if provenance.settings.get(k) != v}
-            flags = ", ".join(f"{k}: it used {a}, this comparison {b}" for k, (a, b) in differ.items())
-            raise PlasticityError(f"RUN {run.ref.given}: computed with other settings ({flags}); pass the same settings, "
-                                  "or give its data root so it is computed again")
         run.heads, run.origin = load_heads(folder, run.nope_layers), f"reused {folder}"
         return
     candidates = [target]
@@ -478,6 +484,9 @@ def compare_runs(
     refs = resolve_runs(given, read_index)
     runs = order_runs(describe_runs(refs, labels), order)
     check_heads_in_common(runs)
+    for run in runs:
+        if run.ref.kind == "output":
+            check_output_settings(run, config)
     differences = differing_settings(runs)
     for name, values in differences.items():
         log.warning("runs differ in a setting", setting=name, values=values)
