@@ -256,6 +256,13 @@ def test_a_run_that_is_not_a_run(checkpoints, tmp_path, capsys) -> None:
     assert not (tmp_path / "o").exists()  # nothing was computed or written
 
 
+def test_a_root_without_its_card(tmp_path, capsys) -> None:
+    root = make_run(tmp_path / "r", "stage1-step-40000", 4096, "e" * 16, heads={0: [0]})
+    (root / CARD_FILE).unlink()
+    line = _error(capsys, str(root), "--out", str(tmp_path / "o"))
+    assert "no README.md" in line and "--num-q-heads" in line
+
+
 def test_runs_with_no_heads_in_common(tmp_path, capsys) -> None:
     a = make_run(tmp_path / "a", "stage1-step-40000", 4096, "a" * 16, heads={0: [0, 1]})
     b = make_run(tmp_path / "b", "stage1-step-80000", 4096, "b" * 16, heads={2: [0, 1]})

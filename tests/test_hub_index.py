@@ -51,7 +51,7 @@ def test_two_pushes_are_both_listed_and_leave_every_other_branch_alone(hub_serve
     entries = {e.branch: e for e in parse_index(readme)}
     assert set(entries) == {first, second}
     assert entries[first] == IndexEntry(first, "HuggingFaceTB/SmolLM3-3B-checkpoints", first, "a" * 16, 6, 6 * 1536,
-                                        "viktoroo/longbench-pro-128k-plus (test)", "2026-01-01T00:00:00+00:00")
+                                        "viktoroo/longbench-pro-128k-plus (test)", "2026-01-01T00:00:00+00:00", "l00h00q")
     for branch in (first, second):
         assert f'load_dataset("{REPO}", "l00h00q", revision="{branch}", split="train")' in readme
         assert f"| `{branch}` | HuggingFaceTB/SmolLM3-3B-checkpoints | {branch} |" in readme

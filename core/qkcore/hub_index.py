@@ -55,6 +55,8 @@ class IndexEntry:
     rows: int | None = None
     dataset: str | None = None
     date: str | None = None
+    #: A query config the branch holds, for its ``load_dataset`` line (head sampling may skip l00h00q).
+    example_config: str = "l00h00q"
 
     @classmethod
     def from_card(cls, branch: str, card_text: str | None) -> IndexEntry:
@@ -62,12 +64,9 @@ class IndexEntry:
         from qkcore.analysis.provenance import RunFacts
 
         facts = RunFacts.from_card(card_text)
+        queries = [name for name in facts.configs if name.endswith("q")]
         return cls(branch, facts.model, facts.revision, facts.run_key, len(facts.configs), facts.rows,
-                   facts.dataset, facts.created)
-
-    def first_config(self) -> str:
-        """A config name for the example line."""
-        return "l00h00q"
+                   facts.dataset, facts.created, queries[0] if queries else "l00h00q")
 
 
 def parse_index(text: str | None, where: str = "main README.md") -> list[IndexEntry]:
@@ -106,7 +105,7 @@ def render_index(repo_id: str, entries: list[IndexEntry], existing: str | None) 
     for e in sorted(entries, key=lambda e: e.branch):
         rows.append(f"| `{e.branch}` | {_cell(e.model)} | {_cell(e.revision)} | {_cell(e.run_key)} | {e.configs} | "
                     f"{_cell(e.rows)} | {_cell(e.dataset)} | {_cell(e.date)} |")
-        loads.append(f'load_dataset("{repo_id}", "{e.first_config()}", revision="{e.branch}", split="train")')
+        loads.append(f'load_dataset("{repo_id}", "{e.example_config}", revision="{e.branch}", split="train")')
     payload = json.dumps({"runs": [asdict(e) for e in sorted(entries, key=lambda e: e.branch)]}, sort_keys=True)
     section = "\n".join([
         START,

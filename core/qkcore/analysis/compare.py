@@ -187,6 +187,11 @@ def describe_runs(refs: Sequence[RunRef], labels: Sequence[str] | None) -> list[
             facts = provenance.facts
         else:
             text, _ = _card_text(ref)
+            if text is None:  # a root without its card: nothing says which run it is
+                raise PlasticityError(
+                    f"RUN {ref.given}: no {CARD_FILE} (the card names the run and its heads); run `qkcore plasticity "
+                    f"{ref.location} --num-q-heads N --num-kv-heads N --out DIR` and compare DIR instead"
+                )
             facts = RunFacts.from_card(text)
             if ref.kind == "root":
                 _check_root(ref, facts)

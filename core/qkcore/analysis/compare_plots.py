@@ -173,10 +173,11 @@ def plot_distribution(path: Path, runs: Sequence[ComparedRun], common: set[tuple
     ax.set_ylabel("head plasticity (mean over position buckets)")
     ax.set_ylim(0.0, 1.02)
     ax.grid(axis="y", alpha=0.3)
-    handles = [Line2D([], [], ls="", marker="o", color=ROPE_COLOUR, label="head of a RoPE layer")]
+    handles = [Line2D([], [], color="black", lw=1.6, label="median (box: quartiles)"),
+               Line2D([], [], ls="", marker="o", color=ROPE_COLOUR, label="head of a RoPE layer")]
     if any(r.nope_layers for r in runs):
         handles.append(Line2D([], [], ls="", marker="o", color=NOPE_COLOUR, label="head of a NoPE layer"))
     ax.legend(handles=handles, loc="lower right", fontsize=8)
-    ax.set_title(f"distribution of head plasticity per run ({len(common)} heads every run has; box: quartiles and median)")
+    ax.set_title(f"head plasticity per run ({len(common)} heads every run has)")
     fig.savefig(path)
     return path

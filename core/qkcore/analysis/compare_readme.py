@@ -51,7 +51,11 @@ def render_compare_readme(
     else:
         lines.append("None of sampler, bucket size, max length, dataset and dtype differs.")
     lines += ["", "## Positions", ""]
-    if relative:
+    lengths = {r.facts.max_length for r in runs}
+    if relative and len(lengths) == 1:
+        lines.append(f"Every run has max length {lengths.pop()} and bucket size {runs[0].facts.bucket_size}: bucket `b` "
+                     "is the same stretch of positions in every run.")
+    elif relative:
         lines.append(
             "Every run's bucket size is the same fraction of its max length (the protocol's max_length/16), so "
             "bucket `b` covers the same relative stretch of each run's window: runs of different max length "

@@ -54,7 +54,7 @@ def plot_heatmaps(path: Path, panels: Sequence[HeatmapPanel], title: str, run_ke
     layers = max(g.shape[0] for g in grids)
     heads = max(g.shape[1] for g in grids)
     # Panel size follows the grid: about 0.17 in per layer row, 0.22 in per head column.
-    panel_w = max(2.6, 0.22 * heads + 1.0)
+    panel_w = max(3.6, 0.22 * heads + 1.0)
     panel_h = max(2.4, 0.17 * layers + 1.1)
     fig = Figure(figsize=(panel_w * columns + 1.3, panel_h * rows + 0.9), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
@@ -93,6 +93,6 @@ def plot_heatmaps(path: Path, panels: Sequence[HeatmapPanel], title: str, run_ke
     else:
         fig.legend(handles=[Line2D([], [], color="#d9d9d9", lw=6, label="not sampled / undefined")],
                    loc="outside lower center", fontsize=8, frameon=False)
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=10 if len(panels) == 1 else 12, wrap=True)
     fig.savefig(path, metadata={"qkcore:run_key": run_key} if run_key else None)
     return path

@@ -381,7 +381,7 @@ def run_plasticity(
     panel = HeatmapPanel(facts.revision or facts.model or "heads", {(h.layer, h.q_head): h.plasticity for h in heads},
                          facts.num_layers, facts.num_query_heads,
                          tuple(sorted(layer for layer, is_nope in nope.items() if is_nope)))
-    plot_heatmaps(out_dir / HEATMAP_PNG, [panel], f"{title}: head plasticity by layer and head", facts.run_key)
+    plot_heatmaps(out_dir / HEATMAP_PNG, [panel], f"{title}\nper head (layer x query head)", facts.run_key)
     readme = render_readme(source=source.describe(), meta=meta, config=config, mapping=plan.mapping,
                            rows=rows, infos=infos, heads=heads, files=(BUCKETS_CSV, HEADS_CSV, PLOT_PNG),
                            run_key=facts.run_key)
