@@ -144,10 +144,11 @@ def test_push_creates_repo_and_branch_seeds_main_and_mirrors_the_root(hub_server
     branch = hub_server.files(REPO, BRANCH)
     assert branch.pop(GITATTRIBUTES) and branch == FILES
     main = hub_server.files(REPO, "main")
-    assert main["README.md"].decode() == main_branch_readme(REPO)
-    # One commit on the branch, made on top of main (where the branch started).
+    # main explains the branches and lists this one (hub_index.py; test_hub_index.py for the index itself).
+    assert main["README.md"].decode().startswith(main_branch_readme(REPO)) and f"| `{BRANCH}` |" in main["README.md"].decode()
+    # One commit on the branch, made on top of main (where the branch started, before the index commit).
     history = hub_server.history(REPO, BRANCH)
-    assert history[0].message == "qkcore: tiny" and history[1].oid == hub_server.head(REPO, "main")
+    assert history[0].message == "qkcore: tiny" and history[1].oid == hub_server.history(REPO, "main")[1].oid
 
 
 def test_push_deletes_stale_files_keeps_other_branches_and_seeds_main_once(hub_server, tmp_path) -> None:
@@ -163,15 +164,17 @@ def test_push_deletes_stale_files_keeps_other_branches_and_seeds_main_once(hub_s
     branch = hub_server.files(REPO, BRANCH)
     assert set(branch) == {GITATTRIBUTES, "README.md", "l00h00q/data.parquet"}
     assert hub_server.head(REPO, "other-model") == other and hub_server.files(REPO, "other-model") == other_files
-    seeds = [c for c in hub_server.history(REPO, "main") if "README" in c.message]
+    # The second push left the branch's entry as it was (same card): main's index was written once.
+    seeds = [c for c in hub_server.history(REPO, "main") if "index of run branches" in c.message]
     assert len(seeds) == 1
 
 
-def test_push_leaves_an_existing_main_readme_and_pushes_to_main_without_seeding(hub_server, tmp_path) -> None:
+def test_push_keeps_an_existing_main_readme_and_pushes_to_main_without_an_index(hub_server, tmp_path) -> None:
     hub_server.commit(REPO, "main", {"README.md": b"the lab's own words"})
     root = _root(tmp_path / "root")
     _sync().push(root, LocalDataRoot(root).dataset_files(), "m")
-    assert hub_server.files(REPO, "main")["README.md"] == b"the lab's own words"
+    readme = hub_server.files(REPO, "main")["README.md"].decode()
+    assert readme.startswith("the lab's own words\n\n<!-- qkcore:index:start -->") and f"| `{BRANCH}` |" in readme
 
     _sync(branch=None, repo="lab/single").push(root, LocalDataRoot(root).dataset_files(), "to main")
     main = hub_server.files("lab/single", "main")

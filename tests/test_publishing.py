@@ -85,10 +85,11 @@ def test_batched_run_equals_batch_one_and_pushes_one_commit(tiny_config, tmp_pat
     assert requests.index("/api/whoami-v2") < requests.index(f"/api/datasets/{REPO}/refs")
     assert requests.index(f"/api/datasets/{REPO}/refs") < requests.index(f"/api/datasets/{REPO}/commit/{BRANCH}")
     history = hub_server.history(REPO, BRANCH)
-    assert history[0].message.startswith("qkcore: test/tiny") and history[1].oid == hub_server.head(REPO, "main")
+    assert history[0].message.startswith("qkcore: test/tiny") and history[1].oid == hub_server.history(REPO, "main")[1].oid
     assert _branch_files(hub_server) == _local_files(result.data_root)
     assert set(_branch_files(hub_server)) == {"README.md", "qkcore.json", *(f"{n}/data.parquet" for n in names)}
-    assert "README.md" in hub_server.files(REPO, "main")  # the new repo's main explains the branches
+    # The new repo's main explains the branches and lists this one.
+    assert f"| `{BRANCH}` | test/tiny |" in hub_server.files(REPO, "main")["README.md"].decode()
     assert _pushed(result.data_root)
 
 

@@ -12,10 +12,10 @@ all, the run decides (``sniff.py``, ``root_policy.py``); this module moves them.
   branch exist, the branch's head commit, its files with their digests, and its card.
 * :meth:`HubSync.download` fetches named files of that head commit; each is checked against
   the digest the branch records for it and renamed into place only when complete.
-* :meth:`HubSync.push` creates repo and branch if missing, gives a new repo's ``main`` a
-  README that explains the branches, then makes the branch hold exactly the given files in
-  one commit (files not among them are deleted) and checks the commit's tree against the
-  local files' digests.
+* :meth:`HubSync.push` creates repo and branch if missing, makes the branch hold exactly the
+  given files in one commit (files not among them are deleted), checks the commit's tree
+  against the local files' digests, then updates the index of run branches in ``main``'s
+  README (:mod:`qkcore.hub_index`: one commit touching only that file).
 
 Failures: every request is bounded by ``timeout_s``; transient failures (HTTP 5xx and 429,
 timeouts, connection errors) retry the whole step at most ``retries`` times with exponential
@@ -57,6 +57,7 @@ from huggingface_hub.utils import build_hf_headers, get_session, get_token, hf_r
 from qkcore import __version__
 from qkcore.errors import QkcoreError
 from qkcore.fsutil import write_durably
+from qkcore.hub_index import IndexEntry, update_index
 from qkcore.layout import CARD_FILE, COLUMNS, is_dataset_file
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -319,8 +320,9 @@ class HubSync:
     def push(self, data_root: Path, files: Sequence[str], message: str) -> str:
         """Make the branch hold exactly ``files`` of ``data_root`` in one commit; return its id.
 
-        Creates repo and branch if missing, and gives ``main`` a README when it has none. Never
-        changes a local file: after any failure everything is still in ``data_root``.
+        Creates repo and branch if missing; afterwards ``main``'s README lists the branch
+        (:func:`qkcore.hub_index.update_index`). Never changes a local file: after any failure
+        everything is still in ``data_root``.
         """
         data_root = Path(data_root)
         files = list(dict.fromkeys(files))
@@ -331,11 +333,14 @@ class HubSync:
                 self._retry(self.api.create_repo, self.repo_id, repo_type="dataset", private=self.private,
                             exist_ok=True, token=token)
                 if self.branch != "main":
-                    self._retry(self._seed_main_readme)
                     self._retry(self.api.create_branch, self.repo_id, repo_type="dataset", branch=self.branch,
                                 exist_ok=True, token=token)
                 commit = self._retry(self._commit, data_root, files, message)
                 self._verify(commit, data_root, files)
+                if self.branch != "main":  # main's README lists every run branch (hub_index.py)
+                    card = data_root / CARD_FILE
+                    entry = IndexEntry.from_card(self.branch, card.read_text(encoding="utf-8") if card.is_file() else None)
+                    self._retry(update_index, self.api, self.repo_id, entry)
         except Exception as exc:
             raise QkcoreError(
                 f"hub {self.where}: push failed: {self._cause(exc)}; every local file is kept in {data_root}; "
@@ -415,16 +420,6 @@ class HubSync:
             for entry in entries
             if isinstance(entry, RepoFile)
         }
-
-    def _seed_main_readme(self) -> None:
-        """Give ``main`` a README that explains the branches, if it has none (a new repo's main has none)."""
-        names = {entry.path for entry in self.api.list_repo_tree(self.repo_id, revision="main", repo_type="dataset")}
-        if CARD_FILE in names:
-            return
-        readme = CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=main_branch_readme(self.repo_id).encode())
-        self.api.create_commit(self.repo_id, operations=[readme], repo_type="dataset", revision="main",
-                               commit_message="qkcore: README for the main branch")
-        log.info("seeded the main branch README", repo=self.repo_id)
 
     def _commit(self, data_root: Path, files: list[str], message: str) -> str:
         """One commit on the branch: add/update ``files``, delete every other file but ``.gitattributes``.

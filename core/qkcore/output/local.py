@@ -38,6 +38,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
+import structlog
+
 from qkcore.errors import QkcoreError
 from qkcore.fsutil import fsync, move_durably, remove_tree, sha256_file, write_text_durably
 from qkcore.layout import CARD_FILE, MANIFEST_FILE, config_file, configs_in
@@ -50,6 +52,8 @@ _HOLDER_FILE = "lock.json"
 #: Files in the state folder that record nothing about a run (the lock, its holder, the hash cache).
 _NOT_STATE = (_LOCK_FILE, _HOLDER_FILE, "hashes.json")
 _PROBE_FILE = ".write-probe"
+
+log = structlog.get_logger(__name__)
 
 
 class LocalDataRoot:
@@ -226,6 +230,11 @@ class LocalDataRoot:
                     "rerun with --restart to capture again"
                 )
         fsync(self.path)
+        # Analysis outputs of the run these files replaced would look current beside them.
+        from qkcore.analysis.provenance import remove_stale_outputs
+
+        for name in remove_stale_outputs(self.path, record.run_key):
+            log.info("removed an analysis output of another run", file=name, run=record.run_key)
         files = {name: FileEntry(e.size, e.sha256, (self.path / name).stat().st_mtime_ns) for name, e in record.files.items()}
         record = replace(record, state="complete", files=files)
         self.write_record(record)
