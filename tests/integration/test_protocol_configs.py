@@ -24,7 +24,7 @@ from qkcore.meta_model import on_meta_device
 from qkcore.stages.plan import plan_capture
 from qkcore.sources.model import apply_config_overrides, architecture_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROTOCOL = REPO / "configs" / "attention-plasticity"
 ARCHITECTURES = REPO / "configs" / "architectures"
 CONFIGS = sorted(PROTOCOL.rglob("*.yaml"))

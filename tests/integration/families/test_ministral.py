@@ -22,7 +22,7 @@ from qkcore.testing import (
     sliding_window_values,
     sniff,
 )
-from tests.families._support import plugins_list_line
+from tests.integration.families._support import plugins_list_line
 
 HEAD_DIM, N_Q, N_KV, WINDOW = 16, 4, 2, 8
 BETA, ORIGINAL_MAX = 0.5, 32  # the scale is 1 below position 32, then 1.35, 1.55, 1.69

@@ -19,7 +19,7 @@ from qkcore.testing import (
     sliding_window_values,
     sniff,
 )
-from tests.families._support import plugins_list_line
+from tests.integration.families._support import plugins_list_line
 
 N_Q, N_KV, HIDDEN = 4, 2, 64
 HEAD_DIM = HIDDEN // N_Q  # mllama text attention has no head_dim setting

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from qkcore.testing import card_notes, meta_model, post_rope_claims, tiny_architecture
-from tests.families.test_generic_answers import CASES
+from tests.integration.families.test_generic_answers import CASES
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "rope_theta": 10000.0}
 ARCHITECTURES = {

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from qkcore.layers import AttentionLayer, RopeSite, self_attention_layers, text_decoder
 from qkcore.testing import meta_model, tiny_architecture
-from tests.families.test_mllama import MLLAMA
+from tests.integration.families.test_mllama import MLLAMA
 
 
 def _layers_from_module_window(model: nn.Module) -> list[AttentionLayer]:

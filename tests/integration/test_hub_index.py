@@ -19,7 +19,7 @@ from qkcore.hub import HubSync, main_branch_readme
 from qkcore.hub_index import IndexEntry, parse_index, read_index, update_index
 from qkcore.output import LocalDataRoot
 from tests.hub_server import hub_server  # noqa: F401 (fixture)
-from tests.test_compare import FAST, make_run
+from tests.integration.test_compare import FAST, make_run
 
 REPO = "lab/smollm3-checkpoints"
 HEADS = {0: [0, 1], 1: [0, 1]}

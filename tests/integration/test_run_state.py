@@ -17,7 +17,7 @@ from qkcore.manifest import Manifest
 from qkcore.output.record import Record
 from qkcore.run_state import HubTarget, PublishedFile, RunIdentity, RunState, RunSummary
 
-V1 = Path(__file__).parent / "fixtures" / "state_v1"
+V1 = Path(__file__).parents[1] / "fixtures" / "state_v1"
 
 
 def _json(name: str) -> dict:

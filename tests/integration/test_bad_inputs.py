@@ -9,7 +9,7 @@ left on disk:
 * no byte of an earlier run changed (cases run against a copy of a finished data root),
   or, for a fresh data root, nothing written at all.
 
-The config tests (``tests/test_config.py``) cover the bad values of each key; this table
+The config tests (``tests/unit/test_config.py``) cover the bad values of each key; this table
 covers what reaches a run.
 """
 

@@ -92,4 +92,4 @@ def test_pytest_collects_the_plugin_tests_from_the_repository_root() -> None:
     for path in _plugin_test_files():
         if path.name.startswith("test_"):
             assert any(line.startswith(f"{path.relative_to(REPO)}::") for line in collected), path
-    assert "tests/families/test_gemma3.py::test_core_has_no_line_about_gemma" in collected
+    assert "tests/integration/families/test_gemma3.py::test_core_has_no_line_about_gemma" in collected
