@@ -176,6 +176,17 @@ def _corrupt_journal(env: Env) -> list[str]:
     return env.sniff()
 
 
+def _corrupt_journal_restart_other_run(env: Env) -> list[str]:
+    _corrupt_journal(env)
+    env.config["capture"]["head_sampling"] = {"count": 4, "seed": 9}
+    return env.sniff("--restart")
+
+
+def _push_corrupt_record(env: Env) -> list[str]:
+    (LocalDataRoot(env.root).state_dir / "run.json").write_text("{not json", encoding="utf-8")
+    return _interrupt_free_push()(env)
+
+
 def _locked(env: Env) -> list[str]:
     root = LocalDataRoot(env.root)
     root.check_usable()
@@ -311,14 +322,19 @@ CASES = [
     Case("data-root-torchrun-leftovers", _ranks_left, ("3-process torchrun run", "--restart"), earlier_run=True),
     Case("data-root-half-published-other-run", _half_published_other_run,
          ("half-way through publishing run 0badc0de0badc0de", "--replace"), earlier_run=True),
-    Case("data-root-corrupt-record", _corrupt_record, ("run.json is unreadable",), earlier_run=True),
-    Case("data-root-corrupt-journal", _corrupt_journal, ("journal.json is unreadable",), earlier_run=True),
+    Case("data-root-corrupt-record", _corrupt_record, ("run.json is unreadable", "--replace"), earlier_run=True),
+    Case("data-root-corrupt-record-restart", _then(_corrupt_record, _args("--restart")),
+         ("run.json is unreadable", "cannot tell which run", "--replace"), earlier_run=True),
+    Case("data-root-corrupt-journal", _corrupt_journal, ("journal.json is unreadable", "--restart"), earlier_run=True),
+    Case("data-root-corrupt-journal-restart-other-run", _corrupt_journal_restart_other_run,
+         ("holds run", "different run", "--replace"), earlier_run=True),
     Case("data-root-in-use", _locked, ("is in use by process", "qkcore sniff --config other.yaml"), earlier_run=True),
     # -- push
     Case("push-without-repo", _push_without_repo, ("output.hf_repo_id is not set",)),
     Case("push-nothing-captured", _push_nothing, ("holds no qkcore run",)),
     Case("push-half-published", _push_half_published, ("half-way through publishing", "qkcore sniff --config"),
          earlier_run=True),
+    Case("push-corrupt-record", _push_corrupt_record, ("run.json is unreadable", "--replace"), earlier_run=True),
     Case("push-changed-files", _push_changed_file, ("do not match the record", "nothing was pushed"), earlier_run=True),
     # -- other commands
     Case("inspect-missing-folder", lambda env: ["inspect", str(env.tmp / "missing")], ("no such data folder",)),

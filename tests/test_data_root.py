@@ -480,3 +480,97 @@ def test_threads_never_leave_a_run_waiting(tiny_config, tmp_path) -> None:
     before = {t.name for t in threading.enumerate()}
     assert sniff(tiny_config())[0] == 0
     assert not {t.name for t in threading.enumerate() if t.name.startswith("qkcore")} - before
+
+
+# --------------------------------------------------------------------------- 12. damaged roots have a way out
+
+
+def _interrupt_after(monkeypatch, batches: int) -> None:
+    """Make the capture stop (as Ctrl-C would) after ``batches`` batches."""
+    from qkcore.sniff import Sniffer
+
+    real, seen = Sniffer.capture_batch, []
+
+    def interrupted(self, batch, selections=None):
+        if len(seen) == batches:
+            raise KeyboardInterrupt
+        seen.append(1)
+        return real(self, batch, selections)
+
+    monkeypatch.setattr(Sniffer, "capture_batch", interrupted)
+
+
+def test_an_unreadable_record_is_refused_and_replace_takes_the_root_over(tiny_config, tmp_path, monkeypatch) -> None:
+    corpus = write_corpus(tmp_path / "long.jsonl", [(f"d{i}", f"text {i} " * (5 + i)) for i in range(8)])
+    config = tiny_config(dataset={"path": str(corpus)}, capture=ALL_SEED_0, output={"commit_every_s": 0})
+    root = LocalDataRoot(tmp_path / "out")
+    assert sniff(config)[0] == 0
+    expected = {n: (root.path / n / "data.parquet").read_bytes() for n in published(root.path)}
+    (root.state_dir / "run.json").write_text("{not json", encoding="utf-8")
+    before = tree(root.path)
+    code, err = sniff(config, "--restart")
+    line = error_line(err)
+    assert code == 2 and "run.json is unreadable" in line and "--replace" in line
+    assert tree(root.path) == before
+    # --replace takes the root over, but publishes only when the new run has finished
+    _interrupt_after(monkeypatch, 2)
+    assert sniff(config, "--replace")[0] == 130
+    monkeypatch.undo()
+    assert (root.state_dir / "run.json").read_text(encoding="utf-8") == "{not json"
+    assert {n: (root.path / n / "data.parquet").read_bytes() for n in published(root.path)} == expected
+    code, err = sniff(config)  # the same run resumes (its --replace was recorded with its progress)
+    assert code == 0 and "resuming" in err, err[-3000:]
+    record = root.read_record()
+    assert record.state == "complete" and root.verify(record) == []
+    assert {n: (root.path / n / "data.parquet").read_bytes() for n in published(root.path)} == expected
+
+
+def test_restart_discards_staging_whose_journal_is_unreadable(tiny_config, tmp_path) -> None:
+    config = tiny_config(capture=ALL_SEED_0)
+    root = LocalDataRoot(tmp_path / "out")
+    root.staging_dir.mkdir(parents=True)
+    (root.staging_dir / JOURNAL_FILE).write_text("[1, 2", encoding="utf-8")
+    code, err = sniff(config)
+    assert code == 2 and "journal.json is unreadable" in error_line(err) and "--restart" in err
+    code, err = sniff(config, "--restart")
+    assert code == 0, err[-3000:]
+    assert not root.staging_dir.exists() and root.verify(root.read_record()) == []
+
+
+def _change_in_place_keeping_size_and_mtime(path: Path) -> None:
+    stat = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside the file: bit rot
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+
+
+@pytest.mark.parametrize("damage", ["changed-keeping-size-and-mtime", "deleted"])
+def test_a_complete_root_whose_files_changed_is_refused_and_replace_recaptures(tiny_config, tmp_path, damage) -> None:
+    config = tiny_config(capture=ALL_SEED_0)
+    root = LocalDataRoot(tmp_path / "out")
+    assert sniff(config)[0] == 0
+    expected = {n: (root.path / n / "data.parquet").read_bytes() for n in published(root.path)}
+    victim = published(root.path)[1]
+    if damage == "deleted":
+        (root.path / victim / "data.parquet").unlink()
+    else:
+        _change_in_place_keeping_size_and_mtime(root.path / victim / "data.parquet")
+    before = tree(root.path)
+    code, err = sniff(config)
+    line = error_line(err)
+    assert code == 2 and "already complete" not in err and "capture planned" not in err
+    assert f"{victim}/data.parquet" in line and "--replace" in line
+    assert tree(root.path) == before
+    # qkcore push agrees on what changed
+    pushed = tiny_config(capture=ALL_SEED_0, output={"hf_repo_id": "someone/sniffed", "hf_branch": "tiny"})
+    err_io = io.StringIO()
+    with contextlib.redirect_stderr(err_io):
+        assert main(["push", "--config", str(pushed)]) == 2
+    assert f"{victim}/data.parquet" in error_line(err_io.getvalue())
+    config = tiny_config(capture=ALL_SEED_0)
+    code, err = sniff(config, "--replace")
+    assert code == 0, err[-3000:]
+    assert {n: (root.path / n / "data.parquet").read_bytes() for n in published(root.path)} == expected
+    assert root.verify(root.read_record()) == []

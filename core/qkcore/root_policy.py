@@ -10,8 +10,10 @@ the root holds                                        the run with identity K
 nothing (and the branch nothing, or run K)            captures (or pulls K from the branch)
 run K, complete, files unchanged                      does nothing ("already complete")
 run K, staged or finished but not yet published       resumes / finishes publishing
-another run, or files no run recorded                 is refused; ``--replace`` lets K replace
-                                                      them when K publishes
+another run, or files no run recorded (or a record   is refused; ``--replace`` lets K replace
+that cannot be read)                                  them when K publishes
+run K, complete, files missing or changed             is refused, naming them; ``--replace``
+                                                      captures K again
 another run's staged work                             is refused; ``--restart`` discards it
 a torchrun run's staged work, other world size        is refused; ``--restart`` discards it
 ====================================================  =========================================
@@ -42,7 +44,8 @@ class RootView:
     staged: dict[str, Any] | None  # the staging journal (run_key, state), if any
     ranks: tuple[int, ...] = ()  # torchrun ranks with staged work
     ranks_run_key: str | None = None  # run key staged by rank 0, if readable
-    problems: tuple[str, ...] = ()  # the quick check of the published files against the record
+    problems: tuple[str, ...] = ()  # the published files against the record (see LocalDataRoot.verify)
+    unreadable_record: str | None = None  # run.json is there but unreadable: what is wrong with it
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,11 @@ def decide(
         check_branch(branch, run_key, replace or approved)
         return Decision(action, replace=replace or approved)
     discard = restart and (root.staged is not None or bool(root.ranks))
+    if root.unreadable_record is not None and not replace:
+        raise QkcoreError(
+            f"{root.unreadable_record}; qkcore cannot tell which run {root.path} holds: use another "
+            "output.data_root, or add --replace to discard its files when this run finishes"
+        )
     record = root.record
     if record is not None and record.state == "publishing":
         same = record.run_key == run_key

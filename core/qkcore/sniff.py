@@ -54,7 +54,7 @@ from qkcore.layers import AttentionLayer
 from qkcore.layout import CARD_FILE, MANIFEST_FILE, config_file
 from qkcore.logs import progress_disable
 from qkcore.manifest import Manifest, read_manifest
-from qkcore.output import DataRoot, FileEntry, Record, command_line, file_entry, open_output
+from qkcore.output import DataRoot, FileEntry, Record, command_line, file_entry, open_output, readable_record
 from qkcore.planning import build_sampler, plan_capture
 from qkcore.plugins import Family, installed_summary, make_plugin_manager, resolve_family
 from qkcore.root_policy import BranchView, Decision, RootView, decide
@@ -62,6 +62,7 @@ from qkcore.samplers import Sampler
 from qkcore.sources.documents import DocumentCheck, check_columns, check_documents, iter_documents, open_dataset
 from qkcore.sources.model import load_architecture, load_model, model_identity, precision, resolve_device
 from qkcore.sources.tokenizer import load_tokenizer, tokenizer_identity
+from qkcore.staging.journal import staged_journal
 from qkcore.writer import CapturedChunk, ConfigStats, DatasetWriter, StagingConflict, read_journal
 
 log = structlog.get_logger(__name__)
@@ -537,13 +538,11 @@ class _Run:
     def decide(self, inputs: RunInputs) -> tuple[Decision, bool]:
         """Rank 0: read the root and the branch, apply the rule; discard what it says to discard."""
         root = self.root
-        staged = read_journal(root.staging_dir) if root.staging_dir.exists() else None
-        if staged is None:  # a staging folder without a journal holds nothing committed (killed early, or emptied)
-            remove_tree(root.staging_dir)
-        record = root.read_record()
+        staged = staged_journal(root.staging_dir, restart=self.restart)
+        record, unreadable = readable_record(root)
         staged_ranks = root.staged_ranks()
         ranks_key = None
-        if staged_ranks:
+        if staged_ranks and not self.restart:  # --restart discards them, readable or not
             first = read_journal(root.rank_staging(staged_ranks[0]))
             ranks_key = (first or {}).get("run_key")
         view = RootView(
@@ -554,6 +553,7 @@ class _Run:
             ranks=tuple(staged_ranks),
             ranks_run_key=ranks_key,
             problems=tuple(root.verify(record)) if record is not None and record.state == "complete" else (),
+            unreadable_record=None if unreadable is None else unreadable.reason,
         )
         branch = None
         if self.hub is not None:

@@ -81,6 +81,28 @@ def read_journal(staging_dir: Path | str) -> dict[str, Any] | None:
     return journal
 
 
+def staged_journal(staging_dir: Path, *, restart: bool = False) -> dict[str, Any] | None:
+    """The committed journal of a data root's staging folder, as the rule reads it; ``None`` if nothing is committed.
+
+    A staging folder without a journal holds nothing committed (killed before its first
+    commit, or emptied): it is removed. An unreadable journal raises
+    :class:`StagingConflict` naming ``--restart``; under ``restart`` it is ``None`` and
+    left in place instead, since ``--restart`` discards staging once the rule has let
+    the run go ahead (a refused run leaves it as it was).
+    """
+    if not staging_dir.exists():
+        return None
+    try:
+        journal = read_journal(staging_dir)
+    except StagingConflict:
+        if restart:
+            return None
+        raise
+    if journal is None:
+        remove_tree(staging_dir)
+    return journal
+
+
 def resume(staging_dir: Path, run_key: str | None) -> Journal:
     """The commit in ``staging_dir`` that the run ``run_key`` resumes; everything it does not list is deleted.
 
