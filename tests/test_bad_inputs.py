@@ -19,7 +19,7 @@ import contextlib
 import hashlib
 import io
 import json
-
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,6 +187,21 @@ def _push_corrupt_record(env: Env) -> list[str]:
     return _interrupt_free_push()(env)
 
 
+def _published_file_changed_in_place(env: Env) -> list[str]:
+    victim = sorted(env.root.glob("l*/data.parquet"))[0]
+    stat = victim.stat()
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # size and modification time kept
+    return env.sniff()
+
+
+def _published_file_deleted(env: Env) -> list[str]:
+    sorted(env.root.glob("l*/data.parquet"))[1].unlink()
+    return env.sniff("--restart")
+
+
 def _locked(env: Env) -> list[str]:
     root = LocalDataRoot(env.root)
     root.check_usable()
@@ -328,6 +343,10 @@ CASES = [
     Case("data-root-corrupt-journal", _corrupt_journal, ("journal.json is unreadable", "--restart"), earlier_run=True),
     Case("data-root-corrupt-journal-restart-other-run", _corrupt_journal_restart_other_run,
          ("holds run", "different run", "--replace"), earlier_run=True),
+    Case("data-root-file-changed-in-place", _published_file_changed_in_place,
+         ("l00h00k/data.parquet changed", "do not match the record", "nothing was captured", "--replace"), earlier_run=True),
+    Case("data-root-file-deleted", _published_file_deleted,
+         ("is missing", "do not match the record", "nothing was captured", "--replace"), earlier_run=True),
     Case("data-root-in-use", _locked, ("is in use by process", "qkcore sniff --config other.yaml"), earlier_run=True),
     # -- push
     Case("push-without-repo", _push_without_repo, ("output.hf_repo_id is not set",)),
@@ -372,10 +391,11 @@ def _run(argv: list[str]) -> tuple[int, str]:
 
 
 def _bytes(root: Path) -> dict[str, str]:
+    """sha256 of every file but the lock files and the hash caches, which record nothing about a run."""
     return {
         p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name not in ("lock", "lock.json")
+        if p.is_file() and p.name not in ("lock", "lock.json", "hashes.json", "verified.json")
     }
 
 

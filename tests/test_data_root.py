@@ -51,11 +51,15 @@ def error_line(stderr: str) -> str:
 
 
 def tree(root: Path) -> dict[str, str]:
-    """sha256 of every file under ``root`` (the lock files excepted): "no byte changes" compares these."""
+    """sha256 of every file under ``root``: "no byte changes" compares these.
+
+    The lock files and the hash caches (``hashes.json``, ``verified.json``) record nothing
+    about a run and are left out.
+    """
     return {
         p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name not in ("lock", "lock.json")
+        if p.is_file() and p.name not in ("lock", "lock.json", "hashes.json", "verified.json")
     }
 
 
@@ -96,7 +100,7 @@ def test_replace_discards_the_previous_run_and_the_card_describes_exactly_the_fi
     models = front["qkcore"]["models"]
     assert len(models) == 1 and models[0]["sampler"]["type"] == "uniform"
     assert models[0]["capture"]["head_sampling"]["seed"] == 7
-    assert LocalDataRoot(root).verify(LocalDataRoot(root).read_record(), full=True) == []
+    assert LocalDataRoot(root).verify(LocalDataRoot(root).read_record()) == []
 
 
 def test_a_different_model_into_the_same_root_is_refused(tiny_config, tmp_path) -> None:
@@ -362,7 +366,7 @@ def test_a_kill_in_the_finish_resumes_without_recapturing(tiny_config, tmp_path,
     files = {n: (tmp_path / "out" / n / "data.parquet").read_bytes() for n in published(tmp_path / "out")}
     assert files == {n: (tmp_path / "ref" / n / "data.parquet").read_bytes() for n in published(tmp_path / "ref")}
     assert not root.staging_dir.exists() and not root.final_dir.exists()
-    assert root.read_record().state == "complete" and root.verify(root.read_record(), full=True) == []
+    assert root.read_record().state == "complete" and root.verify(root.read_record()) == []
 
 
 # --------------------------------------------------------------------------- 9. one process per root

@@ -107,11 +107,11 @@ def decide(
         check_branch(branch, run_key, True)
         return Decision("fresh", replace=True, discard_staged=True)
     if record is not None and record.run_key == run_key:
+        if root.problems and not replace:
+            raise QkcoreError(changed_files_message(root.path, record, root.problems, "nothing was captured"))
         if not root.problems and not restart:
             check_branch(branch, run_key, replace)
             return Decision("complete", replace=replace)
-        if root.problems:
-            notes.append(f"the files of this run changed since it completed ({'; '.join(root.problems[:3])}); capturing again")
         check_branch(branch, run_key, replace)
         return Decision("fresh", replace=True, discard_staged=discard, notes=tuple(notes))
     if record is not None and not replace:
@@ -131,6 +131,15 @@ def decide(
         return Decision("pull", discard_staged=discard)
     check_branch(branch, run_key, replace)
     return Decision("fresh", replace=replace or record is not None, discard_staged=discard, notes=tuple(notes))
+
+
+def changed_files_message(where: str, record: Record, problems: tuple[str, ...] | list[str], outcome: str) -> str:
+    """The refusal of a complete root whose files are missing or changed: which files, and the way out."""
+    shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+    return (
+        f"{where} holds {record.describe()}, but its files do not match the record ({shown}): {outcome}; rerun "
+        "`qkcore sniff` with --replace to capture this run again (its files are replaced when it finishes)"
+    )
 
 
 def _check_staged(

@@ -147,7 +147,7 @@ def load_inputs(
 ) -> RunInputs:
     """Check and load everything but the model weights, and compute the run's identity.
 
-    ``hash_cache`` maps ``path|size|mtime_ns`` to a file's sha256, so unchanged weight
+    ``hash_cache`` maps a file's identity (:mod:`qkcore.filehash`) to its sha256, so unchanged weight
     files are not hashed again (the run keeps it in the data root). ``sampler``: the one
     :func:`check_config` already built, if the caller ran it.
     """
@@ -489,7 +489,7 @@ def _agree(ranks: Ranks, step: Callable[[], T]) -> T:
 
 
 class _HashCache:
-    """sha256 of weight files by ``path|size|mtime_ns``, kept in the data root: a rerun does not rehash 16 GB."""
+    """sha256 of weight files by identity (:mod:`qkcore.filehash`), kept in the data root: a rerun does not rehash 16 GB."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -552,7 +552,7 @@ class _Run:
             staged=staged,
             ranks=tuple(staged_ranks),
             ranks_run_key=ranks_key,
-            problems=tuple(root.verify(record)) if record is not None and record.state == "complete" else (),
+            problems=tuple(root.verify(record)) if record and record.state == "complete" and record.run_key == inputs.run_key else (),
             unreadable_record=None if unreadable is None else unreadable.reason,
         )
         branch = None
@@ -795,7 +795,7 @@ def run_push(cfg: SniffConfig, hub_api: Any = None, replace: bool = False) -> Re
     Refuses a root whose record is missing, half-published, or does not match its files
     (every file is rehashed), and a branch that holds another run unless ``replace``.
     """
-    from qkcore.root_policy import check_branch
+    from qkcore.root_policy import changed_files_message, check_branch
 
     hub = hub_sync(cfg.output, api=hub_api)
     if hub is None:
@@ -812,12 +812,9 @@ def run_push(cfg: SniffConfig, hub_api: Any = None, replace: bool = False) -> Re
                 f"{root.location} is half-way through publishing {record.describe()}: rerun `qkcore sniff --config "
                 f"{cfg.source or 'FILE'}` to finish it, then push"
             )
-        problems = root.verify(record, full=True)
+        problems = root.verify(record)  # the same check as the sniff's "already complete"
         if problems:
-            raise QkcoreError(
-                f"{root.location}: the files do not match the record of {record.describe()} ({'; '.join(problems[:3])}); "
-                "nothing was pushed: rerun the sniff to repair the data root"
-            )
+            raise QkcoreError(changed_files_message(root.location, record, problems, "nothing was pushed"))
         check_branch(branch_view(hub, hub.preflight()), record.run_key, replace)
         with root.local_copy() as folder:
             commit = hub.push(folder, sorted(record.files), f"qkcore push: {record.summary.get('model')} (run {record.run_key})")
