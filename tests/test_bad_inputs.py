@@ -25,12 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 import yaml
 
 from qkcore.cli import main
 from qkcore.output import LocalDataRoot
-from qkcore.writer import DatasetWriter
+from qkcore.writer import CapturedChunk, DatasetWriter
 from tests.conftest import TEXTS, TINY_LLAMA, write_corpus
 
 
@@ -202,6 +203,17 @@ def _published_file_deleted(env: Env) -> list[str]:
     return env.sniff("--restart")
 
 
+def _damaged_part(env: Env) -> list[str]:
+    root = LocalDataRoot(env.root)
+    writer = DatasetWriter(root.staging_dir, run_key=root.read_record().run_key)  # this very run, interrupted
+    writer.add(CapturedChunk(0, "q", [0], np.array([1]), np.array([0]), np.array([0]), np.ones((1, 1, 8), np.float32), None))
+    writer.commit({"documents": 1})
+    writer.abort()
+    part = root.staging_dir / "part-000000.arrow"
+    part.write_bytes(part.read_bytes()[:64])  # cut short by a crash of the disk
+    return env.sniff()
+
+
 def _locked(env: Env) -> list[str]:
     root = LocalDataRoot(env.root)
     root.check_usable()
@@ -347,6 +359,7 @@ CASES = [
          ("l00h00k/data.parquet changed", "do not match the record", "nothing was captured", "--replace"), earlier_run=True),
     Case("data-root-file-deleted", _published_file_deleted,
          ("is missing", "do not match the record", "nothing was captured", "--replace"), earlier_run=True),
+    Case("data-root-damaged-part", _damaged_part, ("part-000000.arrow is damaged (64 bytes", "--restart"), earlier_run=True),
     Case("data-root-in-use", _locked, ("is in use by process", "qkcore sniff --config other.yaml"), earlier_run=True),
     # -- push
     Case("push-without-repo", _push_without_repo, ("output.hf_repo_id is not set",)),

@@ -578,3 +578,46 @@ def test_a_complete_root_whose_files_changed_is_refused_and_replace_recaptures(t
     assert code == 0, err[-3000:]
     assert {n: (root.path / n / "data.parquet").read_bytes() for n in published(root.path)} == expected
     assert root.verify(root.read_record()) == []
+
+
+def _interrupted_run(tiny_config, tmp_path, monkeypatch, batches: int) -> tuple[Path, dict]:
+    """A run stopped after ``batches`` batches, one commit (and one spill part) per batch; its config and sections."""
+    corpus = write_corpus(tmp_path / "long.jsonl", [(f"d{i}", f"text {i} " * (5 + i)) for i in range(12)])
+    sections = dict(dataset={"path": str(corpus)}, capture=ALL_SEED_0)
+    config = tiny_config(**sections, output={"data_root": str(tmp_path / "out"), "commit_every_s": 0})
+    _interrupt_after(monkeypatch, batches)
+    assert sniff(config)[0] == 130
+    monkeypatch.undo()
+    return config, sections
+
+
+def test_a_damaged_spill_part_resumes_from_the_last_commit_whose_parts_are_intact(tiny_config, tmp_path, monkeypatch) -> None:
+    config, sections = _interrupted_run(tiny_config, tmp_path, monkeypatch, batches=4)
+    staging = LocalDataRoot(tmp_path / "out").staging_dir
+    parts = json.loads((staging / JOURNAL_FILE).read_text())["parts"]
+    assert len(parts) >= 2  # one part per commit; the commit of the last batch may not have landed
+    last = staging / parts[-1]
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # cut short by a crash of the disk
+    code, err = sniff(config)
+    assert code == 0 and "Traceback" not in err, err[-3000:]
+    damaged = [line for line in err.splitlines() if " is damaged (" in line]
+    assert len(damaged) == 1 and parts[-1] in damaged[0], err[-3000:]
+    resumed = {n: (tmp_path / "out" / n / "data.parquet").read_bytes() for n in published(tmp_path / "out")}
+    assert sniff(tiny_config(**sections, output={"data_root": str(tmp_path / "ref")}))[0] == 0
+    assert resumed == {n: (tmp_path / "ref" / n / "data.parquet").read_bytes() for n in published(tmp_path / "ref")}
+
+
+def test_a_damaged_part_of_a_journal_without_checksums_names_restart(tiny_config, tmp_path, monkeypatch) -> None:
+    config, _ = _interrupted_run(tiny_config, tmp_path, monkeypatch, batches=2)
+    staging = LocalDataRoot(tmp_path / "out").staging_dir
+    journal = json.loads((staging / JOURNAL_FILE).read_text())
+    older = {key: journal[key] for key in ("format", "run_key", "parts", "next_part", "configs", "state")}
+    (staging / JOURNAL_FILE).write_text(json.dumps(older))  # as the code before part checksums wrote it
+    first = staging / journal["parts"][0]
+    first.write_bytes(first.read_bytes()[:100])
+    before = tree(tmp_path / "out")
+    code, err = sniff(config)
+    line = error_line(err)
+    assert code == 2 and journal["parts"][0] in line and "damaged" in line and "--restart" in line
+    assert tree(tmp_path / "out") == before
+    assert sniff(config, "--restart")[0] == 0
