@@ -72,3 +72,27 @@ def test_a_no_op_check_of_a_data_root_reads_no_file_and_still_sees_a_change(tiny
     name = victim.relative_to(root.path).as_posix()
     assert root.verify(record) == [f"{name} changed (its sha256 is not the recorded one)"]
     assert reads[first:] == [victim.resolve()]
+
+
+def test_a_gguf_header_is_parsed_once_per_file_identity(tmp_path, monkeypatch) -> None:
+    from qkcore.sources import gguf
+    from tests.gguf_tiny import write_header_only_gguf
+
+    monkeypatch.setattr(filehash, "TRUST_AFTER_NS", 0)
+    path = write_header_only_gguf(tmp_path / "a.gguf", "llama")
+    parsed: list[str] = []
+    real = gguf._read_metadata.__wrapped__
+
+    def counting(*args):
+        parsed.append(args[0])
+        return real(*args)
+
+    monkeypatch.setattr(gguf, "_read_metadata", counting)
+    cache: dict[str, str] = {}
+    first = gguf.gguf_metadata(path, cache)
+    assert gguf.gguf_metadata(path, cache) == first and first.architecture == "llama" and len(parsed) == 1
+    write_header_only_gguf(tmp_path / "b.gguf", "qwen2")
+    stat = path.stat()
+    path.write_bytes((tmp_path / "b.gguf").read_bytes())  # another file's bytes in place
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert gguf.gguf_metadata(path, cache).architecture == "qwen2" and len(parsed) == 2

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 
 from qkcore.fsutil import sha256_file
@@ -53,16 +53,28 @@ def cached_sha256(path: Path | str, cache: MutableMapping[str, str] | None = Non
     file's identity is the one it was hashed with, and added after a hash when the file
     had not changed for :data:`TRUST_AFTER_NS` (see the module docstring).
     """
+    return cached_by_identity(path, cache, sha256_file)
+
+
+def cached_by_identity(
+    path: Path | str, cache: MutableMapping[str, str] | None, compute: Callable[[Path], str], kind: str = ""
+) -> str:
+    """``compute(real path)``, a string that depends only on the file's bytes, cached by the file's identity.
+
+    The rule of :func:`cached_sha256`, for anything else read from a file (``kind``
+    names it in the key, e.g. a GGUF header's description).
+    """
     real = Path(path).resolve()
     before = os.stat(real)
-    key = _key(real, before)
+    identity = _key(real, before)
+    key = f"{kind}|{identity}" if kind else identity
     if cache is not None and key in cache:
         return cache[key]
     started = time.time_ns()
-    digest = sha256_file(real)
-    if cache is not None and before.st_ctime_ns <= started - TRUST_AFTER_NS and _key(real, os.stat(real)) == key:
-        cache[key] = digest
-    return digest
+    value = compute(real)
+    if cache is not None and before.st_ctime_ns <= started - TRUST_AFTER_NS and _key(real, os.stat(real)) == identity:
+        cache[key] = value
+    return value
 
 
 def _key(real: Path, stat: os.stat_result) -> str:
