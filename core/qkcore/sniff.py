@@ -793,7 +793,8 @@ def run_push(cfg: SniffConfig, hub_api: Any = None, replace: bool = False) -> Re
     """``qkcore push``: upload a data root's complete run to its Hub branch (e.g. after a failed push).
 
     Refuses a root whose record is missing, half-published, or does not match its files
-    (every file is rehashed), and a branch that holds another run unless ``replace``.
+    (the sniff's own check of "unchanged": :meth:`~qkcore.output.protocol.DataRoot.verify`),
+    and a branch that holds another run unless ``replace``.
     """
     from qkcore.root_policy import changed_files_message, check_branch
 

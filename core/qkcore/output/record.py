@@ -39,7 +39,7 @@ class UnreadableRecord(QkcoreError):
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One published file as recorded: size, modification time (quick check) and sha256 (full check)."""
+    """One published file as recorded: size and sha256 (what "unchanged" compares), and its modification time."""
 
     size: int
     sha256: str
