@@ -10,7 +10,8 @@ listed: a resume deletes them (:func:`resume`) and the caller re-adds those rows
 machine) can still lose or change its bytes. The journal records each part's size and
 sha256 (``part_sums``) and keeps the :data:`EARLIER_COMMITS` commits before the last one
 (``earlier``: their parts, next part, configs and state; parts only ever grow, so an
-earlier commit lists a prefix of the parts). A resume checks every listed part; when one
+earlier commit lists a prefix of the parts; the journal grows up to four times, as each
+kept state holds its example ids). A resume checks every listed part; when one
 is damaged it resumes from the newest commit that does not list it (the caller captures
 what came after again, as after a crash), or, when no kept commit is intact, raises
 :class:`StagingConflict` (the run layer names ``--restart``). A journal written before
