@@ -16,10 +16,12 @@ covers what reaches a run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,11 @@ import yaml
 from qkcore.cli import main
 from qkcore.output import LocalDataRoot
 from qkcore.writer import CapturedChunk, DatasetWriter
-from tests.conftest import TEXTS, TINY_LLAMA, write_corpus
+from tests.conftest import REPO, TEXTS, TINY_LLAMA, write_corpus
+
+
+_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT[\d:.]+Z \[\w+\s*\] ")
+_BAR = re.compile(r"(examples|it)/s\]")
 
 
 @dataclass
@@ -142,8 +148,10 @@ def _data_root_under_a_file(env: Env) -> list[str]:
 
 
 def _staged_other_run(env: Env) -> list[str]:
+    from qkcore.run_state import RunIdentity, RunState
+
     writer = DatasetWriter(LocalDataRoot(env.root).staging_dir, run_key="feedfacecafebeef")
-    writer.commit({"documents": 3})
+    writer.commit(RunState(RunIdentity("feedfacecafebeef", {"rules": 1}), documents=3).to_json())
     writer.abort()
     return env.sniff()
 
@@ -159,9 +167,8 @@ def _ranks_left(env: Env) -> list[str]:
 def _half_published_other_run(env: Env) -> list[str]:
     root = LocalDataRoot(env.root)
     record = root.read_record()
-    record.state = "publishing"
-    record.run_key = "0badc0de0badc0de"
-    root.write_record(record)
+    identity = dataclasses.replace(record.identity, key="0badc0de0badc0de")
+    root.write_record(dataclasses.replace(record, state="publishing", identity=identity))
     return env.sniff()
 
 
@@ -252,9 +259,7 @@ def _push_without_repo(env: Env) -> list[str]:
 
 def _push_half_published(env: Env) -> list[str]:
     root = LocalDataRoot(env.root)
-    record = root.read_record()
-    record.state = "publishing"
-    root.write_record(record)
+    root.write_record(dataclasses.replace(root.read_record(), state="publishing"))
     return _interrupt_free_push()(env)
 
 
@@ -275,13 +280,15 @@ def _set(*items: str) -> Callable[[Env], list[str]]:
 CASES = [
     # -- the config file and overrides
     Case("config-not-utf8", _raw_config(b"model: {name: \xff\xfe}\n"), ("raw.yaml", "not UTF-8")),
-    Case("config-invalid-yaml", _raw_config(b"model: [unclosed\n"), ("raw.yaml", "invalid YAML")),
+    Case("config-invalid-yaml", _raw_config(b"model: [unclosed\n"), ("raw.yaml", "invalid YAML at line 2, column 1")),
+    Case("config-invalid-yaml-indent", _raw_config(b"model:\n  name: a\n   config: b\n"),
+         ("raw.yaml: invalid YAML at line 3", "mapping values are not allowed")),
     Case("config-top-level-list", _raw_config(b"- a\n- b\n"), ("raw.yaml", "top level must be a mapping")),
     Case("config-missing-file", lambda env: ["sniff", "--config", str(env.tmp / "nope.yaml")], ("nope.yaml", "cannot read")),
     Case("config-unknown-key", _capture(samplr={"type": "all"}), ("run.yaml", "capture.samplr")),
     Case("set-unknown-key-blames-set", _set("capture.samplr.type=all"), ("--set capture.samplr.type=all", "capture.samplr")),
     Case("set-without-equals", _set("capture.sampler.type"), ("--set capture.sampler.type", "expected key.path=value")),
-    Case("set-bad-yaml-value", _set("capture.layers=[0, 1"), ("--set capture.layers=[0, 1", "not valid YAML")),
+    Case("set-bad-yaml-value", _set("capture.layers=[0, 1"), ("--set capture.layers=[0, 1", "not valid YAML: column 6")),
     Case("set-bad-value", _set("inference.batch_size=0"), ("--set inference.batch_size=0", "inference.batch_size")),
     Case("unknown-sampler", _capture(sampler={"type": "zipf"}), ("capture.sampler.type", "zipf", "uniform")),
     Case("sampler-base-rate-negative", _capture(sampler={"type": "uniform", "base_rate": -1}), ("capture.sampler.base_rate",)),
@@ -327,11 +334,19 @@ CASES = [
          ("model.config", "no model_type 'lama'", "closest: llama")),
     Case("model-unknown-rope-type", _model(config_overrides={"rope_scaling": {"rope_type": "yarnn", "factor": 2.0}}),
          ("model.config_overrides", "unknown rope_type 'yarnn'", "did you mean 'yarn'")),
+    # sniff-qk writes nothing and exits 0 here (README, compatibility table): qkcore refuses.
+    Case("model-mistral-sliding-window-full-attention-only",
+         _then(lambda env: env.config["capture"].update(full_attention_only=True),
+               _model(config={**TINY_LLAMA, "model_type": "mistral", "sliding_window": 64})),
+         ("capture", "no layer is eligible", "full_attention_only=True")),
     Case("model-device-not-a-device", _model(device_map="gpu0"), ("model.device_map", "'gpu0' is not a device")),
     Case("model-missing-directory", _model(name="./no/such/model", config=None),
          ("model.name", "there is no directory", "not a Hub id either")),
     Case("tokenizer-missing-directory", _with("tokenizer", name="./no/such/tokenizer"),
          ("tokenizer.name", "there is no directory", "not a Hub id either")),
+    Case("model-relative-folder-missing", _then(lambda env: env.config["tokenizer"].update(name=None),
+                                                _model(name="models/SmolLM2-135M", config=None)),
+         ("model.name: there is no folder 'models/SmolLM2-135M' in", "no Hub repo 'models/SmolLM2-135M'")),
     Case("model-gguf-missing-file", _model(name=None, config=None, gguf_file="/no/such/model.gguf"),
          ("model.gguf_file", "/no/such/model.gguf")),
     # -- the data root
@@ -370,6 +385,10 @@ CASES = [
     Case("push-changed-files", _push_changed_file, ("do not match the record", "nothing was pushed"), earlier_run=True),
     # -- other commands
     Case("inspect-missing-folder", lambda env: ["inspect", str(env.tmp / "missing")], ("no such data folder",)),
+    Case("plasticity-folder-without-data", lambda env: ((env.tmp / "empty-root").mkdir(), ["plasticity", str(env.tmp / "empty-root")])[1],
+         ("empty-root: no captured query heads", "qkcore sniff")),
+    Case("plan-offline-protocol-config", lambda env: ["plan", "--config", str(REPO / "configs/attention-plasticity/qwen3-8b.yaml")],
+         ("model.name", "no Hub repo 'Qwen/Qwen3-8B'", "--set model.config=", "Qwen--Qwen3-8B.json")),
     Case("plan-unknown-sampler", lambda env: (env.config["capture"].update(sampler={"type": "zipf"}),
                                               ["plan", "--config", str(env.write())])[1], ("capture.sampler.type",)),
 ]
@@ -430,6 +449,11 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case: Case, tmp_path: 
     errors = [line for line in err.splitlines() if line.startswith("qkcore: error:")]
     assert code == 2, err[-3000:]
     assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    # Nothing but qkcore's own lines and log lines: no second line of a multi-line message, no library's retry chatter.
+    # (datasets' progress bars are here only because this process imported datasets before the CLI turned them off.)
+    stray = [line for line in err.splitlines()
+             if line.strip() and not line.startswith("qkcore: ") and not _LOG_LINE.match(line) and not _BAR.search(line)]
+    assert not stray, err[-3000:]
     for words in case.expect:
         assert words in errors[0], f"{words!r} not in: {errors[0]}"
     if before is None:

@@ -66,7 +66,7 @@ def populate(root: Path) -> dict[str, ConfigStats]:
                         sliding_window=None, **common))
     w.add(CapturedChunk(1, "q", [0], vectors=rng.standard_normal((1, n, HEAD_DIM)).astype(np.float32),
                         sliding_window=64, **common))
-    stats = w.finalize(root)
+    stats = w.write_final_files(root)
     w.discard()
     return stats
 
@@ -187,3 +187,39 @@ def test_the_log_sampler_is_named_as_sniff_qk_names_it_with_its_effective_bucket
     body = render_card(make_model(sampler=sampler), stats)
     assert "`log_uniform` (sniff-qk calls it `log`)" in body
     assert "min_bucket_size 100 (effective 128: the power of two used)" in body
+
+
+@pytest.mark.parametrize("token_strings", [False, True])
+def test_the_schema_table_lists_every_column_of_the_data_files(tmp_path: Path, token_strings: bool) -> None:
+    from qkcore.layout import output_schema
+
+    stats = populate(tmp_path)
+    capture = dict(make_model().capture, capture_token_strings=token_strings)
+    text = render_card(make_model(capture=capture), stats)
+    table = text.split("## Schema", 1)[1].split("## Loading", 1)[0]
+    listed = [line.split("`")[1] for line in table.splitlines() if line.startswith("| `")]
+    assert listed == output_schema(HEAD_DIM, token_strings).names
+    assert ("| `token_str` | string |" in table) is token_strings
+
+
+def test_a_model_entry_reads_back_from_the_card_it_wrote(tmp_path: Path) -> None:
+    entry = make_model()
+    front = read_card(render_card(entry, populate(tmp_path)))
+    assert ModelEntry.from_json(front["qkcore"]["models"][0]) == entry
+    with pytest.raises(ValueError, match="num_layers"):
+        ModelEntry.from_json({k: v for k, v in dataclasses.asdict(entry).items() if k != "num_layers"})
+
+
+def test_manifest_lists_buckets_in_numeric_order():
+    import json
+
+    from qkcore.manifest import Manifest
+    from qkcore.run_state import RunIdentity
+
+    stats = ConfigStats(rows=6, bucket_counts={10: 1, 2: 2, 0: 3}, nonfinite_rows=0, head_dim=HEAD_DIM,
+                        sliding_window=None, size=1, sha256="0" * 64)
+    text = Manifest(RunIdentity("0123456789abcdef", {"z": 1, "a": {"y": 2, "b": 3}}), {"l00h00q": stats}).to_json()
+    data = json.loads(text)
+    assert list(data["configs"]["l00h00q"]["bucket_counts"]) == ["0", "2", "10"]  # not "0", "10", "2"
+    assert list(data) == sorted(data) and list(data["identity"]["a"]) == ["b", "y"]  # other keys stay sorted
+    assert Manifest.from_json(text).configs["l00h00q"].bucket_counts == {0: 3, 2: 2, 10: 1}

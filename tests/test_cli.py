@@ -117,6 +117,18 @@ def test_help_version_and_plugins_list_import_nothing_heavy(argv) -> None:
     assert done.stdout.splitlines()[-1] == "HEAVY 0 []"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["sniff", "plan", "push"])
+def test_a_config_error_is_reported_before_torch_is_imported(command, tmp_path) -> None:
+    # A typo in the config must be reported at once, not after seconds of importing torch and transformers.
+    config = tmp_path / "run.yaml"
+    config.write_text("dataset: {path: corpus.jsonl}\nmodel: {name: org/model}\ncapture: {samplr: {type: all}}\n")
+    done = subprocess.run([sys.executable, "-c", _STARTUP.format(heavy=("torch", "transformers", "datasets")),
+                           command, "--config", str(config)], capture_output=True, text=True, timeout=120)
+    assert "capture.samplr" in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert done.stdout.splitlines()[-1] == "HEAVY 2 []"
+
+
 def test_help_lists_every_built_in_command(capsys) -> None:
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
@@ -163,3 +175,36 @@ def test_plugins_list_json_names_each_plugins_hooks(capsys) -> None:
     assert core["builtin"] and core["package"] == "qkcore" and core["version"] == qkcore.__version__
     assert core["hooks"] == ["qkcore_register_commands", "qkcore_samplers"]
     assert "qkcore_attention_layers" in plugins["qkcore.generic"]["hooks"]
+
+
+@pytest.mark.parametrize("restart", [False, True])
+def test_an_interrupt_says_how_to_resume(restart, tiny_config, capsys, monkeypatch) -> None:
+    # After Ctrl-C, "the same command" would discard the progress again when it had --restart.
+    import qkcore.sniff
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(qkcore.sniff, "run_sniff", interrupted)
+    argv = ["sniff", "--config", str(tiny_config()), *(["--restart"] if restart else [])]
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("qkcore: error: interrupted; ") and "\n" not in err
+    if restart:
+        assert "without --restart to resume from the last commit" in err
+    else:
+        assert "the same command resumes from the last commit" in err
+
+
+def test_an_error_of_several_lines_is_printed_as_one(tiny_config, capsys, monkeypatch) -> None:
+    # A library's text quoted as a cause (transformers' offline advice, PyYAML's dump) must not spill over lines.
+    import qkcore.sniff
+    from qkcore.errors import QkcoreError
+
+    def fails(*args, **kwargs):
+        raise QkcoreError("tokenizer.name: cannot load 'x': We couldn't connect.\nCheck your connection.\n\n")
+
+    monkeypatch.setattr(qkcore.sniff, "run_sniff", fails)
+    assert main(["sniff", "--config", str(tiny_config())]) == 2
+    assert capsys.readouterr().err == (
+        "qkcore: error: tokenizer.name: cannot load 'x': We couldn't connect.; Check your connection.\n")

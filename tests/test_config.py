@@ -160,7 +160,7 @@ def test_legacy_key_with_false_value_does_not_warn(tmp_path: Path) -> None:
     [
         (
             {"capture": {"min_bucket_size": 0}},
-            "run.yaml: capture.min_bucket_size: Input should be greater than or equal to 1 (got 0)",
+            "run.yaml: capture.min_bucket_size: must be an integer >= 1 (got 0)",
         ),
         ({"model": {"name": "m", "dtype": "fp8"}}, "run.yaml: model.dtype: unknown dtype 'fp8'"),
         ({"inference": {"autocast_dtype": "int8"}}, "run.yaml: inference.autocast_dtype: unknown dtype"),
@@ -405,3 +405,16 @@ def test_left_padding_and_other_padding_are_ignored_with_a_warning(tmp_path: Pat
 def test_sampler_type_is_case_insensitive_and_log_is_log_uniform(tmp_path: Path, written: str, meant: str) -> None:
     cfg = load(write(tmp_path, MINIMAL_YAML + f"capture: {{sampler: {{type: {written}}}}}\n"))
     assert cfg.capture.sampler.type == meant
+
+
+@pytest.mark.parametrize("device_map, words", [("gpu0", "'gpu0' is not a device"), ("cpu:1", "is not a device"),
+                                               ("{a: cpu, b: disk}", "only a single device"), ("-1", ">= 0")])
+def test_the_form_of_device_map_is_checked_when_the_config_loads(tmp_path, device_map: str, words: str) -> None:
+    with pytest.raises(ConfigError, match=rf"run\.yaml: model\.device_map: .*{re.escape(words)}"):
+        load(write(tmp_path, f"dataset: {{path: x}}\nmodel: {{name: m, device_map: {device_map}}}\n"))
+
+
+@pytest.mark.parametrize("value", [".inf", ".nan", "0", "true"])
+def test_base_rate_follows_the_samplers_rule_when_the_config_loads(tmp_path, value: str) -> None:
+    with pytest.raises(ConfigError, match=r"run\.yaml: capture\.sampler\.base_rate: must be a"):
+        load(write(tmp_path, f"dataset: {{path: x}}\nmodel: {{name: m}}\ncapture: {{sampler: {{base_rate: {value}}}}}\n"))

@@ -60,7 +60,9 @@ def test_json_logs_are_one_object_per_line(tiny_config, tmp_path) -> None:
     records = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     events = [r["event"] for r in records]
     assert "capture planned" in events and "capture written" in events
-    assert all("run_id" in r and "level" in r and "timestamp" in r for r in records)
+    assert all("level" in r and "timestamp" in r and "run_id" not in r for r in records)
+    key = json.loads((tmp_path / "out" / "qkcore.json").read_text())["run_key"]
+    assert {r.get("run_key") for r in records if r["event"] in ("capture planned", "capture written")} == {key}
     assert "%|" not in err
 
 
@@ -117,3 +119,15 @@ def test_plasticity_draws_no_bar_into_a_log_file(tiny_config, tmp_path) -> None:
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "%|" not in done.stderr and "head/s" not in done.stderr
+
+
+def test_log_lines_name_the_run_by_its_run_key_as_the_card_does(tiny_config, tmp_path, capsys) -> None:
+    # One name for one thing: no random run id in the logs beside the card's run key.
+    from qkcore.cli import main
+
+    assert main(["sniff", "--config", str(_config(tiny_config, tmp_path)), "--json-logs"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    key = json.loads((tmp_path / "out" / "qkcore.json").read_text())["run_key"]
+    assert records and not [r for r in records if "run_id" in r]
+    written = next(r for r in records if r["event"] == "capture written")
+    assert written["run_key"] == key

@@ -9,6 +9,7 @@ a small corpus) and pins the behaviour that replaced it. Runs go through the CLI
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -147,7 +148,7 @@ def test_an_edited_corpus_is_a_different_run_not_already_complete(tiny_config, t
 def test_a_corpus_changed_between_a_kill_and_the_resume_is_refused(tiny_config, tmp_path, monkeypatch) -> None:
     corpus = write_corpus(tmp_path / "long.jsonl", [(f"d{i}", f"text {i} " * (5 + i)) for i in range(12)])
     config = tiny_config(dataset={"path": str(corpus)}, capture=ALL_SEED_0, output={"data_root": str(tmp_path / "out"), "commit_every_s": 0})
-    from qkcore.sniff import Sniffer
+    from qkcore.stages.capture import Sniffer
 
     real, batches = Sniffer.capture_batch, []
 
@@ -177,7 +178,7 @@ def test_interrupted_then_same_command_resumes_to_identical_files(tiny_config, t
     corpus = write_corpus(tmp_path / "long.jsonl", [(f"d{i}", f"text {i} " * (5 + i)) for i in range(12)])
     sections = dict(dataset={"path": str(corpus)}, capture=ALL_SEED_0)
     config = tiny_config(**sections, output={"data_root": str(tmp_path / "out"), "commit_every_s": 0})
-    from qkcore.sniff import Sniffer
+    from qkcore.stages.capture import Sniffer
 
     real, seen = Sniffer.capture_batch, []
 
@@ -258,7 +259,7 @@ def test_non_finite_rows_are_counted_warned_and_recorded(tiny_config, tmp_path) 
     import torch
 
     from qkcore.config import load_config
-    from qkcore.sniff import _Run, Sniffer
+    from qkcore.stages.capture import Sniffer
 
     config = tiny_config(capture={"sampler": {"type": "all"}, "layers": [0]})
     real_init = Sniffer.__init__
@@ -280,7 +281,7 @@ def test_non_finite_rows_are_counted_warned_and_recorded(tiny_config, tmp_path) 
     model = card(tmp_path / "out")["qkcore"]["models"][0]
     assert model["nonfinite_rows"] == bad["l00h00q"]
     assert "rows hold a NaN or an infinity" in (tmp_path / "out" / "README.md").read_text()
-    del load_config, _Run
+    del load_config
 
 
 def test_the_card_records_precision_tokenizer_batch_size_and_versions(tiny_config, tmp_path) -> None:
@@ -316,8 +317,8 @@ if moment == "finalized":  # final files, card and manifest written and journale
     writer.DatasetWriter.drop_parts = lambda self: (drop(self), die())
 elif moment == "dropping-parts":  # journal rewritten without parts, the parts half deleted
     rewrite = writer.DatasetWriter._write_journal
-    def _write_journal(self, parts, state):
-        rewrite(self, parts, state)
+    def _write_journal(self, parts, state, **kw):
+        rewrite(self, parts, state, **kw)
         if state.get("phase") == "finalized" and not parts:
             part = sorted(self.staging_dir.glob("part-*.arrow"))[0]
             part.unlink()
@@ -375,7 +376,7 @@ _HOLD = r"""
 import sys, time
 from pathlib import Path
 from qkcore.cli import main
-from qkcore.sniff import Sniffer
+from qkcore.stages.capture import Sniffer
 
 gate = Path(sys.argv[2])
 real = Sniffer.capture_batch
@@ -445,11 +446,9 @@ def test_push_refuses_a_half_published_root_and_files_that_changed(tiny_config, 
         with contextlib.redirect_stderr(err):
             return main(["push", "--config", str(pushed)]), err.getvalue()
 
-    record.state = "publishing"
-    root.write_record(record)
+    root.write_record(dataclasses.replace(record, state="publishing"))
     code, err = push()
     assert code == 2 and "half-way through publishing" in error_line(err) and "qkcore sniff --config" in err
-    record.state = "complete"
     root.write_record(record)
     victim = root.path / published(root.path)[0] / "data.parquet"
     victim.write_bytes(victim.read_bytes()[:-1] + b"\0")
@@ -491,7 +490,7 @@ def test_threads_never_leave_a_run_waiting(tiny_config, tmp_path) -> None:
 
 def _interrupt_after(monkeypatch, batches: int) -> None:
     """Make the capture stop (as Ctrl-C would) after ``batches`` batches."""
-    from qkcore.sniff import Sniffer
+    from qkcore.stages.capture import Sniffer
 
     real, seen = Sniffer.capture_batch, []
 

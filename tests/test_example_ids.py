@@ -199,3 +199,13 @@ def test_find_int32_collisions() -> None:
     assert find_int32_collisions(ids) == {1: [-(2**32) + 1, 1, 2**32 + 1], 3: [3, 2**32 + 3]}
     assert find_int32_collisions([1, 2, 3, 1]) == {}
     assert find_int32_collisions([]) == {}
+
+
+def test_readme_compatibility_table_states_the_differences_from_sniff_qk() -> None:
+    # Both behaviours differ from the original tool on purpose; the README's table must say so.
+    from tests.conftest import REPO
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    row = next(line for line in readme.splitlines() if line.startswith("| **Differs on purpose** |"))
+    assert "`capture.full_attention_only: true` is refused" in row and "exits 0" in row
+    assert "2^63 or more" in row and "hashed" in row

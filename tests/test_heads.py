@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qkcore.heads import key_head_for, key_heads_for, sample_query_heads, validate_filters
+from qkcore.heads import key_head_for, map_key_heads, sample_query_heads, validate_filters
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,10 @@ def test_key_head_for_invalid(q: int, n_q: int, n_kv: int) -> None:
         key_head_for(q, n_q, n_kv)
 
 
-def test_key_heads_for() -> None:
-    assert key_heads_for([7, 0, 1, 5, 4], 32, 8) == [0, 1]
-    assert key_heads_for([], 32, 8) == []
-    assert key_heads_for([3, 1], 4, 4, mapper=lambda q, n_q, n_kv: n_kv - 1 - q) == [0, 2]
+def test_map_key_heads() -> None:
+    assert map_key_heads([7, 0, 1, 5, 4], 32, 8) == {7: 1, 0: 0, 1: 0, 5: 1, 4: 1}
+    assert map_key_heads([], 32, 8) == {}
+    assert map_key_heads([3, 1], 4, 4, mapper=lambda q, n_q, n_kv: n_kv - 1 - q) == {3: 0, 1: 2}
 
 
 # --- selection ------------------------------------------------------------------------

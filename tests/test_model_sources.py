@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ from qkcore.sources.model import (
 )
 from qkcore.sources.tokenizer import BYTE_TOKENIZER, byte_tokenizer, load_tokenizer, tokenizer_identity
 from tests.conftest import TEXTS, TINY_LLAMA, make_config
+from tests.hub_server import hub_server  # noqa: F401 (fixture)
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
@@ -176,6 +178,50 @@ def test_a_missing_directory_is_not_called_a_bad_repo_id(tiny_config, capsys, tm
     assert "Repo id must be" not in line
     _fails_cleanly(tiny_config(tokenizer={"name": "./no/such/tokenizer"}), capsys,
                    "tokenizer.name", "there is no directory", "not a Hub id either")
+
+
+def _relative_model(tiny_config, monkeypatch, tmp_path) -> Path:
+    """A config whose model.name is a relative folder that does not exist (it looks like a Hub id)."""
+    monkeypatch.chdir(tmp_path)
+    locations._resolve_commit.cache_clear()
+    return tiny_config(model={"name": "models/SmolLM2-135M", "config": None}, tokenizer={"name": None})
+
+
+def test_a_missing_relative_folder_offline_is_no_folder_and_no_cached_repo(tiny_config, capsys, monkeypatch, tmp_path) -> None:
+    # Offline (as every test runs): at once, blaming model.name (the tokenizer is the model's), naming the folder.
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    config = _relative_model(tiny_config, monkeypatch, tmp_path)
+    started = time.monotonic()
+    line = _fails_cleanly(config, capsys, f"model.name: there is no folder 'models/SmolLM2-135M' in {tmp_path}",
+                          "no Hub repo 'models/SmolLM2-135M' is in the local cache", "HF_HUB_OFFLINE")
+    assert "tokenizer.name" not in line and time.monotonic() - started < 20
+
+
+def test_a_missing_relative_folder_online_is_one_request_when_the_hub_answers_404(
+        tiny_config, capsys, monkeypatch, tmp_path, hub_server) -> None:
+    config = _relative_model(tiny_config, monkeypatch, tmp_path)
+    _fails_cleanly(config, capsys, f"model.name: there is no folder 'models/SmolLM2-135M' in {tmp_path}",
+                   "no Hub repo 'models/SmolLM2-135M' (the Hub answered 404)")
+    assert [p for _, p in hub_server.requests if "SmolLM2" in p] == ["/api/models/models/SmolLM2-135M"]  # not retried
+
+
+def test_the_hub_lookup_retries_transient_failures_within_a_bounded_time(
+        tiny_config, capsys, monkeypatch, tmp_path, hub_server) -> None:
+    config = _relative_model(tiny_config, monkeypatch, tmp_path)
+    hub_server.fail(500, times=2)  # then the 404 of a repo that is not there
+    _fails_cleanly(config, capsys, "model.name", "no Hub repo 'models/SmolLM2-135M' (the Hub answered 404)")
+    assert len([p for _, p in hub_server.requests if "SmolLM2" in p]) == 3
+    # A Hub that never answers: 3 tries of at most 1 s each, 3 s in all, then one line.
+    monkeypatch.setattr(locations, "HUB_LOOKUP_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(locations, "HUB_LOOKUP_BUDGET_S", 3.0)
+    hub_server.hang(times=10)
+    started = time.monotonic()
+    _fails_cleanly(config, capsys, "model.name", "there is no folder 'models/SmolLM2-135M'",
+                   "the Hub could not be reached to look for a repo 'models/SmolLM2-135M'", "check the connection")
+    assert time.monotonic() - started < 15
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "no weights", "missing shard"])

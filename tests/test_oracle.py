@@ -76,3 +76,26 @@ def test_key_configs_follow_the_gqa_mapping_of_selected_query_heads(tiny_config)
     # A different run into the same data root replaces the first one's files (with --replace).
     assert sorted(run_sniff(cfg, replace=True).rows) == ["l01h01k", "l01h04q", "l01h07q"]
     assert sorted(p.parent.name for p in result.data_root.glob("l*/data.parquet")) == ["l01h01k", "l01h04q", "l01h07q"]
+
+
+def test_the_oracle_pairs_heads_by_the_familys_own_mapping(tmp_path) -> None:
+    """Before: EagerReference.check hard-coded ``q // q_per_k``, so a plugin's wrong ``qkcore_key_head`` passed it."""
+    import types
+
+    from qkcore import hookimpl
+    from qkcore.plugins import make_plugin_manager
+    from qkcore.testing import capture_all, sniff
+
+    swapped = types.ModuleType("swapped_gqa")  # claims llama and pairs each query group with the other key head
+    swapped.qkcore_model_types = hookimpl(lambda: ["llama"])
+    swapped.qkcore_key_head = hookimpl(
+        lambda query_head, num_query_heads, num_key_value_heads:
+        num_key_value_heads - 1 - query_head // (num_query_heads // num_key_value_heads)
+    )
+    pm = make_plugin_manager(load_entry_points=False)
+    pm.register(swapped, name="swapped_gqa")
+    reference = eager_reference(tmp_path, TINY_LLAMA, pm=pm)
+    assert [reference.key_head(0, q) for q in range(8)] == [1, 1, 1, 1, 0, 0, 0, 0]
+    result = sniff(tmp_path, TINY_LLAMA, pm=pm, capture=capture_all())
+    with pytest.raises(AssertionError, match=r"^l00h00q example doc-a: Tensor-likes are not close!"):
+        reference.check(result.data_root)

@@ -8,11 +8,11 @@ import click
 import pytest
 import torch
 
-import qkcore.plan as plan_module
+import qkcore.estimate as plan_module
 from qkcore.batching import tokenize_batches
 from qkcore.cli import QkcoreCli, main
 from qkcore.config import ConfigError, load_config
-from qkcore.plan import (
+from qkcore.estimate import (
     build_meta_model,
     DEFAULT_DOCUMENTS,
     disk_needed_bytes,
@@ -22,7 +22,7 @@ from qkcore.plan import (
     throughput_tokens_per_s,
 )
 from qkcore.plugins import installed_summary, make_plugin_manager, resolve_family
-from qkcore.planning import plan_capture
+from qkcore.stages.plan import plan_capture
 from qkcore.sniff import run_sniff
 from qkcore.sources.documents import iter_documents, open_dataset
 from qkcore.sources.model import load_architecture, load_model
@@ -224,7 +224,8 @@ def test_throughput_table_reproduces_its_measurements() -> None:
 def test_plan_command_prints_the_plan(tiny_config, pm, capsys) -> None:
     cli = QkcoreCli(pm)
     command = cli.get_command(click.Context(cli), "plan")
-    args = ["--config", str(tiny_config(capture=UNIFORM)), "--set", "capture.layers=[1]", "--lengths", "64,32"]
+    args = ["--config", str(tiny_config(capture=UNIFORM)), "--set", "capture.layers=[1]", "--set", "model.device_map=cuda",
+            "--lengths", "64,32"]
     assert command.name == "plan" and command.help
     assert main(["plan", *args], pm=pm) == 0
     out = capsys.readouterr().out
@@ -248,7 +249,7 @@ def test_key_head_of_each_query_head_comes_from_the_family_hook(tiny_config, pm)
 
 
 def test_the_gpu_time_is_an_estimate_for_an_h100_whatever_this_machine_has(tiny_config, pm, monkeypatch) -> None:
-    cfg = load_config(tiny_config(capture=UNIFORM))
+    cfg = load_config(tiny_config(capture=UNIFORM), overrides=["model.device_map=auto"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     gpu_line = next(line for line in format_plan(make_plan(cfg, pm)).splitlines() if line.startswith("GPU time"))
@@ -257,6 +258,18 @@ def test_the_gpu_time_is_an_estimate_for_an_h100_whatever_this_machine_has(tiny_
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA A10G")
     gpu_line = next(line for line in format_plan(make_plan(cfg, pm)).splitlines() if line.startswith("GPU time"))
     assert "an estimate, not measured (this machine has NVIDIA A10G)" in gpu_line
+
+
+@pytest.mark.parametrize("device_map", ["cpu", "mps"])
+def test_no_gpu_time_estimate_for_a_device_without_figures(device_map, tiny_config, pm) -> None:
+    # A CPU run is not an H100 run: "GPU time ~<0.1 s on one H100" would be a wrong answer, not an estimate.
+    cfg = load_config(tiny_config(capture=UNIFORM), overrides=[f"model.device_map={device_map}"])
+    plan = make_plan(cfg, pm)
+    text = format_plan(plan)
+    assert plan.gpu_seconds is None and "H100:" not in text and "basis:" not in text
+    assert f"GPU time: no estimate for model.device_map '{device_map}'" in text
+    cuda = make_plan(load_config(tiny_config(capture=UNIFORM), overrides=["model.device_map=cuda:0"]), pm)
+    assert cuda.gpu_seconds is not None and cuda.gpu_seconds > 0
 
 
 @pytest.mark.parametrize("head_dim", [8, 64, 128])
@@ -278,9 +291,28 @@ def test_disk_needed_covers_the_staging_parts_and_the_final_files(tmp_path, head
         ))
         writer.commit({"doc": doc})
     parts = sum(p.stat().st_size for p in (tmp_path / "staging").glob("*.arrow"))
-    rows = {name: stats.rows for name, stats in writer.finalize(tmp_path / "out").items()}  # parts still there
+    rows = {name: stats.rows for name, stats in writer.write_final_files(tmp_path / "out").items()}  # parts still there
     finals = sum(p.stat().st_size for p in (tmp_path / "out").glob("*/data.parquet"))
     needed = disk_needed_bytes({name: float(n) for name, n in rows.items()}, head_dim, spills=documents)
     assert parts + finals <= needed <= 1.3 * (parts + finals), (parts, finals, needed)
     # Without counting the spills the small parts would be missed at small head_dim.
     assert disk_needed_bytes({name: float(n) for name, n in rows.items()}, head_dim, spills=1) < needed
+
+
+def test_plan_offline_on_a_protocol_config_fails_at_once_and_names_the_offline_route(pm, capsys, monkeypatch) -> None:
+    # No Hub (as every test runs): one line naming the architecture file the README's offline route uses.
+    import time
+
+    from huggingface_hub import constants
+
+    from tests.conftest import REPO
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(REPO)
+    started = time.monotonic()
+    assert main(["plan", "--config", "configs/attention-plasticity/qwen3-8b.yaml"], pm=pm) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("qkcore: error: model.name: "), err
+    assert "no Hub repo 'Qwen/Qwen3-8B'" in err
+    assert err.rstrip().endswith("--set model.config=configs/architectures/Qwen--Qwen3-8B.json"), err
+    assert time.monotonic() - started < 20

@@ -155,6 +155,15 @@ def test_outputs_cover_every_captured_query_head(dataset: Path, tmp_path: Path) 
             assert r["n_pairs"] == "256"
 
 
+def test_readme_names_the_data_root_without_a_machine_path_or_another_models_numbers(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert _run(dataset, out) == 0
+    readme = (out / "README.md").read_text(encoding="utf-8")
+    assert f"- Data: `{dataset.name} (a local data root)`" in readme
+    assert str(dataset.resolve()) not in readme and str(tmp_path) not in readme
+    assert "SmolLM2" not in readme  # the card's model is test/tiny: no sentence about another model
+
+
 def test_default_out_dir_and_too_few_queries(tmp_path: Path) -> None:
     root = _make_dataset(tmp_path / "data")
     assert _run(root, None, "--min-queries", "1000") == 0

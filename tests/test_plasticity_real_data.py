@@ -292,7 +292,7 @@ def test_output_readme_states_the_estimator_and_the_source(tmp_path: Path) -> No
     assert run(root, tmp_path / "out", "--seed", "7", "--locality", "0.1") == 0
     readme = (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
     for fact in (
-        str(root),  # data source
+        f"`{root.name} (a local data root)`",  # data source, by name: no machine path in a README that travels
         f"qkcore {qkcore.__version__}",
         "test/tiny",  # the card's model
         "Gaussian",

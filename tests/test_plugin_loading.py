@@ -178,7 +178,7 @@ def test_a_plugin_command_clashing_with_a_built_in_is_an_error(capsys) -> None:
     pm.register(_command_plugin("sniff"), name="shadow")
     assert main(["sniff", "--config", "run.yaml"], pm=pm) == 2
     line = _one_error_line(capsys)
-    assert "the command 'sniff' is added twice" in line and "qkcore.commands.run" in line and __name__ in line
+    assert "the command 'sniff' is provided twice" in line and "qkcore.commands.run" in line and __name__ in line
 
 
 @pytest.mark.slow

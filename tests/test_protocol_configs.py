@@ -20,7 +20,8 @@ import torch
 
 from qkcore.config import SniffConfig, load_config
 from qkcore.plugins import make_plugin_manager, resolve_family
-from qkcore.planning import plan_capture
+from qkcore.meta_model import on_meta_device
+from qkcore.stages.plan import plan_capture
 from qkcore.sources.model import apply_config_overrides, architecture_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,10 +133,7 @@ def _meta_model(path: Path):
     cfg = load_protocol_config(path)
     config = build_config(cfg)
     family = resolve_family(make_plugin_manager(), config.model_type)
-    model_class = family.hooks.qkcore_model_class(config=config)
-    with torch.device("meta"):
-        model = model_class.from_config(config)
-    return cfg, family, model
+    return cfg, family, on_meta_device(config, family)
 
 
 def _require_plugin(cfg: SniffConfig) -> Expected:

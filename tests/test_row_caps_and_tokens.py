@@ -94,6 +94,6 @@ def test_token_column_survives_spills_and_resume_ordering(tmp_path) -> None:
         w.add(CapturedChunk(0, "q", [0], np.full(30, doc, np.int64), positions.astype(np.int64),
                             np.zeros(30, np.int64), rng.standard_normal((1, 30, 4)).astype(np.float32), None,
                             token_strings=np.array([f"d{doc}p{p}" for p in positions], dtype=object)))
-    w.finalize(tmp_path / "final")
+    w.write_final_files(tmp_path / "final")
     table = pq.read_table(tmp_path / "final" / "l00h00q" / "data.parquet").to_pydict()
     assert table[TOKEN_COLUMN] == [f"d{e}p{p}" for e, p in zip(table["example_id"], table["position"])]

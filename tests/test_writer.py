@@ -30,7 +30,7 @@ STAGING_DIR = "staging"  # where these tests stage, inside the folder that recei
 
 def close(w: DatasetWriter, target: Path) -> dict[str, int]:
     """Finalize into ``target`` and remove staging; return rows per config."""
-    stats = w.finalize(target)
+    stats = w.write_final_files(target)
     w.discard()
     return {name: s.rows for name, s in stats.items()}
 
@@ -57,6 +57,10 @@ def chunk(rows: dict, lo: int, hi: int, *, layer=0, kind="q", heads=(0, 1), sw=N
         vectors=rows["vectors"][:, lo:hi],
         sliding_window=sw,
     )
+
+
+#: One byte: every add spills (a threshold must be > 0, as output.flush_threshold_mb is).
+EVERY_ADD = 1 / 2**20
 
 
 def write(root: Path, rows: dict, cuts: list[int], commits: frozenset[int] = frozenset(), **kw) -> dict[str, int]:
@@ -180,7 +184,7 @@ def test_low32_ids():
 
 def test_example_id_column_and_sort(tmp_path):
     rows = make_rows(40, seed=3)
-    write(tmp_path, rows, [7, 19], flush_threshold_mb=0.0)
+    write(tmp_path, rows, [7, 19], flush_threshold_mb=EVERY_ADD)
     ids = rows["example_ids"]
     order = np.lexsort((rows["positions"], ids, low32_ids(ids)))  # stable: documented order
     for h in (0, 1):
@@ -202,7 +206,7 @@ def test_sort_order_with_int32_collision(tmp_path):
         buckets=np.arange(8, dtype=np.int64),
         vectors=np.zeros((2, 8, HEAD_DIM), np.float32),
     )
-    write(tmp_path, rows, [3, 5], flush_threshold_mb=0.0)
+    write(tmp_path, rows, [3, 5], flush_threshold_mb=EVERY_ADD)
     t = read_config(tmp_path / "l00h00q")
     assert t.column("example_id").to_pylist() == [-3, -3, -3, 5, 5, 5, 5, 7]  # visible column sorted
     # Within one int32 value, by 64-bit id (documents stay contiguous), then position.
@@ -229,7 +233,7 @@ def test_position_out_of_int32_raises(tmp_path):
 )
 @given(
     cuts=st.lists(st.integers(0, 60), max_size=6),
-    threshold=st.sampled_from([0.0, 0.0005, 0.002]),
+    threshold=st.sampled_from([EVERY_ADD, 0.0005, 0.002]),
     commits=st.frozensets(st.integers(0, 6), max_size=4),
 )
 def test_spill_chunking_and_commits_give_identical_bytes(tmp_path_factory, cuts, threshold, commits):
@@ -269,8 +273,32 @@ def test_part_files_scale_with_spills_not_configs(tmp_path):
 def test_row_group_size(tmp_path):
     write(tmp_path, make_rows(25), [], row_group_size=10)
     assert pq.ParquetFile(tmp_path / "l00h00q" / "data.parquet").metadata.num_row_groups == 3
-    write(tmp_path / "default", make_rows(25), [3], flush_threshold_mb=0.0)
+    write(tmp_path / "default", make_rows(25), [3], flush_threshold_mb=EVERY_ADD)
     assert pq.ParquetFile(tmp_path / "default" / "l00h00q" / "data.parquet").metadata.num_row_groups == 1
+
+
+def test_final_files_carry_a_page_index_for_the_hub_viewer(tmp_path):
+    # The Hub's dataset viewer reads a large Parquet file only when it has a page index.
+    write(tmp_path, make_rows(25), [], row_group_size=10)
+    meta = pq.ParquetFile(tmp_path / "l00h00q" / "data.parquet").metadata
+    chunks = [meta.row_group(g).column(c) for g in range(meta.num_row_groups) for c in range(meta.num_columns)]
+    assert chunks and all(c.has_offset_index and c.has_column_index for c in chunks)
+    again = tmp_path / "again"
+    write(again, make_rows(25), [7], row_group_size=10)
+    assert digests(again) == digests(tmp_path)  # the index is as deterministic as the rest
+
+
+def test_row_groups_stay_within_the_hub_viewers_limit(tmp_path, monkeypatch):
+    import qkcore.datafile as datafile
+
+    # At real sizes: 65,536 rows of head_dim 128 (35 MB) are kept; any larger request is cut to half the limit.
+    assert datafile.viewer_row_group_size(65536, 128, False) == 65536
+    assert datafile.viewer_row_group_size(10**9, 128, True) * (128 * 4 + 16 + 32) <= 300_000_000 / 2
+    # A row of head_dim 4 is 32 bytes: a 320-byte limit allows 10 rows per row group.
+    monkeypatch.setattr(datafile, "VIEWER_ROW_GROUP_BYTES", 320)
+    write(tmp_path, make_rows(25), [], row_group_size=1000)
+    meta = pq.ParquetFile(tmp_path / "l00h00q" / "data.parquet").metadata
+    assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [10, 10, 5]
 
 
 def test_close_memory_is_bounded_by_threshold(tmp_path):
@@ -341,7 +369,7 @@ CHILD_SRC = DOC_SRC + textwrap.dedent(
     from qkcore.writer import DatasetWriter
 
     root, mode = sys.argv[1], sys.argv[2]
-    w = DatasetWriter(root + "/staging", flush_threshold_mb=0.0, run_key="run-A")
+    w = DatasetWriter(root + "/staging", flush_threshold_mb=1 / 2**20, run_key="run-A")
     for d in range({n_docs}):
         for i, c in enumerate(doc_chunks(d)):
             w.add(c)  # threshold 0: every add spills an uncommitted part
@@ -391,7 +419,7 @@ def test_sigkill_between_commits_resumes_identically(tmp_path, mode):
 
 
 def test_different_run_key_conflicts_and_restart_discards(tmp_path):
-    w = DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=0.0, run_key="A")
+    w = DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=EVERY_ADD, run_key="A")
     for c in doc_chunks(0):
         w.add(c)
     w.commit({"documents_done": 1})
@@ -412,7 +440,7 @@ def test_different_run_key_conflicts_and_restart_discards(tmp_path):
 
 
 def test_missing_committed_part_conflicts(tmp_path):
-    w = DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=0.0, run_key="A")
+    w = DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=EVERY_ADD, run_key="A")
     w.add(chunk(make_rows(4), 0, 4))
     w.commit({})
     w.abort()
@@ -423,7 +451,7 @@ def test_missing_committed_part_conflicts(tmp_path):
 
 def test_a_part_changed_after_its_commit_resumes_from_the_last_intact_commit(tmp_path):
     staging = tmp_path / STAGING_DIR
-    w = DatasetWriter(staging, flush_threshold_mb=0.0, run_key="A")
+    w = DatasetWriter(staging, flush_threshold_mb=1e-9, run_key="A")
     rows = make_rows(5)
     for step in range(5):  # five commits, one part each
         w.add(chunk(rows, step, step + 1))
@@ -497,7 +525,7 @@ def test_zero_row_config(tmp_path):
 def test_abort_without_commit_removes_staging_and_keeps_final_files(tmp_path):
     write(tmp_path, make_rows(10), [])
     before = digest(tmp_path / "l00h00q" / "data.parquet")
-    w = DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=0.0)
+    w = DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=EVERY_ADD)
     w.add(chunk(make_rows(5, seed=9), 0, 5))
     w.add(chunk(make_rows(5, seed=9), 0, 5, layer=1))
     assert (tmp_path / STAGING_DIR).exists()
@@ -508,7 +536,7 @@ def test_abort_without_commit_removes_staging_and_keeps_final_files(tmp_path):
 
 
 def test_abort_keeps_committed_state_and_discard_removes_it(tmp_path):
-    w = DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=0.0, run_key="A")
+    w = DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=EVERY_ADD, run_key="A")
     w.add(chunk(make_rows(5), 0, 5))
     w.commit({"documents_done": 1})
     w.add(chunk(make_rows(5, seed=2), 0, 5))  # spilled, uncommitted
@@ -533,7 +561,7 @@ def test_finalize_reports_what_it_wrote(tmp_path):
     w = DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=0.0005, row_group_size=7)
     for lo in range(0, 40, 9):
         w.add(chunk(rows, lo, lo + 9))
-    stats = w.finalize(tmp_path / "final")
+    stats = w.write_final_files(tmp_path / "final")
     for name, head in (("l00h00q", 0), ("l00h01q", 1)):
         table = read_config(tmp_path / "final" / name)
         path = tmp_path / "final" / name / "data.parquet"
@@ -544,14 +572,14 @@ def test_finalize_reports_what_it_wrote(tmp_path):
         assert stats[name].nonfinite_rows == int((~np.isfinite(vectors).all(axis=1)).sum()) == (2 if head == 0 else 1)
         assert stats[name].size == path.stat().st_size and stats[name].sha256 == digest(path)
         assert (stats[name].head_dim, stats[name].sliding_window) == (HEAD_DIM, None)
-    assert w.staging_dir.exists(), "finalize leaves staging to the caller"
+    assert w.staging_dir.exists(), "write_final_files leaves staging to the caller"
 
 
 def test_drop_parts_after_a_finalized_commit_resumes_without_parts(tmp_path):
-    w = DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=0.0, run_key="A")
+    w = DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=EVERY_ADD, run_key="A")
     w.add(chunk(make_rows(6), 0, 6))
     w.commit({"phase": "capturing"})
-    stats = w.finalize(tmp_path / "final")
+    stats = w.write_final_files(tmp_path / "final")
     w.commit({"phase": "finalized", "rows": {n: s.rows for n, s in stats.items()}})
     w.drop_parts()
     assert staged_parts(tmp_path) == [] and journal(tmp_path)["parts"] == []
@@ -562,7 +590,7 @@ def test_drop_parts_after_a_finalized_commit_resumes_without_parts(tmp_path):
 
 def test_orphan_parts_after_drop_parts_crash_are_removed(tmp_path):
     """A kill between the journal rewrite and the unlinks leaves parts the next writer removes."""
-    w = DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=0.0, run_key="A")
+    w = DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=EVERY_ADD, run_key="A")
     w.add(chunk(make_rows(6), 0, 6))
     w.commit({"phase": "finalized"})
     parts = staged_parts(tmp_path)
@@ -579,7 +607,7 @@ def test_nothing_created_before_first_add_or_commit(tmp_path):
     w.add(chunk(make_rows(3), 0, 3))  # buffered, below the threshold
     assert not (tmp_path / "new").exists()
     w.abort()
-    w = DatasetWriter(root / STAGING_DIR, flush_threshold_mb=0.0, run_key="A")
+    w = DatasetWriter(root / STAGING_DIR, flush_threshold_mb=EVERY_ADD, run_key="A")
     w.add(chunk(make_rows(3), 0, 3))
     assert w.staging_dir.exists()
     w.abort()  # no commit: the run leaves nothing, not even the directories it created
@@ -587,7 +615,7 @@ def test_nothing_created_before_first_add_or_commit(tmp_path):
 
 
 def test_no_temp_files_left(tmp_path):
-    write(tmp_path, make_rows(30), [10, 20], flush_threshold_mb=0.0)
+    write(tmp_path, make_rows(30), [10, 20], flush_threshold_mb=EVERY_ADD)
     leftovers = [p for p in tmp_path.rglob("*") if p.name.startswith(".") or "tmp" in p.name]
     assert leftovers == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["l00h00q", "l00h01q"]
@@ -601,3 +629,9 @@ def test_stale_staging_without_journal_is_removed(tmp_path):
     (stale / ".part-000001.arrow.tmp").write_bytes(b"garbage")
     assert write(tmp_path, make_rows(5), []) == {"l00h00q": 5, "l00h01q": 5}
     assert not (tmp_path / STAGING_DIR).exists()
+
+
+@pytest.mark.parametrize("threshold", [0, 0.0, -1.0])
+def test_a_flush_threshold_the_config_would_refuse_is_refused_by_the_writer_too(tmp_path: Path, threshold: float) -> None:
+    with pytest.raises(ValueError, match="flush_threshold_mb must be > 0"):
+        DatasetWriter(tmp_path / STAGING_DIR, flush_threshold_mb=threshold)

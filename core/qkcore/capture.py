@@ -40,6 +40,10 @@ class CapturePlan:
     head_selection: str = ""
     #: Set when the original sniff-qk would pick other heads for this config: how to reproduce its heads.
     head_selection_note: str | None = None
+    #: Every attention layer of the model (the family's ``qkcore_attention_layers``, asked once), captured or not.
+    all_layers: list[AttentionLayer] = field(default_factory=list)
+    #: Layers that pass the filters and may be captured (not cross-attention), whether or not a head was picked.
+    eligible_layers: tuple[int, ...] = ()
 
 
 @dataclass

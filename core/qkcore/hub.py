@@ -24,12 +24,14 @@ backoff (tenacity); anything else is not retried. The last failure becomes one
 
 How requests are bounded: huggingface_hub sends every request through one shared httpx2
 client, and several ``HfApi`` methods pass ``timeout=None`` (no limit) to it, while others
-retry internally with their own backoff (``http_backoff``) and some do not. While a HubSync
-step runs, qkcore installs its own client there (``set_client_factory``, restored after):
-:class:`_HubClient` writes the time limit into every request and raises transient failures
-at once as :class:`_Transient`, so the only retry policy is HubSync's, applied to whole
-steps. Steps run one at a time (before the model loads, or after the capture), so nothing
-else in the process shares that client meanwhile.
+retry internally with their own backoff (``http_backoff``) and some do not. Through
+huggingface_hub's public ``set_client_factory``, qkcore makes that shared client a
+:class:`_HubClient` (once, carrying the request hooks of the client it replaces: the offline
+check and request ids). Outside a HubSync step it behaves as huggingface_hub's default
+client; while a step runs it writes the step's time limit into every request and raises
+transient failures at once as :class:`_Transient`, so the only retry policy is HubSync's,
+applied to whole steps. Steps run one at a time (before the model loads, or after the
+capture).
 """
 
 from __future__ import annotations
@@ -51,7 +53,6 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, Re
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError
 from huggingface_hub.utils import build_hf_headers, get_session, get_token, hf_raise_for_status, set_client_factory
-from huggingface_hub.utils import _http as hf_http  # the client factory to put back, and huggingface_hub's request hook
 
 from qkcore import __version__
 from qkcore.errors import QkcoreError
@@ -145,28 +146,28 @@ class _Mismatch(Exception):
 
 
 class _HubClient(httpx2.Client):
-    """huggingface_hub's client with every request bounded by ``timeout_s`` and transient failures raised.
+    """huggingface_hub's shared client; during a HubSync step, requests are bounded and transient failures raised.
 
-    The limit is written into each request (connect, write, each read, pool), where a caller's
-    ``timeout=None`` cannot lift it. A transient failure is raised as :class:`_Transient`, which
-    is neither an httpx2 error nor a response, so huggingface_hub's inner backoff does not retry
-    it: HubSync's retry is the only one.
+    Outside a step (:func:`_hub_client`) it is huggingface_hub's default client: the same
+    request hooks, redirects followed, no time limit. During one, the step's limit is written
+    into each request (connect, write, each read, pool), where a caller's ``timeout=None``
+    cannot lift it, and a transient failure is raised as :class:`_Transient`, which is neither
+    an httpx2 error nor a response, so huggingface_hub's inner backoff does not retry it:
+    HubSync's retry is the only one.
     """
 
-    def __init__(self, timeout_s: float) -> None:
-        super().__init__(
-            event_hooks={"request": [hf_http.hf_request_event_hook]},  # offline check, request ids
-            follow_redirects=True,
-            timeout=timeout_s,
-        )
-        self._limit_s = timeout_s
+    def __init__(self, request_hooks: Sequence[Callable[..., Any]]) -> None:
+        super().__init__(event_hooks={"request": list(request_hooks)}, follow_redirects=True, timeout=None)
 
     def send(self, request: httpx2.Request, **kwargs: Any) -> httpx2.Response:
+        limit = _STEP_LIMIT_S[0]
+        if limit is None:  # not inside a HubSync step
+            return super().send(request, **kwargs)
         asked = request.extensions.get("timeout") or {}
         request.extensions = {
             **request.extensions,
             "timeout": {
-                key: self._limit_s if asked.get(key) is None else min(asked[key], self._limit_s)
+                key: limit if asked.get(key) is None else min(asked[key], limit)
                 for key in ("connect", "read", "write", "pool")
             },
         }
@@ -174,9 +175,9 @@ class _HubClient(httpx2.Client):
         try:
             response = super().send(request, **kwargs)
         except httpx2.ConnectTimeout as exc:
-            raise _Transient(f"the Hub cannot be reached at {origin} (no connection within {self._limit_s:g} s)") from exc
+            raise _Transient(f"the Hub cannot be reached at {origin} (no connection within {limit:g} s)") from exc
         except httpx2.TimeoutException as exc:
-            raise _Transient(f"timed out after {self._limit_s:g} s ({request.method} {request.url.path})") from exc
+            raise _Transient(f"timed out after {limit:g} s ({request.method} {request.url.path})") from exc
         except httpx2.ConnectError as exc:
             raise _Transient(f"the Hub cannot be reached at {origin} ({_one_line(exc)})") from exc
         except (httpx2.NetworkError, httpx2.RemoteProtocolError) as exc:
@@ -188,15 +189,27 @@ class _HubClient(httpx2.Client):
         return response
 
 
+#: The running HubSync step's time limit (``[None]`` outside a step); steps run one at a time.
+_STEP_LIMIT_S: list[float | None] = [None]
+
+
 @contextlib.contextmanager
 def _hub_client(timeout_s: float) -> Iterator[None]:
-    """Route huggingface_hub's requests through a :class:`_HubClient` while the block runs."""
-    previous = getattr(hf_http, "_GLOBAL_CLIENT_FACTORY", hf_http.default_client_factory)
-    set_client_factory(lambda: _HubClient(timeout_s))
+    """Bound huggingface_hub's requests by ``timeout_s`` (and raise transient failures) while the block runs.
+
+    The first call makes huggingface_hub's shared client a :class:`_HubClient` through its
+    public ``set_client_factory``, keeping the request hooks (offline check, request ids) of
+    the client it replaces, read from the public ``get_session()``.
+    """
+    session = get_session()
+    if not isinstance(session, _HubClient):
+        hooks = tuple(session.event_hooks.get("request", ()))
+        set_client_factory(lambda: _HubClient(hooks))
+    previous, _STEP_LIMIT_S[0] = _STEP_LIMIT_S[0], timeout_s
     try:
         yield
     finally:
-        set_client_factory(previous)
+        _STEP_LIMIT_S[0] = previous
 
 
 class HubSync:

@@ -17,7 +17,7 @@ import pytest
 
 from qkcore.cli import main
 from qkcore.config import load_config
-from qkcore.plan import make_plan
+from qkcore.estimate import make_plan
 from qkcore.sniff import run_sniff
 from qkcore.sources.model import load_architecture
 from qkcore.sources.tokenizer import load_tokenizer

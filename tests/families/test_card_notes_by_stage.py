@@ -64,3 +64,25 @@ def test_yarn_factor_is_in_post_rope_rows_only() -> None:
     assert post[1].endswith("attention_scaling=1.13863, so post-RoPE Q and K rows each include that factor.")
     assert pre[1].endswith("attention_scaling=1.13863, a factor of the rotation, so these pre-RoPE rows do not include "
                            "it.")
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "gemma3_text", "glm"])
+@pytest.mark.parametrize("pre_rope", [False, True], ids=["post", "pre"])
+def test_the_rope_site_in_the_notes_is_the_declared_one(model_type, pre_rope) -> None:
+    """The notes name the modules the family's qkcore_locate_rope declares, not a hand-written copy of them."""
+    from qkcore.capture import CapturePlan
+    from qkcore.layers import RopeSite
+
+    model, family = meta_model(tiny_architecture(model_type))
+    layers = family.hooks.qkcore_attention_layers(model=model)
+    declared = {layer.index: family.hooks.qkcore_locate_rope(model=model, layer=layer) for layer in layers}
+    names = {id(module): name for name, module in layers[0].module.named_children()}
+    query, key = names[id(declared[0].query_source)], names[id(declared[0].key_source)]
+    assert f"{query}/{key}" in " ".join(card_notes(model, family, pre_rope=pre_rope))
+    # Declare the sources the other way round: the notes follow.
+    swapped = {index: RopeSite(site.applies_rope, site.key_source, site.query_source, site.heads_first)
+               for index, site in declared.items()}
+    plan = CapturePlan(layers={}, heads={}, pre_rope=pre_rope, rope_sites=swapped)
+    notes = " ".join(note for provided in family.hooks.qkcore_card_notes(model=model, layers=layers, plan=plan)
+                     for note in provided or [])
+    assert f"{key}/{query}" in notes and f"{query}/{key}" not in notes

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import REPO
 from tests.families._support import plugins_list_line
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_core_has_no_line_about_gemma() -> None:

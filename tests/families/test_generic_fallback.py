@@ -13,8 +13,7 @@ import torch
 from transformers.models.olmo2.modeling_olmo2 import apply_rotary_pos_emb
 
 from qkcore.plugins import make_plugin_manager, resolve_family
-from qkcore.testing import capture_all, eager_reference, rope_tables, rows, sniff, tiny_architecture
-from tests.conftest import TEXTS
+from qkcore.testing import TEXTS, capture_all, rope_tables, rows, sniff, tiny_architecture
 
 ARCHITECTURES = {
     "granite": tiny_architecture("granite", attention_multiplier=0.11),
@@ -22,14 +21,9 @@ ARCHITECTURES = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
-def fallback(request, tmp_path_factory):
-    architecture = ARCHITECTURES[request.param]
-    return request.param, architecture, eager_reference(tmp_path_factory.mktemp(request.param), architecture)
-
-
-def test_no_plugin_claims_the_model_type(fallback) -> None:
-    model_type, _, ref = fallback
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_no_plugin_claims_the_model_type(qk_eager_reference, model_type) -> None:
+    ref = qk_eager_reference(ARCHITECTURES[model_type])
     assert resolve_family(make_plugin_manager(), model_type).is_fallback
     assert [(layer.index, layer.kind, layer.num_query_heads, layer.num_key_value_heads) for layer in ref.layers] == [
         (0, "full", 8, 2),
@@ -39,18 +33,19 @@ def test_no_plugin_claims_the_model_type(fallback) -> None:
         assert ref.layers[0].module.scaling == pytest.approx(0.11)
 
 
-def test_rows_reproduce_eager_attention_and_card_names_the_fallback(tmp_path, fallback) -> None:
-    model_type, architecture, ref = fallback
-    result = sniff(tmp_path, architecture, capture=capture_all())
-    assert ref.check(result.data_root) == 2 * 8 * len(TEXTS)
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_rows_reproduce_eager_attention_and_card_names_the_fallback(qk_eager_reference, qk_sniff, model_type) -> None:
+    architecture = ARCHITECTURES[model_type]
+    result = qk_sniff(architecture, capture=capture_all())
+    assert qk_eager_reference(architecture).check(result.data_root) == 2 * 8 * len(TEXTS)
     card = (result.data_root / "README.md").read_text(encoding="utf-8")
     assert f"No plugin handles model_type '{model_type}': captured by the generic fallback." in card
     assert "handled by plugin `qkcore.generic builtin`" in card
 
 
-def test_olmo2_pre_rope_rows_are_the_norm_outputs(tmp_path) -> None:
+def test_olmo2_pre_rope_rows_are_the_norm_outputs(tmp_path, qk_eager_reference) -> None:
     architecture = ARCHITECTURES["olmo2"]
-    ref = eager_reference(tmp_path, architecture)
+    ref = qk_eager_reference(architecture)
     post = sniff(tmp_path, architecture, capture=capture_all(layers=[0, 1], heads=[5]))
     pre = sniff(tmp_path, architecture, capture=capture_all(layers=[0, 1], heads=[5], capture_pre_rope=True))
     example_id = TEXTS[1][0]

@@ -9,39 +9,35 @@ import pytest
 import torch
 from qk_plugin_glm import rotary_dim
 
-from qkcore.testing import capture_all, eager_reference, rope_tables, rows, sniff, tiny_architecture
-from tests.conftest import TEXTS
+from qkcore.testing import TEXTS, capture_all, rope_tables, rows, sniff, tiny_architecture
 
 MODEL_TYPES = ["glm", "glm4"]
 HEAD_DIM = 16
 ROTARY_DIM = 8  # partial_rotary_factor defaults to 0.5 in both configs
 
 
-@pytest.fixture(scope="module", params=MODEL_TYPES)
-def family(request, tmp_path_factory):
-    """(model_type, architecture, eager reference) per GLM model type."""
-    architecture = tiny_architecture(request.param)
-    return request.param, architecture, eager_reference(tmp_path_factory.mktemp(request.param), architecture)
-
-
-def test_layers_and_rotary_dim(family) -> None:
-    _, _, ref = family
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_layers_and_rotary_dim(qk_eager_reference, model_type) -> None:
+    ref = qk_eager_reference(tiny_architecture(model_type))
     assert ref.family.plugin_name == "glm" and not ref.family.is_fallback
     assert rotary_dim(ref.model) == ROTARY_DIM
     described = [(layer.kind, layer.sliding_window, layer.head_dim) for layer in ref.layers]
     assert described == [("full", None, HEAD_DIM)] * 2
 
 
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-def test_rows_reproduce_eager_attention(tmp_path, family, attn_implementation) -> None:
-    _, architecture, ref = family
-    result = sniff(tmp_path, architecture, model={"attn_implementation": attn_implementation}, capture=capture_all())
+def test_rows_reproduce_eager_attention(qk_eager_reference, qk_sniff, model_type, attn_implementation) -> None:
+    architecture = tiny_architecture(model_type)
+    result = qk_sniff(architecture, model={"attn_implementation": attn_implementation}, capture=capture_all())
     assert len(result.rows) == 2 * (8 + 2)
-    assert ref.check(result.data_root) == 2 * 8 * len(TEXTS)
+    assert qk_eager_reference(architecture).check(result.data_root) == 2 * 8 * len(TEXTS)
 
 
-def test_pre_and_post_rope_rows_differ_only_in_rotary_dims(tmp_path, family) -> None:
-    model_type, architecture, ref = family
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_pre_and_post_rope_rows_differ_only_in_rotary_dims(tmp_path, qk_eager_reference, model_type) -> None:
+    architecture = tiny_architecture(model_type)
+    ref = qk_eager_reference(architecture)
     post = sniff(tmp_path, architecture, capture=capture_all())
     pre = sniff(tmp_path, architecture, capture=capture_all(capture_pre_rope=True))
     apply_rotary_pos_emb = importlib.import_module(
@@ -64,7 +60,7 @@ def test_pre_and_post_rope_rows_differ_only_in_rotary_dims(tmp_path, family) -> 
     assert f"only the first {ROTARY_DIM} of {HEAD_DIM} dims" in card
 
 
-def test_key_configs_follow_gqa_mapping(tmp_path, family) -> None:
-    _, architecture, _ = family
-    result = sniff(tmp_path, architecture, capture={"layers": [0], "heads": [3, 4, 7], "sampler": {"type": "uniform"}})
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_key_configs_follow_gqa_mapping(qk_sniff, model_type) -> None:
+    result = qk_sniff(tiny_architecture(model_type), capture={"layers": [0], "heads": [3, 4, 7], "sampler": {"type": "uniform"}})
     assert sorted(result.rows) == ["l00h00k", "l00h01k", "l00h03q", "l00h04q", "l00h07q"]

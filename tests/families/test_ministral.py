@@ -17,8 +17,6 @@ import torch
 from qk_plugin_ministral import query_scale
 from qkcore.config import ConfigError
 from qkcore.testing import (
-    assert_rows_match_eager,
-    eager_reference,
     expected_sampled_configs,
     read_rows,
     sliding_window_values,
@@ -86,35 +84,13 @@ MISTRAL3 = {
 }
 
 
-def _scaling(layer: int) -> float:
-    return HEAD_DIM**-0.5
-
-
-def _key_head(q: int) -> int:
-    return q // (N_Q // N_KV)
-
-
 def _reapply_scale(layer: int, q: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return q * query_scale(positions, BETA, ORIGINAL_MAX)[:, None]
 
 
 @pytest.fixture(scope="module")
-def ministral3(tmp_path_factory):
-    return eager_reference(tmp_path_factory.mktemp("ministral3-ref"), MINISTRAL3)
-
-
-@pytest.fixture(scope="module")
-def ministral3_post(tmp_path_factory):
-    return sniff(tmp_path_factory.mktemp("ministral3-post"), MINISTRAL3)
-
-
-@pytest.fixture(scope="module")
-def ministral3_unscaled(tmp_path_factory):
-    return sniff(tmp_path_factory.mktemp("ministral3-unscaled"), MINISTRAL3, capture={"unscaled_queries": True})
-
-
-@pytest.fixture(scope="module")
-def kernel_queries(ministral3):
+def kernel_queries(qk_eager_reference):
+    ministral3 = qk_eager_reference(MINISTRAL3)
     """The query each attention call hands its kernel, per document: ``{id: {layer: (heads, seq, dim)}}``."""
     from transformers.models.ministral3 import modeling_ministral3
 
@@ -135,7 +111,8 @@ def kernel_queries(ministral3):
     return queries
 
 
-def test_reference_really_masks_beyond_the_window(ministral3) -> None:
+def test_reference_really_masks_beyond_the_window(qk_eager_reference) -> None:
+    ministral3 = qk_eager_reference(MINISTRAL3)
     # The oracle is only meaningful if the model itself applies the window.
     probs = ministral3.attentions[TEXTS_LONGEST][0]
     i, j = torch.meshgrid(torch.arange(probs.shape[-1]), torch.arange(probs.shape[-1]), indexing="ij")
@@ -145,19 +122,25 @@ def test_reference_really_masks_beyond_the_window(ministral3) -> None:
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-def test_ministral3_rows_reproduce_eager_attention(ministral3, ministral3_post, tmp_path, attn_implementation) -> None:
+def test_ministral3_rows_reproduce_eager_attention(
+    qk_eager_reference, qk_capture, tmp_path, attn_implementation
+) -> None:
+    ministral3 = qk_eager_reference(MINISTRAL3)
+    ministral3_post = qk_capture(MINISTRAL3)
     result = ministral3_post if attn_implementation == "sdpa" else sniff(
         tmp_path, MINISTRAL3, model={"attn_implementation": attn_implementation}
     )
     assert len(result.rows) == MINISTRAL3["num_hidden_layers"] * (N_Q + N_KV)
+    assert {layer.module.scaling for layer in ministral3.layers} == {HEAD_DIM**-0.5}
     # Default rows are the scaled query the kernel uses: q·k reproduces the attention as is.
-    checked = assert_rows_match_eager(result.data_root, ministral3.attentions, scaling=_scaling, key_head=_key_head)
+    checked = ministral3.check(result.data_root)
     assert checked == MINISTRAL3["num_hidden_layers"] * N_Q * len(ministral3.attentions)
     for name in result.rows:
         assert sliding_window_values(result.data_root, name) == {WINDOW}
 
 
-def test_ministral3_query_rows_are_the_kernel_query_by_default(ministral3_post, kernel_queries) -> None:
+def test_ministral3_query_rows_are_the_kernel_query_by_default(qk_capture, kernel_queries) -> None:
+    ministral3_post = qk_capture(MINISTRAL3)
     # The longest document runs past original_max_position_embeddings, where the scale is not 1.
     assert kernel_queries[TEXTS_LONGEST][0].shape[1] > 3 * ORIGINAL_MAX
     for example_id, per_layer in kernel_queries.items():
@@ -169,23 +152,33 @@ def test_ministral3_query_rows_are_the_kernel_query_by_default(ministral3_post, 
                 torch.testing.assert_close(torch.from_numpy(rows), query[head], atol=1e-5, rtol=1e-5)
 
 
-def test_ministral3_default_rows_are_not_the_unscaled_form(ministral3, ministral3_post) -> None:
-    # Positions >= 32 would be scaled twice.
-    with pytest.raises(AssertionError):
-        assert_rows_match_eager(
-            ministral3_post.data_root, ministral3.attentions, scaling=_scaling, key_head=_key_head,
-            query_transform=_reapply_scale,
-        )
+def test_ministral3_default_rows_are_not_the_unscaled_form(qk_eager_reference, qk_capture) -> None:
+    ministral3 = qk_eager_reference(MINISTRAL3)
+    ministral3_post = qk_capture(MINISTRAL3)
+    # Re-applying the scale scales positions >= 32 twice: the oracle fails on the first head and
+    # document (doc-a, longer than 32 positions), and only because of the rows past position 31.
+    with pytest.raises(AssertionError, match=r"^l00h00q example doc-a: Tensor-likes are not close!"):
+        ministral3.check(ministral3_post.data_root, query_transform=_reapply_scale)
+    ministral3.check(ministral3_post.data_root, query_transform=_reapply_scale_below(ORIGINAL_MAX))
 
 
-def test_ministral3_unscaled_queries_divide_the_position_scale_out(
-    ministral3, ministral3_post, ministral3_unscaled
-) -> None:
+def _reapply_scale_below(end: int):
+    """:func:`_reapply_scale` on the first ``end`` positions only (scale 1 there: a no-op), for an
+    oracle that must fail or pass on the positions past ``end`` alone."""
+
+    def transform(layer: int, q: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        scaled = _reapply_scale(layer, q, positions)
+        return torch.where((positions < end)[:, None], scaled, q)
+
+    return transform
+
+
+def test_ministral3_unscaled_queries_divide_the_position_scale_out(qk_eager_reference, qk_capture) -> None:
+    ministral3 = qk_eager_reference(MINISTRAL3)
+    ministral3_post = qk_capture(MINISTRAL3)
+    ministral3_unscaled = qk_capture(MINISTRAL3, capture={"unscaled_queries": True})
     # The option's rows are the query before the scale: re-applying it reproduces the attention ...
-    checked = assert_rows_match_eager(
-        ministral3_unscaled.data_root, ministral3.attentions, scaling=_scaling, key_head=_key_head,
-        query_transform=_reapply_scale,
-    )
+    checked = ministral3.check(ministral3_unscaled.data_root, query_transform=_reapply_scale)
     assert checked == MINISTRAL3["num_hidden_layers"] * N_Q * len(ministral3.attentions)
     # ... and default / unscaled is the scale of each position (fixed values), keys identical.
     for name in ministral3_post.rows:
@@ -219,7 +212,8 @@ def test_query_scale_at_the_protocol_parameters() -> None:
         ({"capture_pre_rope": True}, "Query rows are pre-RoPE, so they carry no scale", "include the scale"),
     ],
 )
-def test_ministral3_card_says_which_query_form(ministral3_post, tmp_path, capture, says, not_says) -> None:
+def test_ministral3_card_says_which_query_form(qk_capture, tmp_path, capture, says, not_says) -> None:
+    ministral3_post = qk_capture(MINISTRAL3)
     result = ministral3_post if not capture else sniff(tmp_path, {**MINISTRAL3, "num_hidden_layers": 1}, capture=capture)
     card = (result.data_root / "README.md").read_text()
     assert says in card and not_says not in card
@@ -227,11 +221,12 @@ def test_ministral3_card_says_which_query_form(ministral3_post, tmp_path, captur
 
 
 @pytest.fixture(scope="module")
-def ministral3_rotated_pre(ministral3, tmp_path_factory):
+def ministral3_rotated_pre(qk_eager_reference, qk_capture):
     """Pre-RoPE rows of the longest document rotated with the model's RoPE, next to the post-RoPE rows."""
     from transformers.models.ministral3.modeling_ministral3 import apply_rotary_pos_emb
 
-    pre = sniff(tmp_path_factory.mktemp("ministral3-pre"), MINISTRAL3, capture={"capture_pre_rope": True})
+    ministral3 = qk_eager_reference(MINISTRAL3)
+    pre = qk_capture(MINISTRAL3, capture={"capture_pre_rope": True})
     length = ministral3.inputs[TEXTS_LONGEST].shape[1]
     cos, sin = ministral3.backbone.rotary_emb(torch.zeros(1), torch.arange(length)[None])
     pairs = {}
@@ -243,7 +238,8 @@ def ministral3_rotated_pre(ministral3, tmp_path_factory):
     return pre, pairs
 
 
-def test_ministral3_pre_rope_rows_rotate_into_post_rope_rows(ministral3_post, ministral3_rotated_pre) -> None:
+def test_ministral3_pre_rope_rows_rotate_into_post_rope_rows(qk_capture, ministral3_rotated_pre) -> None:
+    ministral3_post = qk_capture(MINISTRAL3)
     pre, pairs = ministral3_rotated_pre
     assert set(pre.rows) == set(ministral3_post.rows)
     for name, (pre_rows, rotated) in pairs.items():
@@ -257,9 +253,9 @@ def test_ministral3_pre_rope_rows_rotate_into_post_rope_rows(ministral3_post, mi
         torch.testing.assert_close(rotated[rows], post_rows[rows], atol=1e-5, rtol=1e-5, msg=name)
 
 
-def test_ministral3_pre_rope_queries_carry_no_position_scale(
-    ministral3_post, ministral3_unscaled, ministral3_rotated_pre
-) -> None:
+def test_ministral3_pre_rope_queries_carry_no_position_scale(qk_capture, ministral3_rotated_pre) -> None:
+    ministral3_post = qk_capture(MINISTRAL3)
+    ministral3_unscaled = qk_capture(MINISTRAL3, capture={"unscaled_queries": True})
     _, pairs = ministral3_rotated_pre
     for name, (_, rotated) in pairs.items():
         if name.endswith("q"):
@@ -270,11 +266,11 @@ def test_ministral3_pre_rope_queries_carry_no_position_scale(
             torch.testing.assert_close(rescaled, torch.from_numpy(scaled), atol=1e-5, rtol=1e-5, msg=name)
 
 
-def test_ministral_mixed_layers_oracle_and_eligibility(tmp_path_factory, tmp_path) -> None:
-    reference = eager_reference(tmp_path_factory.mktemp("ministral-ref"), MINISTRAL)
+def test_ministral_mixed_layers_oracle_and_eligibility(qk_eager_reference, tmp_path) -> None:
+    reference = qk_eager_reference(MINISTRAL)
     result = sniff(tmp_path, MINISTRAL)
     assert len(result.rows) == MINISTRAL["num_hidden_layers"] * (N_Q + N_KV)
-    checked = assert_rows_match_eager(result.data_root, reference.attentions, scaling=_scaling, key_head=_key_head)
+    checked = reference.check(result.data_root)
     assert checked == MINISTRAL["num_hidden_layers"] * N_Q * len(reference.attentions)
     windows = {0: WINDOW, 1: None, 2: WINDOW}
     for name in result.rows:
@@ -286,10 +282,10 @@ def test_ministral_mixed_layers_oracle_and_eligibility(tmp_path_factory, tmp_pat
     )
 
 
-def test_mistral_model_wide_window_oracle_and_eligibility(tmp_path_factory, tmp_path) -> None:
-    reference = eager_reference(tmp_path_factory.mktemp("mistral-ref"), MISTRAL)
+def test_mistral_model_wide_window_oracle_and_eligibility(qk_eager_reference, tmp_path) -> None:
+    reference = qk_eager_reference(MISTRAL)
     result = sniff(tmp_path, MISTRAL)
-    checked = assert_rows_match_eager(result.data_root, reference.attentions, scaling=_scaling, key_head=_key_head)
+    checked = reference.check(result.data_root)
     assert checked == MISTRAL["num_hidden_layers"] * N_Q * len(reference.attentions)
     for name in result.rows:
         assert sliding_window_values(result.data_root, name) == {WINDOW}
@@ -305,14 +301,14 @@ def test_head_sampling_follows_gqa_over_eligible_layers(tmp_path) -> None:
     assert sorted(result.rows) == expected_sampled_configs([1, 3, 4], N_Q, N_KV, count=5, seed=3)
 
 
-def test_mistral3_wrapper_captures_its_text_decoder(tmp_path_factory, tmp_path) -> None:
+def test_mistral3_wrapper_captures_its_text_decoder(qk_eager_reference, tmp_path) -> None:
     from transformers import Mistral3ForConditionalGeneration
 
-    reference = eager_reference(tmp_path_factory.mktemp("mistral3-ref"), MISTRAL3)
+    reference = qk_eager_reference(MISTRAL3)
     assert isinstance(reference.model, Mistral3ForConditionalGeneration)
     assert reference.backbone is reference.model.model.language_model
     result = sniff(tmp_path, MISTRAL3)
-    checked = assert_rows_match_eager(result.data_root, reference.attentions, scaling=_scaling, key_head=_key_head)
+    checked = reference.check(result.data_root)
     assert checked == N_Q * len(reference.attentions)
     card = (result.data_root / "README.md").read_text()
     assert f"beta = {BETA:g}" in card and "Query rows include the scale" in card

@@ -14,8 +14,6 @@ import pytest
 import torch
 
 from qkcore.testing import (
-    assert_rows_match_eager,
-    eager_reference,
     expected_sampled_configs,
     read_rows,
     sliding_window_values,
@@ -64,16 +62,6 @@ def _key_head(q: int) -> int:
     return q // (N_Q // N_KV)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return eager_reference(tmp_path_factory.mktemp("mllama-ref"), MLLAMA)
-
-
-@pytest.fixture(scope="module")
-def post(tmp_path_factory):
-    return sniff(tmp_path_factory.mktemp("mllama-post"), MLLAMA)
-
-
 def _expected_configs(layers: list[int]) -> list[str]:
     return sorted(
         [f"l{layer:02d}h{h:02d}q" for layer in layers for h in range(N_Q)]
@@ -81,20 +69,18 @@ def _expected_configs(layers: list[int]) -> list[str]:
     )
 
 
-def test_rows_reproduce_eager_self_attention(reference, post) -> None:
+def test_rows_reproduce_eager_self_attention(qk_eager_reference, qk_capture) -> None:
+    reference, post = qk_eager_reference(MLLAMA), qk_capture(MLLAMA)
     assert all(len(per_layer) == len(SELF_LAYERS) for per_layer in reference.attentions.values())
     assert sorted(post.rows) == _expected_configs(SELF_LAYERS)
-    checked = assert_rows_match_eager(
-        post.data_root,
-        reference.attentions,
-        scaling=lambda layer: HEAD_DIM**-0.5,
-        key_head=_key_head,
-        attention_index=SELF_LAYERS.index,  # eager attentions skip the cross layer
-    )
+    assert {layer.module.scaling for layer in reference.layers} == {HEAD_DIM**-0.5}
+    # The family's own GQA mapping and each module's scale; eager attentions skip the cross layer.
+    checked = reference.check(post.data_root, attention_index=SELF_LAYERS.index)
     assert checked == len(SELF_LAYERS) * N_Q * len(reference.attentions)
 
 
-def test_cross_layers_are_listed_never_captured_and_columns_are_null(reference, post, tmp_path) -> None:
+def test_cross_layers_are_listed_never_captured_and_columns_are_null(qk_eager_reference, qk_capture, tmp_path) -> None:
+    reference, post = qk_eager_reference(MLLAMA), qk_capture(MLLAMA)
     layers = reference.family.hooks.qkcore_attention_layers(model=reference.model)
     assert [(layer.index, layer.kind) for layer in layers] == [(0, "full"), (1, "cross"), (2, "full"), (3, "full")]
     full_only = sniff(tmp_path, MLLAMA, capture={"full_attention_only": True, "sampler": {"type": "uniform"}})
@@ -105,7 +91,8 @@ def test_cross_layers_are_listed_never_captured_and_columns_are_null(reference, 
     assert "Cross-attention layers [1]" in card
 
 
-def test_pre_rope_rows_differ_from_post_rope_rows(reference, post, tmp_path) -> None:
+def test_pre_rope_rows_differ_from_post_rope_rows(qk_capture, tmp_path) -> None:
+    post = qk_capture(MLLAMA)
     pre = sniff(tmp_path, MLLAMA, capture={"capture_pre_rope": True})
     example_id = "doc-b"
     for layer in SELF_LAYERS:
@@ -151,15 +138,15 @@ def test_all_decoder_layers_reproduces_the_original_tools_heads(tmp_path) -> Non
     assert sum(name.endswith("q") for name in default.rows) == count
 
 
-def test_text_weights_load_from_a_checkpoint_in_the_hub_layout(reference, tmp_path) -> None:
+def test_text_weights_load_from_a_checkpoint_in_the_hub_layout(qk_eager_reference, qk_run_config, tmp_path) -> None:
     """The hub stores `language_model.model.*`, `language_model.lm_head.*`, `vision_model.*`."""
     from safetensors.torch import save_file
 
     from qkcore.config import load_config
     from qkcore.sources.model import load_architecture, load_model
-    from tests.conftest import make_config
     from transformers import AutoConfig
 
+    reference = qk_eager_reference(MLLAMA)
     source = reference.model  # MllamaForCausalLM: text decoder + LM head, built from MLLAMA
     weights = {f"language_model.{name}": tensor.contiguous() for name, tensor in source.state_dict().items()}
     weights["vision_model.patch_embedding.weight"] = torch.zeros(32, 3, 14, 14)  # present in the hub files
@@ -169,7 +156,7 @@ def test_text_weights_load_from_a_checkpoint_in_the_hub_layout(reference, tmp_pa
     config = AutoConfig.for_model("mllama", **{k: v for k, v in MLLAMA.items() if k != "model_type"})
     (checkpoint / "config.json").write_text(json.dumps(config.to_dict()))
 
-    cfg = load_config(make_config(tmp_path, None, model={"name": str(checkpoint), "config": None}))
+    cfg = load_config(qk_run_config(model={"name": str(checkpoint), "config": None}))
     architecture = load_architecture(cfg.model)
     model_class = reference.family.hooks.qkcore_model_class(config=architecture)
     loaded = load_model(cfg.model, architecture, model_class, torch.float32, torch.device("cpu"))

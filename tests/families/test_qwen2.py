@@ -8,15 +8,14 @@ import torch
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 from qkcore.testing import (
+    TEXTS,
     capture_all,
-    eager_reference,
     rope_tables,
     rows,
     sliding_window_values,
     sniff,
     tiny_architecture,
 )
-from tests.conftest import TEXTS
 
 WINDOW = 16  # shorter than most test documents, so the window changes the attention
 #: Default layer_types: layers from max_window_layers on slide -> layer 0 full, layer 1 sliding.
@@ -27,31 +26,27 @@ ARCH_LAYER_TYPES = tiny_architecture(
 )
 
 
-@pytest.fixture(scope="module")
-def ref(tmp_path_factory):
-    return eager_reference(tmp_path_factory.mktemp("qwen2"), ARCH)
-
-
-def test_layers_describe_kinds_windows_and_biased_projections(ref) -> None:
+def test_layers_describe_kinds_windows_and_biased_projections(qk_eager_reference) -> None:
+    ref = qk_eager_reference(ARCH)
     assert [(layer.kind, layer.sliding_window) for layer in ref.layers] == [("full", None), ("sliding", WINDOW)]
     assert {(layer.num_query_heads, layer.num_key_value_heads, layer.head_dim) for layer in ref.layers} == {(8, 2, 16)}
     assert all(layer.module.q_proj.bias is not None and layer.module.k_proj.bias is not None for layer in ref.layers)
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-def test_rows_reproduce_eager_attention_with_sliding_layers(tmp_path, ref, attn_implementation) -> None:
-    result = sniff(tmp_path, ARCH, model={"attn_implementation": attn_implementation}, capture=capture_all())
-    assert ref.check(result.data_root) == 2 * 8 * len(TEXTS)
+def test_rows_reproduce_eager_attention_with_sliding_layers(qk_eager_reference, qk_sniff, attn_implementation) -> None:
+    result = qk_sniff(ARCH, model={"attn_implementation": attn_implementation}, capture=capture_all())
+    assert qk_eager_reference(ARCH).check(result.data_root) == 2 * 8 * len(TEXTS)
     assert sliding_window_values(result.data_root, "l00h03q") == {None}
     assert (
         sliding_window_values(result.data_root, "l01h03q") == sliding_window_values(result.data_root, "l01h01k") == {WINDOW}
     )
 
 
-def test_explicit_layer_types_are_honoured(tmp_path) -> None:
-    explicit = eager_reference(tmp_path, ARCH_LAYER_TYPES)
+def test_explicit_layer_types_are_honoured(qk_eager_reference, qk_sniff) -> None:
+    explicit = qk_eager_reference(ARCH_LAYER_TYPES)
     assert [layer.kind for layer in explicit.layers] == ["sliding", "full"]
-    result = sniff(tmp_path, ARCH_LAYER_TYPES, capture=capture_all())
+    result = qk_sniff(ARCH_LAYER_TYPES, capture=capture_all())
     assert explicit.check(result.data_root) == 2 * 8 * len(TEXTS)
     assert sliding_window_values(result.data_root, "l00h00q") == {WINDOW}
 
@@ -64,7 +59,8 @@ def test_full_attention_only_drops_exactly_the_sliding_layers(tmp_path) -> None:
     assert "qwen2 0.1.0" in card and f"Sliding-window layers (layer: window): {{1: {WINDOW}}}" in card
 
 
-def test_pre_rope_rows_are_biased_projections_that_rotate_into_post_rope_rows(tmp_path, ref) -> None:
+def test_pre_rope_rows_are_biased_projections_that_rotate_into_post_rope_rows(tmp_path, qk_eager_reference) -> None:
+    ref = qk_eager_reference(ARCH)
     post = sniff(tmp_path, ARCH, capture=capture_all())
     pre = sniff(tmp_path, ARCH, capture=capture_all(capture_pre_rope=True))
     example_id = TEXTS[3][0]

@@ -11,8 +11,7 @@ from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
 from qkcore.config import load_config
 from qkcore.sources.model import load_architecture
-from qkcore.testing import capture_all, eager_reference, rope_tables, rows, sniff, tiny_architecture
-from tests.conftest import TEXTS, make_config
+from qkcore.testing import TEXTS, capture_all, rope_tables, rows, sniff, tiny_architecture
 
 ARCH = tiny_architecture("qwen3")
 #: Exactly as the protocol's Qwen3 configs write it.
@@ -20,32 +19,22 @@ YARN = {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_posit
 YARN_SCALING = 0.1 * math.log(4.0) + 1.0  # YaRN's default attention factor for factor 4
 
 
-@pytest.fixture(scope="module")
-def plain(tmp_path_factory):
-    return eager_reference(tmp_path_factory.mktemp("qwen3"), ARCH)
-
-
-@pytest.fixture(scope="module")
-def yarn(tmp_path_factory):
-    return eager_reference(tmp_path_factory.mktemp("qwen3-yarn"), ARCH, config_overrides=YARN)
-
-
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-def test_rows_reproduce_eager_attention(tmp_path, plain, attn_implementation) -> None:
-    result = sniff(tmp_path, ARCH, model={"attn_implementation": attn_implementation}, capture=capture_all())
+def test_rows_reproduce_eager_attention(qk_eager_reference, qk_sniff, attn_implementation) -> None:
+    result = qk_sniff(ARCH, model={"attn_implementation": attn_implementation}, capture=capture_all())
     assert len(result.rows) == 2 * (8 + 2)
-    assert plain.check(result.data_root) == 2 * 8 * len(TEXTS)
+    assert qk_eager_reference(ARCH).check(result.data_root) == 2 * 8 * len(TEXTS)
 
 
-def test_rows_reproduce_eager_attention_with_yarn(tmp_path, yarn) -> None:
-    result = sniff(tmp_path, ARCH, model={"config_overrides": YARN}, capture=capture_all())
-    assert yarn.check(result.data_root) == 2 * 8 * len(TEXTS)
+def test_rows_reproduce_eager_attention_with_yarn(qk_eager_reference, qk_sniff) -> None:
+    result = qk_sniff(ARCH, model={"config_overrides": YARN}, capture=capture_all())
+    assert qk_eager_reference(ARCH, config_overrides=YARN).check(result.data_root) == 2 * 8 * len(TEXTS)
 
 
 @pytest.mark.parametrize("spelling", ["rope_scaling", "rope_parameters"])
-def test_yarn_overrides_build_a_yarn_rotary_embedding(tmp_path, spelling) -> None:
+def test_yarn_overrides_build_a_yarn_rotary_embedding(qk_run_config, spelling) -> None:
     overrides = {spelling: YARN["rope_scaling"]}
-    cfg = load_config(make_config(tmp_path, model={"config": ARCH, "config_overrides": overrides}))
+    cfg = load_config(qk_run_config(ARCH, model={"config_overrides": overrides}))
     config = load_architecture(cfg.model)
     assert config.rope_parameters["rope_type"] == "yarn"
     assert config.rope_parameters["factor"] == 4.0
@@ -60,8 +49,9 @@ def test_yarn_overrides_build_a_yarn_rotary_embedding(tmp_path, spelling) -> Non
 
 
 @pytest.mark.parametrize("use_yarn", [False, True], ids=["default", "yarn"])
-def test_pre_rope_rows_are_norm_outputs_that_rotate_into_post_rope_rows(tmp_path, plain, yarn, use_yarn) -> None:
-    ref, model_section = (yarn, {"config_overrides": YARN}) if use_yarn else (plain, {})
+def test_pre_rope_rows_are_norm_outputs_that_rotate_into_post_rope_rows(tmp_path, qk_eager_reference, use_yarn) -> None:
+    model_section = {"config_overrides": YARN} if use_yarn else {}
+    ref = qk_eager_reference(ARCH, **model_section)
     post = sniff(tmp_path, ARCH, model=model_section, capture=capture_all())
     pre = sniff(tmp_path, ARCH, model=model_section, capture=capture_all(capture_pre_rope=True))
     assert set(pre.rows) == set(post.rows)

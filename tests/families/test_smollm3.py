@@ -5,32 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.smollm3.modeling_smollm3 import apply_rotary_pos_emb
 
-from qkcore.plugins import make_plugin_manager, resolve_family
-from qkcore.testing import TINY_SIZES, capture_all, eager_reference, rope_tables, rows, sniff, tiny_architecture
-from tests.conftest import TEXTS
+from qkcore.testing import TEXTS, capture_all, meta_model, rope_tables, rows, sniff, tiny_architecture
 
 #: Layer 0 applies RoPE, layer 1 is NoPE.
 ARCH = tiny_architecture("smollm3", no_rope_layers=[1, 0])
 
 
-@pytest.fixture(scope="module")
-def ref(tmp_path_factory):
-    return eager_reference(tmp_path_factory.mktemp("smollm3"), ARCH)
-
-
-def _meta_model(**overrides):
-    sizes = {key: value for key, value in TINY_SIZES.items() if key != "num_hidden_layers"}
-    config = AutoConfig.for_model("smollm3", **{**sizes, **overrides})
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
-
-
 def test_default_pattern_makes_every_fourth_layer_nope() -> None:
-    model = _meta_model(num_hidden_layers=12)
-    family = resolve_family(make_plugin_manager(), "smollm3")
+    model, family = meta_model(tiny_architecture("smollm3", num_hidden_layers=12))
     assert family.plugin_name == "smollm3" and not family.is_fallback
     layers = family.hooks.qkcore_attention_layers(model=model)
     applies = [family.hooks.qkcore_locate_rope(model=model, layer=layer).applies_rope for layer in layers]
@@ -41,20 +25,22 @@ def test_default_pattern_makes_every_fourth_layer_nope() -> None:
 
 
 def test_sliding_window_applies_to_nope_layers_only_when_enabled() -> None:
-    model = _meta_model(num_hidden_layers=8, use_sliding_window=True, sliding_window=32)
-    family = resolve_family(make_plugin_manager(), "smollm3")
+    model, family = meta_model(
+        tiny_architecture("smollm3", num_hidden_layers=8, use_sliding_window=True, sliding_window=32)
+    )
     layers = family.hooks.qkcore_attention_layers(model=model)
     assert {layer.index: layer.sliding_window for layer in layers if layer.kind == "sliding"} == {3: 32, 7: 32}
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-def test_rows_reproduce_eager_attention(tmp_path, ref, attn_implementation) -> None:
-    result = sniff(tmp_path, ARCH, model={"attn_implementation": attn_implementation}, capture=capture_all())
+def test_rows_reproduce_eager_attention(qk_eager_reference, qk_sniff, attn_implementation) -> None:
+    result = qk_sniff(ARCH, model={"attn_implementation": attn_implementation}, capture=capture_all())
     assert len(result.rows) == 2 * (8 + 2)
-    assert ref.check(result.data_root) == 2 * 8 * len(TEXTS)
+    assert qk_eager_reference(ARCH).check(result.data_root) == 2 * 8 * len(TEXTS)
 
 
-def test_post_rope_equals_pre_rope_on_nope_layers_only(tmp_path, ref) -> None:
+def test_post_rope_equals_pre_rope_on_nope_layers_only(tmp_path, qk_eager_reference) -> None:
+    ref = qk_eager_reference(ARCH)
     post = sniff(tmp_path, ARCH, capture=capture_all())
     pre = sniff(tmp_path, ARCH, capture=capture_all(capture_pre_rope=True))
     assert set(pre.rows) == set(post.rows)

@@ -30,7 +30,7 @@ from qkcore.analysis.data import (
     ModelMeta,
     PlasticityError,
     Source,
-    card_models,
+    read_card_models,
 )
 from qkcore.analysis.gaussian import fit_query_model, pair_plasticity
 from qkcore.analysis.pairs import DEFAULT_LOCALITY, KeyIndex, eligible_keys, sample_key_pairs
@@ -43,7 +43,7 @@ from qkcore.analysis.report import (
     plot_plasticity,
     write_csv,
 )
-from qkcore.heads import key_head_for
+from qkcore.heads import GQA_RULE, key_head_for
 from qkcore.layout import config_name, parse_config_name
 
 __all__ = [
@@ -63,7 +63,7 @@ HEADS_CSV = "head_metrics.csv"
 PLOT_PNG = "plasticity.png"
 README_MD = "README.md"
 #: The generic GQA rule (:func:`qkcore.heads.key_head_for`), in words.
-DEFAULT_RULE = "q // (n_q // n_kv)"
+DEFAULT_RULE = GQA_RULE
 
 
 @dataclass(frozen=True)
@@ -323,8 +323,22 @@ def _configs(source: Source) -> list[str]:
     except PlasticityError:
         raise
     except Exception as exc:  # noqa: BLE001 - datasets/hub raise many types for "not there"
-        name = source.repo if isinstance(source, HubSource) else source.describe()
+        name = source.repo if isinstance(source, HubSource) else str(source.root)
         raise PlasticityError(f"{name}: no such dataset folder, and no Hub dataset of that name could be read ({exc})") from exc
+
+
+def _require_query_configs(source: Source, configs: list[str]) -> None:
+    """A source without one query config is one error naming the folder (or Hub repo) and what was looked for."""
+    if any(parsed[2] == "q" for parsed in map(parse_config_name, configs) if parsed is not None):
+        return
+    if isinstance(source, HubSource):
+        where = f"{source.repo}@{source.revision or 'main'}"
+    else:
+        where = str(getattr(source, "root", source.describe()))
+    raise PlasticityError(
+        f"{where}: no captured query heads (no lXXhYYq/data.parquet) found; give a data root written by qkcore sniff "
+        "(or a Hub dataset repo it was pushed to)"
+    )
 
 
 def run_plasticity(
@@ -344,8 +358,9 @@ def run_plasticity(
     Every input check (card, mapping, configs) runs before any compute or write.
     """
     configs = _configs(source)
+    _require_query_configs(source, configs)
     card = source.card()
-    models = card_models(card)
+    models = read_card_models(card)
     if models and not 0 <= model_index < len(models):
         raise PlasticityError(f"--model-index {model_index} out of range: the card lists {len(models)} model(s)")
     meta = ModelMeta.from_card_entry(models[model_index], f"{card}: qkcore.models[{model_index}]") if models else ModelMeta()

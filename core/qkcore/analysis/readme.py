@@ -113,8 +113,8 @@ def render_readme(
         "key head, t])`: the numbers do not depend on worker scheduling, and query heads sharing a key "
         "head are compared on the same pairs.",
         f"6. **Small buckets.** A bucket with at most head_dim ({dims}) queries has a singular sample "
-        "covariance, and its shrunk estimate reads lower than full buckets (about 0.03 for the partial "
-        f"last bucket of SmolLM2-135M, on trained and on random weights). Such buckets are flagged `small_bucket` and {small_rule}.",
+        "covariance, and its shrunk estimate reads lower than the same head's full buckets. Such buckets "
+        f"are flagged `small_bucket` and {small_rule}.",
         "7. **Non-finite rows.** A query or key row whose vector holds a NaN or an infinity is left out "
         "before anything is fitted or sampled and is counted in `skipped_queries` / `skipped_keys` "
         f"(this run: {q_skipped} query row(s), {k_skipped} key row(s)).",

@@ -33,6 +33,7 @@ import json
 import os
 import socket
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -215,7 +216,7 @@ class LocalDataRoot:
         Resumable: called again after a kill, it finishes the same publish (files already
         moved are checked against the record, the rest are moved).
         """
-        record.state = "publishing"
+        record = replace(record, state="publishing")
         self.write_record(record)
         wanted = set(record.files)
         for name in self.dataset_files():
@@ -232,8 +233,8 @@ class LocalDataRoot:
                     "rerun with --restart to capture again"
                 )
         fsync(self.path)
-        record.files = {name: FileEntry(e.size, e.sha256, (self.path / name).stat().st_mtime_ns) for name, e in record.files.items()}
-        record.state = "complete"
+        files = {name: FileEntry(e.size, e.sha256, (self.path / name).stat().st_mtime_ns) for name, e in record.files.items()}
+        record = replace(record, state="complete", files=files)
         self.write_record(record)
         remove_tree(self.final_dir)
         return record

@@ -117,8 +117,8 @@ def read_journal(staging_dir: Path | str) -> dict[str, Any] | None:
 def staged_journal(staging_dir: Path, *, restart: bool = False) -> dict[str, Any] | None:
     """The committed journal of a data root's staging folder, as the rule reads it; ``None`` if nothing is committed.
 
-    A staging folder without a journal holds nothing committed (killed before its first
-    commit, or emptied): it is removed. An unreadable journal raises
+    Reads only: a staging folder without a journal (nothing committed) is left for the
+    caller to remove once the rule decided. An unreadable journal raises
     :class:`StagingConflict` naming ``--restart``; under ``restart`` it is ``None`` and
     left in place instead, since ``--restart`` discards staging once the rule has let
     the run go ahead (a refused run leaves it as it was).
@@ -131,8 +131,6 @@ def staged_journal(staging_dir: Path, *, restart: bool = False) -> dict[str, Any
         if restart:
             return None
         raise
-    if journal is None:
-        remove_tree(staging_dir)
     return journal
 
 

@@ -1,4 +1,4 @@
-"""Deciding what a run captures: the sampler, the layers and the heads.
+"""The plan stage: what a run captures: the sampler, the layers and the heads.
 
 :func:`plan_capture` is **where heads are chosen and mapped**: eligible layers from
 the family's ``qkcore_attention_layers``, query heads by :mod:`qkcore.heads`, key
@@ -9,25 +9,25 @@ what a run captures.
 
 from __future__ import annotations
 
-from typing import Any
-
 import pluggy
 import torch
 
 from qkcore.capture import CapturePlan
 from qkcore.config import ConfigError, SniffConfig
 from qkcore.errors import QkcoreError
-from qkcore.heads import HeadSelection, sample_query_heads, validate_filters
+from qkcore.heads import HeadSelection, map_key_heads, sample_query_heads, validate_filters
 from qkcore.layers import AttentionLayer
-from qkcore.plugins import Family
+from qkcore.plugins import Family, collect_named
 from qkcore.samplers import Sampler
 
 
 def build_sampler(pm: pluggy.PluginManager, cfg: SniffConfig) -> Sampler:
-    """The sampler named by ``capture.sampler.type``, from any plugin."""
-    factories: dict[str, Any] = {}
-    for provided in pm.hook.qkcore_samplers():
-        factories.update(provided or {})
+    """The sampler named by ``capture.sampler.type``, from any plugin.
+
+    A sampler name two plugins provide is an error naming both (as for commands and
+    model types), whichever name the run asks for.
+    """
+    factories = {name: factory for name, (_, factory) in collect_named(pm, "qkcore_samplers", "sampler").items()}
     name = cfg.capture.sampler.type
     if name not in factories:
         raise ConfigError(
@@ -64,12 +64,7 @@ def plan_capture(model: torch.nn.Module, family: Family, cfg: SniffConfig, insta
         layer = by_index[index]
         # The family's GQA mapping, recorded per query head (the card publishes it, so an
         # analysis pairs each query head with the key head the model really used).
-        key_head_of[index] = {
-            q: family.hooks.qkcore_key_head(
-                query_head=q, num_query_heads=layer.num_query_heads, num_key_value_heads=layer.num_key_value_heads
-            )
-            for q in q_heads
-        }
+        key_head_of[index] = map_key_heads(q_heads, layer.num_query_heads, layer.num_key_value_heads, family.key_head)
         if capture.capture_queries:
             heads[(index, "q")] = list(q_heads)
         if capture.capture_keys:
@@ -97,6 +92,8 @@ def plan_capture(model: torch.nn.Module, family: Family, cfg: SniffConfig, insta
         unscaled_queries=capture.unscaled_queries,
         head_selection=selection.describe(),
         head_selection_note=_original_tool_note(layers, cfg, selection),
+        all_layers=list(layers),
+        eligible_layers=tuple(i for i in selection.candidate_layer_indices if by_index[i].kind != "cross"),
     )
 
 

@@ -1,8 +1,8 @@
-"""``qkcore plan``: what a capture would write and cost, before spending GPU hours.
+"""The estimates behind ``qkcore plan``: what a capture would write and cost, before spending GPU hours.
 
 The model is built from its architecture config on PyTorch's ``meta`` device
 (no weights are read or allocated), so the family plugin's hooks and
-:func:`qkcore.planning.plan_capture` pick exactly the layers and heads a real run
+:func:`qkcore.stages.plan.plan_capture` pick exactly the layers and heads a real run
 would. From the sampler's keep probabilities the plan derives the expected rows
 per config, the disk size and the free disk a run needs while writing
 (:func:`disk_needed_bytes`), and a GPU-time estimate from
@@ -19,6 +19,7 @@ explicit token counts.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -31,12 +32,15 @@ from torch import nn
 
 from qkcore.config import SniffConfig
 from qkcore.errors import QkcoreError
-from qkcore.heads import _ranges, sample_query_heads
+from qkcore.heads import _ranges
 from qkcore.plugins import Family, installed_summary, make_plugin_manager, resolve_family
+from qkcore.capture import CapturePlan
 from qkcore.samplers import Sampler
-from qkcore.planning import build_sampler, plan_capture
+from qkcore.stages.plan import build_sampler, plan_capture
+from qkcore.plan_defaults import DEFAULT_DOCUMENTS, LENGTH_SAMPLE
 from qkcore.batching import tokenize_batches
-from qkcore.layout import config_name
+from qkcore.layout import config_name, row_bytes
+from qkcore.meta_model import on_meta_device
 from qkcore.sources.documents import check_columns, document_count, iter_documents, open_dataset
 from qkcore.sources.model import load_architecture
 from qkcore.sources.tokenizer import load_tokenizer
@@ -47,10 +51,13 @@ __all__ = [
     "LENGTH_SAMPLE",
     "THROUGHPUT_SOURCE",
     "THROUGHPUT_TOKENS_PER_S",
+    "DiskEstimate",
     "LayerPlan",
     "Plan",
     "build_meta_model",
     "disk_needed_bytes",
+    "estimate_device",
+    "estimate_disk",
     "estimate_gpu_seconds",
     "expected_rows",
     "format_plan",
@@ -60,15 +67,8 @@ __all__ = [
     "throughput_tokens_per_s",
 ]
 
-#: Documents assumed for a Hub dataset when ``dataset.max_samples`` is null and no ``--documents`` is given.
-DEFAULT_DOCUMENTS = 500
-#: Local documents tokenised to measure lengths; a larger dataset is sampled evenly and scaled.
-LENGTH_SAMPLE = 1000
 #: A plan whose estimated disk size exceeds this (1 TB, decimal) is flagged.
 DISK_WARNING_BYTES = 1e12
-#: Bytes per row besides the vector: bucket, example_id, position, sliding_window (int32 each).
-ROW_OVERHEAD_BYTES = 16
-
 #: Disk a run writes, measured with benchmarks/staging_disk.py (2026-11-24, pyarrow 26; see
 #: docs/benchmarks.md): zstd bytes per vector element by the dtype the vectors were computed in
 #: (float32 is taken as incompressible, an upper bound: real float32 rows compress ~6 %), plus
@@ -129,12 +129,13 @@ class Plan:
     total_rows: float
     disk_bytes: float  # uncompressed estimate, see row_bytes()
     disk_needed_bytes: float  # free disk while writing: staging parts + final files, see disk_needed_bytes()
-    gpu_seconds: float  # estimate for one H100, see THROUGHPUT_SOURCE
+    gpu_seconds: float | None  # estimate for one H100, see THROUGHPUT_SOURCE; None: no figures for the device
     throughput_note: str
     local_accelerator: str | None = None  # the GPU of the machine that planned, None without one
     warnings: list[str] = field(default_factory=list)
     head_selection: str = ""  # CapturePlan.head_selection
     head_selection_note: str | None = None  # CapturePlan.head_selection_note (how to match the original tool)
+    device_map: Any = "auto"  # model.device_map: which device the estimate is for
 
 
 # --------------------------------------------------------------------------- estimates
@@ -173,9 +174,35 @@ def expected_rows(sampler: Sampler, lengths: Lengths) -> float:
     return sum(count * float(cumulative[length - 1]) for length, count in histogram.items())
 
 
-def row_bytes(head_dim: int) -> int:
-    """Uncompressed bytes of one row: the float32 vector plus four int32 columns."""
-    return head_dim * 4 + ROW_OVERHEAD_BYTES
+@dataclass(frozen=True)
+class DiskEstimate:
+    """The disk one run takes: expected rows per config, their uncompressed size, the free disk needed while writing."""
+
+    rows_per_config: dict[str, float]
+    uncompressed_bytes: float  # rows × row_bytes(head_dim)
+    needed_bytes: float  # staging parts + final files, see disk_needed_bytes()
+
+
+def estimate_disk(
+    capture_plan: CapturePlan, sampler: Sampler, lengths: Lengths, *, documents: int, batch_size: int, vector_dtype: str
+) -> DiskEstimate:
+    """**The** disk estimate of a run: ``qkcore plan`` prints it, ``qkcore sniff`` warns with it.
+
+    ``lengths``: the documents' token counts; ``documents``: how many there are (one
+    commit, so one spill, per batch at most); ``vector_dtype``: the dtype the vectors
+    are computed in (the run knows it; the plan assumes the widest, :func:`_vector_dtype`).
+    """
+    per_config = expected_rows(sampler, lengths)
+    rows: dict[str, float] = {}
+    head_dims: dict[str, int] = {}
+    for (index, kind), heads in sorted(capture_plan.heads.items()):
+        for head in heads:
+            name = config_name(index, head, kind)
+            rows[name], head_dims[name] = per_config, capture_plan.layers[index].head_dim
+    uncompressed = sum(count * row_bytes(head_dims[name]) for name, count in rows.items())
+    spills = math.ceil(documents / batch_size)  # at most one commit (spill) per batch; flush spills are large
+    needed = disk_needed_bytes(rows, head_dims, vector_dtype=vector_dtype, spills=spills)
+    return DiskEstimate(rows, uncompressed, needed)
 
 
 def disk_needed_bytes(
@@ -188,7 +215,7 @@ def disk_needed_bytes(
     """Free disk a run needs at its peak: its staging parts plus its final Parquet files.
 
     A run spills rows into zstd parts under ``.qkcore/staging/`` (at every commit and
-    whenever its buffer passes ``output.flush_threshold_mb``); ``finalize()`` writes
+    whenever its buffer passes ``output.flush_threshold_mb``); ``write_final_files()`` writes
     every final file before the parts are removed, so both exist at once. Parts cost
     about what the finals do per row (measured ratio 1.00-1.07 at head_dim 8-128 with
     large spills), plus :data:`PART_BYTES_PER_CONFIG_SPILL` per config and spill: many
@@ -266,6 +293,17 @@ def throughput_tokens_per_s(params: float, seq_len: int, device: str = "h100") -
     return math.exp(log_rate) * reference / params
 
 
+def estimate_device(device_map: Any) -> str | None:
+    """The device of :data:`THROUGHPUT_TOKENS_PER_S` a run with ``model.device_map`` is estimated for.
+
+    A CUDA device (or ``auto``, which picks CUDA where there is one) gets the H100 figures;
+    the CPU and Apple GPUs have none, so no estimate (None) rather than an H100's.
+    """
+    text = str(device_map if not isinstance(device_map, dict) else next(iter(device_map.values()), "auto"))
+    kind = text.strip().lower().partition(":")[0]
+    return None if kind in ("cpu", "mps") else "h100"
+
+
 def estimate_gpu_seconds(params: float, lengths: Lengths, device: str = "h100") -> float:
     """Estimated GPU seconds to run documents of the given ``lengths`` through the model."""
     return sum(
@@ -277,29 +315,45 @@ def estimate_gpu_seconds(params: float, lengths: Lengths, device: str = "h100") 
 # --------------------------------------------------------------------------- planning
 
 
+def offline_architecture_hint(cfg: SniffConfig) -> str | None:
+    """For a Hub model whose config could not be read: how to plan without the Hub (``--set model.config=...``).
+
+    Names the protocol's architecture file for the model when there is one (``configs/architectures/``
+    beside the config's folder, or under the working directory); None for a model that is not a Hub id.
+    """
+    name = cfg.model.name
+    if cfg.model.config is not None or cfg.model.gguf_file or not name or Path(name).expanduser().is_dir():
+        return None
+    file = f"{name.replace('/', '--')}.json"
+    folders = [Path("configs") / "architectures"]
+    if cfg.source is not None:
+        folders.insert(0, Path(cfg.source).parent.parent / "architectures")
+    for folder in folders:
+        if (folder / file).is_file():
+            path = folder / file
+            shown = os.path.relpath(path) if path.is_absolute() and Path.cwd() in path.parents else str(path)
+            return f"to plan without the Hub, give the architecture: --set model.config={shown}"
+    return ("to plan without the Hub, give the architecture: --set model.config=PATH (the model's config.json; "
+            "configs/architectures/ holds those of the protocol's models)")
+
+
 def build_meta_model(cfg: SniffConfig, pm: pluggy.PluginManager) -> tuple[nn.Module, Family]:
     """The configured model built on the ``meta`` device (shapes only, no weights) and its family.
 
-    An attention implementation that cannot be set up here (e.g. flash attention
-    on a machine without it) falls back to ``eager``: it changes no layer or head.
+    Built by :func:`qkcore.meta_model.on_meta_device` (see there for the attention fallback).
     """
-    config = load_architecture(cfg.model)
+    try:
+        config = load_architecture(cfg.model)
+    except QkcoreError as exc:
+        hint = offline_architecture_hint(cfg)
+        if hint is None:
+            raise
+        raise QkcoreError(f"{exc}; {hint}") from exc
     family = resolve_family(pm, config.model_type)
-    model_class = family.hooks.qkcore_model_class(config=config)
-    extra: dict[str, Any] = {"trust_remote_code": True} if cfg.model.trust_remote_code else {}
-    attn = cfg.model.attn_implementation or "sdpa"
-    error: Exception | None = None
-    for candidate in dict.fromkeys((attn, "eager")):
-        try:
-            with torch.device("meta"):
-                model = model_class.from_config(config, attn_implementation=candidate, **extra)
-            return model.eval(), family
-        except (ImportError, ValueError) as exc:
-            error = exc
-    raise QkcoreError(
-        f"model.config: cannot build '{config.model_type}' with {getattr(model_class, '__name__', model_class)} "
-        f"on the meta device: {error}"
+    model = on_meta_device(
+        config, family, attn_implementation=cfg.model.attn_implementation, trust_remote_code=cfg.model.trust_remote_code
     )
+    return model, family
 
 
 def _document_lengths(
@@ -310,17 +364,13 @@ def _document_lengths(
     if lengths is not None:
         if documents is not None:
             raise QkcoreError("give either --documents or --lengths, not both")
-        given = [int(n) for n in lengths]
-        if any(n < 0 for n in given):
-            raise QkcoreError(f"--lengths: token counts must be >= 0, got {min(given)}")
+        given = [int(n) for n in lengths]  # >= 0: checked where the option is parsed (commands/run.py)
         clipped = [min(n, max_length) for n in given]
         note = f"{len(given)} documents with the given lengths"
         if clipped != given:
             note += f" (longer ones truncated to tokenizer.max_length={max_length})"
         return _histogram(clipped), len(given), note, []
-    if documents is not None:
-        if documents < 1:
-            raise QkcoreError(f"--documents must be >= 1, got {documents}")
+    if documents is not None:  # >= 1: checked where the option is parsed
         count, origin = documents, "--documents"
     elif Path(cfg.dataset.path).exists():
         return _measured_lengths(cfg, sample)
@@ -333,9 +383,7 @@ def _document_lengths(
 
 
 def _measured_lengths(cfg: SniffConfig, sample: int) -> tuple[dict[int, float], int, str, list[str]]:
-    """Count a local dataset's documents and tokenise them (or ``sample`` evenly spaced ones) as the run would."""
-    if sample < 1:
-        raise QkcoreError(f"--sample must be >= 1, got {sample}")
+    """Count a local dataset's documents and tokenise them (or ``sample`` (>= 1) evenly spaced ones) as the run would."""
     max_length = cfg.tokenizer.max_length
     data = open_dataset(cfg.dataset)
     check_columns(data, cfg.dataset)
@@ -374,7 +422,8 @@ def make_plan(
     """Plan the capture ``cfg`` describes without loading weights.
 
     A local dataset is read and tokenised (at most ``sample`` documents) unless
-    ``documents`` or ``lengths`` say what to assume. Raises
+    ``documents`` (>= 1) or ``lengths`` (each >= 0) say what to assume; ``qkcore plan``
+    checks those ranges where it parses its options (``commands/run.py``). Raises
     :class:`~qkcore.config.ConfigError` / :class:`~qkcore.errors.QkcoreError`
     when the config is invalid (unknown sampler, bad layer filter, unknown model).
     """
@@ -383,50 +432,27 @@ def make_plan(
     model, family = build_meta_model(cfg, pm)
     doc_lengths, n_documents, lengths_note, problems = _document_lengths(cfg, documents, lengths, sample)
     capture_plan = plan_capture(model, family, cfg, installed_summary(pm))
-    all_layers = family.hooks.qkcore_attention_layers(model=model) or []
-    capture = cfg.capture
-    eligible = sample_query_heads(
-        all_layers,
-        layer_filter=capture.layers,
-        head_filter=capture.heads,
-        full_attention_only=capture.full_attention_only,
-        count=None,
-    ).heads
     layers = [
         LayerPlan(
             index=layer.index,
             kind=layer.kind,
             sliding_window=layer.sliding_window,
             applies_rope=capture_plan.rope_sites[layer.index].applies_rope,
-            eligible=layer.index in eligible,
+            eligible=layer.index in capture_plan.eligible_layers,
             head_dim=layer.head_dim,
             query_heads=list(capture_plan.heads.get((layer.index, "q"), [])),
             key_heads=list(capture_plan.heads.get((layer.index, "k"), [])),
         )
-        for layer in all_layers
+        for layer in capture_plan.all_layers
     ]
-
-    per_config = expected_rows(sampler, doc_lengths)
-    head_dims = {layer.index: layer.head_dim for layer in all_layers}
-    rows_per_config: dict[str, float] = {}
-    disk = 0.0
-    for (index, kind), heads in sorted(capture_plan.heads.items()):
-        for head in heads:
-            rows_per_config[config_name(index, head, kind)] = per_config
-            disk += per_config * row_bytes(head_dims[index])
-    total_rows = per_config * len(rows_per_config)
-
-    batches = math.ceil(n_documents / cfg.inference.batch_size)
-    needed = disk_needed_bytes(
-        rows_per_config,
-        {name: head_dims[index] for (index, kind), heads in capture_plan.heads.items()
-         for name in (config_name(index, head, kind) for head in heads)},
-        vector_dtype=_vector_dtype(cfg),
-        spills=batches,  # at most one commit (spill) per batch; flush spills are large
-    )
+    disk = estimate_disk(capture_plan, sampler, doc_lengths, documents=n_documents,
+                         batch_size=cfg.inference.batch_size, vector_dtype=_vector_dtype(cfg))
+    rows_per_config = disk.rows_per_config
+    total_rows = len(rows_per_config) * next(iter(rows_per_config.values()), 0.0)  # one expectation per config
 
     params = non_embedding_parameters(model)
-    gpu_seconds = estimate_gpu_seconds(params, doc_lengths)
+    device = estimate_device(cfg.model.device_map)
+    gpu_seconds = None if device is None else estimate_gpu_seconds(params, doc_lengths, device)
     typical = max(doc_lengths, default=0)
     throughput_note = (
         f"from the {THROUGHPUT_SOURCE}, scaled linearly by non-embedding parameters ({params:.3g} here) "
@@ -437,8 +463,8 @@ def make_plan(
     if params < reference / 10:
         throughput_note += "; a model this much smaller than the reference runs slower than linear scaling says"
 
-    if disk > DISK_WARNING_BYTES:
-        problems.append(f"WARNING: estimated disk {_bytes(disk)} exceeds 1 TB")
+    if disk.uncompressed_bytes > DISK_WARNING_BYTES:
+        problems.append(f"WARNING: estimated disk {_bytes(disk.uncompressed_bytes)} exceeds 1 TB")
     starved = [name for name, rows in rows_per_config.items() if rows < 1]
     if not rows_per_config:
         problems.append("WARNING zero rows: no config would be written (no layer/head selected)")
@@ -462,14 +488,15 @@ def make_plan(
         heads=dict(capture_plan.heads),
         rows_per_config=rows_per_config,
         total_rows=total_rows,
-        disk_bytes=disk,
-        disk_needed_bytes=needed,
+        disk_bytes=disk.uncompressed_bytes,
+        disk_needed_bytes=disk.needed_bytes,
         gpu_seconds=gpu_seconds,
         throughput_note=throughput_note,
         local_accelerator=_local_accelerator(),
         warnings=problems,
         head_selection=capture_plan.head_selection,
         head_selection_note=capture_plan.head_selection_note,
+        device_map=cfg.model.device_map,
     )
 
 
@@ -504,6 +531,16 @@ def _duration(seconds: float) -> str:
     if seconds >= 60:
         return f"{seconds / 60:.1f} min"
     return f"{seconds:.1f} s"
+
+
+def _gpu_time_lines(plan: Plan) -> list[str]:
+    """The GPU-time estimate and its basis, or one line saying there is none for the configured device."""
+    if plan.gpu_seconds is None:
+        return [f"GPU time: no estimate for model.device_map {plan.device_map!r} (qkcore has throughput figures "
+                "for CUDA on an H100 only)"]
+    here = f"this machine has {plan.local_accelerator}" if plan.local_accelerator else "this machine has no GPU"
+    return [f"GPU time: ~{_duration(plan.gpu_seconds)} on one H100: an estimate, not measured ({here})",
+            f"  basis: {plan.throughput_note}"]
 
 
 def format_plan(plan: Plan) -> str:
@@ -542,9 +579,7 @@ def format_plan(plan: Plan) -> str:
         f"disk: {_bytes(plan.disk_bytes)} (uncompressed estimate: rows × (head_dim × 4 + 16) bytes; zstd Parquet is smaller)",
         f"free disk needed while writing: {_bytes(plan.disk_needed_bytes)} (staging parts and final files "
         f"exist together until the parts are removed)",
-        f"GPU time: ~{_duration(plan.gpu_seconds)} on one H100: an estimate, not measured "
-        f"({'this machine has ' + plan.local_accelerator if plan.local_accelerator else 'this machine has no GPU'})",
-        f"  basis: {plan.throughput_note}",
+        *_gpu_time_lines(plan),
     ]
     if plan.warnings:
         lines += ["", *plan.warnings]
