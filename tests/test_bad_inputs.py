@@ -33,6 +33,7 @@ import yaml
 
 from qkcore.cli import main
 from qkcore.output import LocalDataRoot
+from qkcore.run_state import RunState
 from qkcore.writer import CapturedChunk, DatasetWriter
 from tests.conftest import REPO, TEXTS, TINY_LLAMA, write_corpus
 
@@ -212,9 +213,10 @@ def _published_file_deleted(env: Env) -> list[str]:
 
 def _damaged_part(env: Env) -> list[str]:
     root = LocalDataRoot(env.root)
-    writer = DatasetWriter(root.staging_dir, run_key=root.read_record().run_key)  # this very run, interrupted
+    record = root.read_record()
+    writer = DatasetWriter(root.staging_dir, run_key=record.run_key)  # this very run, interrupted
     writer.add(CapturedChunk(0, "q", [0], np.array([1]), np.array([0]), np.array([0]), np.ones((1, 1, 8), np.float32), None))
-    writer.commit({"documents": 1})
+    writer.commit(RunState(record.identity, next_index=1, documents=1).to_json())
     writer.abort()
     part = root.staging_dir / "part-000000.arrow"
     part.write_bytes(part.read_bytes()[:64])  # cut short by a crash of the disk
