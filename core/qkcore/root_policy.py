@@ -10,8 +10,10 @@ the root holds                                        the run with identity K
 nothing (and the branch nothing, or run K)            captures (or pulls K from the branch)
 run K, complete, files unchanged                      does nothing ("already complete")
 run K, staged or finished but not yet published       resumes / finishes publishing
-another run, or files no run recorded                 is refused; ``--replace`` lets K replace
-                                                      them when K publishes
+another run, or files no run recorded (or a record   is refused; ``--replace`` lets K replace
+that cannot be read)                                  them when K publishes
+run K, complete, files missing or changed             is refused, naming them; ``--replace``
+                                                      captures K again
 another run's staged work                             is refused; ``--restart`` discards it
 a torchrun run's staged work, other world size        is refused; ``--restart`` discards it
 ====================================================  =========================================
@@ -43,7 +45,8 @@ class RootView:
     staged: RunState | None  # the staging journal's committed state, if any
     ranks: tuple[int, ...] = ()  # torchrun ranks with staged work
     ranks_run_key: str | None = None  # run key staged by rank 0, if readable
-    problems: tuple[str, ...] = ()  # the quick check of the published files against the record
+    problems: tuple[str, ...] = ()  # the published files against the record (see LocalDataRoot.verify)
+    unreadable_record: str | None = None  # run.json is there but unreadable: what is wrong with it
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,11 @@ def decide(
         check_branch(branch, run_key, replace or approved)
         return Decision(action, replace=replace or approved)
     discard = restart and (root.staged is not None or bool(root.ranks))
+    if root.unreadable_record is not None and not replace:
+        raise QkcoreError(
+            f"{root.unreadable_record}; qkcore cannot tell which run {root.path} holds: use another "
+            "output.data_root, or add --replace to discard its files when this run finishes"
+        )
     record = root.record
     if record is not None and record.state == "publishing":
         same = record.run_key == run_key
@@ -101,11 +109,11 @@ def decide(
         check_branch(branch, run_key, True)
         return Decision("fresh", replace=True, discard_staged=True)
     if record is not None and record.run_key == run_key:
+        if root.problems and not replace:
+            raise QkcoreError(changed_files_message(root.path, record, root.problems, "nothing was captured"))
         if not root.problems and not restart:
             check_branch(branch, run_key, replace)
             return Decision("complete", replace=replace)
-        if root.problems:
-            notes.append(f"the files of this run changed since it completed ({'; '.join(root.problems[:3])}); capturing again")
         check_branch(branch, run_key, replace)
         return Decision("fresh", replace=True, discard_staged=discard, notes=tuple(notes))
     if record is not None and not replace:
@@ -125,6 +133,15 @@ def decide(
         return Decision("pull", discard_staged=discard)
     check_branch(branch, run_key, replace)
     return Decision("fresh", replace=replace or record is not None, discard_staged=discard, notes=tuple(notes))
+
+
+def changed_files_message(where: str, record: Record, problems: tuple[str, ...] | list[str], outcome: str) -> str:
+    """The refusal of a complete root whose files are missing or changed: which files, and the way out."""
+    shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+    return (
+        f"{where} holds {record.describe()}, but its files do not match the record ({shown}): {outcome}; rerun "
+        "`qkcore sniff` with --replace to capture this run again (its files are replaced when it finishes)"
+    )
 
 
 def _check_staged(

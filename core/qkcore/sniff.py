@@ -41,13 +41,14 @@ from qkcore.distributed import Ranks, init_ranks, shutdown
 from qkcore.errors import QkcoreError
 from qkcore.fsutil import remove_tree
 from qkcore.hub import BranchState, HubSync, hub_sync
-from qkcore.output import DataRoot, Record, command_line, open_output
+from qkcore.output import DataRoot, Record, command_line, open_output, readable_record
 from qkcore.plugins import make_plugin_manager
-from qkcore.root_policy import Decision, RootView, check_branch, decide
+from qkcore.root_policy import Decision, RootView, changed_files_message, check_branch, decide
 from qkcore.run_state import RunState, SniffResult
 from qkcore.samplers import Sampler
 from qkcore.stages.load import HashCache, RunInputs, check_config, load_inputs
 from qkcore.stages.push import branch_view, push
+from qkcore.staging.journal import staged_journal
 from qkcore.writer import read_journal
 
 __all__ = ["SniffResult", "run_push", "run_sniff"]
@@ -120,7 +121,7 @@ def _dispatch(ctx: RunContext, sampler: Sampler, *, restart: bool, replace: bool
     branch: list[BranchState] = []  # rank 0's preflight of the Hub branch, for a pull
 
     def rule() -> tuple[Decision, bool]:
-        view = read_root(ctx.root, restart=restart)
+        view = read_root(ctx.root, inputs.run_key, restart=restart)
         state = ctx.hub.preflight() if ctx.hub is not None else None
         branch.extend([state] if state is not None else [])
         decision = decide(
@@ -153,16 +154,18 @@ def _dispatch(ctx: RunContext, sampler: Sampler, *, restart: bool, replace: bool
 _DONE = {"complete": "already complete", "pull": "pulled", "publish": "published"}
 
 
-def read_root(root: DataRoot, *, restart: bool) -> RootView:
+def read_root(root: DataRoot, run_key: str, *, restart: bool) -> RootView:
     """What the rule needs of the root: its record, published files, staged work and the quick check; reads only.
 
-    With ``restart`` the staged state is not parsed (it is discarded).
+    With ``restart`` the staged state is not parsed (it is discarded, readable or not). An
+    unreadable ``run.json`` is reported in the view (the rule treats it like unrecorded files);
+    the files are checked against the record only when it is this run's (``run_key``).
     """
-    staged = read_journal(root.staging_dir) if root.staging_dir.exists() else None
-    record = root.read_record()
+    staged = staged_journal(root.staging_dir, restart=restart)
+    record, unreadable = readable_record(root)
     staged_ranks = root.staged_ranks()
     ranks_key = None
-    if staged_ranks:
+    if staged_ranks and not restart:  # --restart discards them, readable or not
         first = read_journal(root.rank_staging(staged_ranks[0]))
         ranks_key = (first or {}).get("run_key")
     return RootView(
@@ -172,7 +175,8 @@ def read_root(root: DataRoot, *, restart: bool) -> RootView:
         staged=None if staged is None or restart else _staged_state(root, staged),
         ranks=tuple(staged_ranks),
         ranks_run_key=ranks_key,
-        problems=tuple(root.verify(record)) if record is not None and record.state == "complete" else (),
+        problems=tuple(root.verify(record)) if record and record.state == "complete" and record.run_key == run_key else (),
+        unreadable_record=None if unreadable is None else unreadable.reason,
     )
 
 
@@ -188,7 +192,8 @@ def run_push(cfg: SniffConfig, hub_api: Any = None, replace: bool = False) -> Re
     """``qkcore push``: upload a data root's complete run to its Hub branch (e.g. after a failed push).
 
     Refuses a root whose record is missing, half-published, or does not match its files
-    (every file is rehashed), and a branch that holds another run unless ``replace``.
+    (the sniff's own check of "unchanged": :meth:`~qkcore.output.protocol.DataRoot.verify`),
+    and a branch that holds another run unless ``replace``.
     """
     hub = hub_sync(cfg.output, api=hub_api)
     if hub is None:
@@ -205,12 +210,9 @@ def run_push(cfg: SniffConfig, hub_api: Any = None, replace: bool = False) -> Re
                 f"{root.location} is half-way through publishing {record.describe()}: rerun `qkcore sniff --config "
                 f"{cfg.source or 'FILE'}` to finish it, then push"
             )
-        problems = root.verify(record, full=True)
+        problems = root.verify(record)  # the same check as the sniff's "already complete"
         if problems:
-            raise QkcoreError(
-                f"{root.location}: the files do not match the record of {record.describe()} ({'; '.join(problems[:3])}); "
-                "nothing was pushed: rerun the sniff to repair the data root"
-            )
+            raise QkcoreError(changed_files_message(root.location, record, problems, "nothing was pushed"))
         check_branch(branch_view(hub, hub.preflight()), record.run_key, replace)
         record = push(root, record, hub, f"qkcore push: {record.summary.model} (run {record.run_key})")
         log.info("pushed", run=record.run_key, target=hub.where, commit=record.hub.pushed_commit if record.hub else None)

@@ -8,7 +8,9 @@ A :class:`DatasetWriter` owns one staging directory (the run layer puts it at
     journal.json           the last commit: run_key, committed parts, configs, caller
                            state (staging/journal.py)
 
-A part is written to a temp file, fsynced and renamed, so it is complete or absent.
+A part is written to a temp file, fsynced and renamed, so it is complete or absent;
+its size and sha256 go into the journal, so a resume finds a part the disk damaged
+later and goes back to the last commit whose parts are intact (staging/journal.py).
 Parts written after the last commit are not in the journal: a resumed run deletes
 them and the caller re-adds those rows.
 
@@ -38,9 +40,9 @@ from qkcore.datafile import DEFAULT_ROW_GROUP_SIZE, ConfigStats, write_data_file
 from qkcore.fsutil import remove_tree, write_durably
 from qkcore.layout import DATA_FILE, config_name, row_bytes
 from qkcore.staging import journal as journals
-from qkcore.staging.journal import JOURNAL_FILE, Journal, StagingConflict, read_journal
+from qkcore.staging.journal import EARLIER_COMMITS, JOURNAL_FILE, Journal, StagingConflict, read_journal
 from qkcore.staging.merge import sorted_runs
-from qkcore.staging.parts import Slice, Spill, load_index, part_name
+from qkcore.staging.parts import PartSum, Slice, Spill, load_index, part_name, part_sum
 from qkcore.staging.rows import Rows, to_int32
 
 __all__ = [
@@ -137,6 +139,8 @@ class DatasetWriter:
         self._committed: list[str] = []  # part file names listed in the journal
         self._uncommitted: list[str] = []  # written since the last commit
         self._next_part = 0
+        self._sums: dict[str, PartSum] = {}  # every part written or adopted: size and sha256
+        self._last_commit: Journal | None = None  # the journal now on disk
         self._resumed_state: Any = None
         self._created_top: Path | None = None  # highest directory this writer created
         self._done = False
@@ -244,7 +248,7 @@ class DatasetWriter:
         """
         self._check_open()
         other = Path(other_staging)
-        configs, parts = journals.committed_parts(other)
+        configs, parts, sums = journals.committed_parts(other)
         for name, meta in configs.items():
             buf = self._buffers.setdefault(name, _ConfigBuffer(*meta))
             if (buf.head_dim, buf.sliding_window) != meta:
@@ -254,6 +258,7 @@ class DatasetWriter:
             target = self._staging / part_name(self._next_part)
             target.unlink(missing_ok=True)
             os.link(other / part, target)
+            self._sums[target.name] = sums.get(part) or part_sum(target)
             self._next_part += 1
             self._uncommitted.append(target.name)
 
@@ -285,10 +290,10 @@ class DatasetWriter:
         journal = read_journal(self._staging)
         if journal is None:
             raise RuntimeError("drop_parts() needs a commit first")
-        self._write_journal([], journal["state"])
+        self._write_journal([], journal["state"], keep_earlier=False)  # earlier commits need the parts
         for part in self._committed:
             (self._staging / part).unlink(missing_ok=True)
-        self._committed = []
+        self._committed, self._sums = [], {}
 
     def abort(self) -> None:
         """Drop rows added since the last commit; keep the journal and committed parts.
@@ -333,9 +338,14 @@ class DatasetWriter:
                 break
             path = path.parent
 
-    def _write_journal(self, parts: list[str], state: Any) -> None:
+    def _write_journal(self, parts: list[str], state: Any, *, keep_earlier: bool = True) -> None:
         configs = {name: (buf.head_dim, buf.sliding_window) for name, buf in self._buffers.items()}
-        Journal(self.run_key, parts, self._next_part, configs, state).write(self._staging)
+        earlier: list[dict[str, Any]] = []
+        if keep_earlier and self._last_commit is not None:
+            earlier = [self._last_commit.body(), *self._last_commit.earlier][:EARLIER_COMMITS]
+        journal = Journal(self.run_key, parts, self._next_part, configs, state, sums=dict(self._sums), earlier=earlier)
+        journal.write(self._staging)
+        self._last_commit = journal
 
     def _ensure_staging(self) -> None:
         if self._staging.exists():
@@ -351,6 +361,8 @@ class DatasetWriter:
         journal = journals.resume(self._staging, self.run_key)
         self._committed = journal.parts
         self._next_part = journal.next_part
+        self._sums = dict(journal.sums)
+        self._last_commit = journal
         self._buffers = {name: _ConfigBuffer(*meta) for name, meta in journal.configs.items()}
         self._resumed_state = journal.state
 
@@ -368,6 +380,7 @@ class DatasetWriter:
         self._ensure_staging()
         name = part_name(self._next_part)
         write_durably(self._staging / name, spill.write)
+        self._sums[name] = part_sum(self._staging / name)
         for buf in buffers:  # only now: a failed write loses nothing
             buf.pending, buf.nbytes = [], 0
         self._next_part += 1

@@ -20,18 +20,21 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 import yaml
 
 from qkcore.cli import main
 from qkcore.output import LocalDataRoot
-from qkcore.writer import DatasetWriter
+from qkcore.run_state import RunState
+from qkcore.writer import CapturedChunk, DatasetWriter
 from tests.conftest import REPO, TEXTS, TINY_LLAMA, write_corpus
 
 
@@ -182,6 +185,44 @@ def _corrupt_journal(env: Env) -> list[str]:
     return env.sniff()
 
 
+def _corrupt_journal_restart_other_run(env: Env) -> list[str]:
+    _corrupt_journal(env)
+    env.config["capture"]["head_sampling"] = {"count": 4, "seed": 9}
+    return env.sniff("--restart")
+
+
+def _push_corrupt_record(env: Env) -> list[str]:
+    (LocalDataRoot(env.root).state_dir / "run.json").write_text("{not json", encoding="utf-8")
+    return _interrupt_free_push()(env)
+
+
+def _published_file_changed_in_place(env: Env) -> list[str]:
+    victim = sorted(env.root.glob("l*/data.parquet"))[0]
+    stat = victim.stat()
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # size and modification time kept
+    return env.sniff()
+
+
+def _published_file_deleted(env: Env) -> list[str]:
+    sorted(env.root.glob("l*/data.parquet"))[1].unlink()
+    return env.sniff("--restart")
+
+
+def _damaged_part(env: Env) -> list[str]:
+    root = LocalDataRoot(env.root)
+    record = root.read_record()
+    writer = DatasetWriter(root.staging_dir, run_key=record.run_key)  # this very run, interrupted
+    writer.add(CapturedChunk(0, "q", [0], np.array([1]), np.array([0]), np.array([0]), np.ones((1, 1, 8), np.float32), None))
+    writer.commit(RunState(record.identity, next_index=1, documents=1).to_json())
+    writer.abort()
+    part = root.staging_dir / "part-000000.arrow"
+    part.write_bytes(part.read_bytes()[:64])  # cut short by a crash of the disk
+    return env.sniff()
+
+
 def _locked(env: Env) -> list[str]:
     root = LocalDataRoot(env.root)
     root.check_usable()
@@ -325,14 +366,24 @@ CASES = [
     Case("data-root-torchrun-leftovers", _ranks_left, ("3-process torchrun run", "--restart"), earlier_run=True),
     Case("data-root-half-published-other-run", _half_published_other_run,
          ("half-way through publishing run 0badc0de0badc0de", "--replace"), earlier_run=True),
-    Case("data-root-corrupt-record", _corrupt_record, ("run.json is unreadable",), earlier_run=True),
-    Case("data-root-corrupt-journal", _corrupt_journal, ("journal.json is unreadable",), earlier_run=True),
+    Case("data-root-corrupt-record", _corrupt_record, ("run.json is unreadable", "--replace"), earlier_run=True),
+    Case("data-root-corrupt-record-restart", _then(_corrupt_record, _args("--restart")),
+         ("run.json is unreadable", "cannot tell which run", "--replace"), earlier_run=True),
+    Case("data-root-corrupt-journal", _corrupt_journal, ("journal.json is unreadable", "--restart"), earlier_run=True),
+    Case("data-root-corrupt-journal-restart-other-run", _corrupt_journal_restart_other_run,
+         ("holds run", "different run", "--replace"), earlier_run=True),
+    Case("data-root-file-changed-in-place", _published_file_changed_in_place,
+         ("l00h00k/data.parquet changed", "do not match the record", "nothing was captured", "--replace"), earlier_run=True),
+    Case("data-root-file-deleted", _published_file_deleted,
+         ("is missing", "do not match the record", "nothing was captured", "--replace"), earlier_run=True),
+    Case("data-root-damaged-part", _damaged_part, ("part-000000.arrow is damaged (64 bytes", "--restart"), earlier_run=True),
     Case("data-root-in-use", _locked, ("is in use by process", "qkcore sniff --config other.yaml"), earlier_run=True),
     # -- push
     Case("push-without-repo", _push_without_repo, ("output.hf_repo_id is not set",)),
     Case("push-nothing-captured", _push_nothing, ("holds no qkcore run",)),
     Case("push-half-published", _push_half_published, ("half-way through publishing", "qkcore sniff --config"),
          earlier_run=True),
+    Case("push-corrupt-record", _push_corrupt_record, ("run.json is unreadable", "--replace"), earlier_run=True),
     Case("push-changed-files", _push_changed_file, ("do not match the record", "nothing was pushed"), earlier_run=True),
     # -- other commands
     Case("inspect-missing-folder", lambda env: ["inspect", str(env.tmp / "missing")], ("no such data folder",)),
@@ -374,10 +425,11 @@ def _run(argv: list[str]) -> tuple[int, str]:
 
 
 def _bytes(root: Path) -> dict[str, str]:
+    """sha256 of every file but the lock files and the hash caches, which record nothing about a run."""
     return {
         p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name not in ("lock", "lock.json")
+        if p.is_file() and p.name not in ("lock", "lock.json", "hashes.json", "verified.json")
     }
 
 

@@ -52,11 +52,15 @@ def error_line(stderr: str) -> str:
 
 
 def tree(root: Path) -> dict[str, str]:
-    """sha256 of every file under ``root`` (the lock files excepted): "no byte changes" compares these."""
+    """sha256 of every file under ``root``: "no byte changes" compares these.
+
+    The lock files and the hash caches (``hashes.json``, ``verified.json``) record nothing
+    about a run and are left out.
+    """
     return {
         p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name not in ("lock", "lock.json")
+        if p.is_file() and p.name not in ("lock", "lock.json", "hashes.json", "verified.json")
     }
 
 
@@ -97,7 +101,7 @@ def test_replace_discards_the_previous_run_and_the_card_describes_exactly_the_fi
     models = front["qkcore"]["models"]
     assert len(models) == 1 and models[0]["sampler"]["type"] == "uniform"
     assert models[0]["capture"]["head_sampling"]["seed"] == 7
-    assert LocalDataRoot(root).verify(LocalDataRoot(root).read_record(), full=True) == []
+    assert LocalDataRoot(root).verify(LocalDataRoot(root).read_record()) == []
 
 
 def test_a_different_model_into_the_same_root_is_refused(tiny_config, tmp_path) -> None:
@@ -313,8 +317,8 @@ if moment == "finalized":  # final files, card and manifest written and journale
     writer.DatasetWriter.drop_parts = lambda self: (drop(self), die())
 elif moment == "dropping-parts":  # journal rewritten without parts, the parts half deleted
     rewrite = writer.DatasetWriter._write_journal
-    def _write_journal(self, parts, state):
-        rewrite(self, parts, state)
+    def _write_journal(self, parts, state, **kw):
+        rewrite(self, parts, state, **kw)
         if state.get("phase") == "finalized" and not parts:
             part = sorted(self.staging_dir.glob("part-*.arrow"))[0]
             part.unlink()
@@ -363,7 +367,7 @@ def test_a_kill_in_the_finish_resumes_without_recapturing(tiny_config, tmp_path,
     files = {n: (tmp_path / "out" / n / "data.parquet").read_bytes() for n in published(tmp_path / "out")}
     assert files == {n: (tmp_path / "ref" / n / "data.parquet").read_bytes() for n in published(tmp_path / "ref")}
     assert not root.staging_dir.exists() and not root.final_dir.exists()
-    assert root.read_record().state == "complete" and root.verify(root.read_record(), full=True) == []
+    assert root.read_record().state == "complete" and root.verify(root.read_record()) == []
 
 
 # --------------------------------------------------------------------------- 9. one process per root
@@ -479,3 +483,140 @@ def test_threads_never_leave_a_run_waiting(tiny_config, tmp_path) -> None:
     before = {t.name for t in threading.enumerate()}
     assert sniff(tiny_config())[0] == 0
     assert not {t.name for t in threading.enumerate() if t.name.startswith("qkcore")} - before
+
+
+# --------------------------------------------------------------------------- 12. damaged roots have a way out
+
+
+def _interrupt_after(monkeypatch, batches: int) -> None:
+    """Make the capture stop (as Ctrl-C would) after ``batches`` batches."""
+    from qkcore.stages.capture import Sniffer
+
+    real, seen = Sniffer.capture_batch, []
+
+    def interrupted(self, batch, selections=None):
+        if len(seen) == batches:
+            raise KeyboardInterrupt
+        seen.append(1)
+        return real(self, batch, selections)
+
+    monkeypatch.setattr(Sniffer, "capture_batch", interrupted)
+
+
+def test_an_unreadable_record_is_refused_and_replace_takes_the_root_over(tiny_config, tmp_path, monkeypatch) -> None:
+    corpus = write_corpus(tmp_path / "long.jsonl", [(f"d{i}", f"text {i} " * (5 + i)) for i in range(8)])
+    config = tiny_config(dataset={"path": str(corpus)}, capture=ALL_SEED_0, output={"commit_every_s": 0})
+    root = LocalDataRoot(tmp_path / "out")
+    assert sniff(config)[0] == 0
+    expected = {n: (root.path / n / "data.parquet").read_bytes() for n in published(root.path)}
+    (root.state_dir / "run.json").write_text("{not json", encoding="utf-8")
+    before = tree(root.path)
+    code, err = sniff(config, "--restart")
+    line = error_line(err)
+    assert code == 2 and "run.json is unreadable" in line and "--replace" in line
+    assert tree(root.path) == before
+    # --replace takes the root over, but publishes only when the new run has finished
+    _interrupt_after(monkeypatch, 2)
+    assert sniff(config, "--replace")[0] == 130
+    monkeypatch.undo()
+    assert (root.state_dir / "run.json").read_text(encoding="utf-8") == "{not json"
+    assert {n: (root.path / n / "data.parquet").read_bytes() for n in published(root.path)} == expected
+    code, err = sniff(config)  # the same run resumes (its --replace was recorded with its progress)
+    assert code == 0 and "resuming" in err, err[-3000:]
+    record = root.read_record()
+    assert record.state == "complete" and root.verify(record) == []
+    assert {n: (root.path / n / "data.parquet").read_bytes() for n in published(root.path)} == expected
+
+
+def test_restart_discards_staging_whose_journal_is_unreadable(tiny_config, tmp_path) -> None:
+    config = tiny_config(capture=ALL_SEED_0)
+    root = LocalDataRoot(tmp_path / "out")
+    root.staging_dir.mkdir(parents=True)
+    (root.staging_dir / JOURNAL_FILE).write_text("[1, 2", encoding="utf-8")
+    code, err = sniff(config)
+    assert code == 2 and "journal.json is unreadable" in error_line(err) and "--restart" in err
+    code, err = sniff(config, "--restart")
+    assert code == 0, err[-3000:]
+    assert not root.staging_dir.exists() and root.verify(root.read_record()) == []
+
+
+def _change_in_place_keeping_size_and_mtime(path: Path) -> None:
+    stat = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside the file: bit rot
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+
+
+@pytest.mark.parametrize("damage", ["changed-keeping-size-and-mtime", "deleted"])
+def test_a_complete_root_whose_files_changed_is_refused_and_replace_recaptures(tiny_config, tmp_path, damage) -> None:
+    config = tiny_config(capture=ALL_SEED_0)
+    root = LocalDataRoot(tmp_path / "out")
+    assert sniff(config)[0] == 0
+    expected = {n: (root.path / n / "data.parquet").read_bytes() for n in published(root.path)}
+    victim = published(root.path)[1]
+    if damage == "deleted":
+        (root.path / victim / "data.parquet").unlink()
+    else:
+        _change_in_place_keeping_size_and_mtime(root.path / victim / "data.parquet")
+    before = tree(root.path)
+    code, err = sniff(config)
+    line = error_line(err)
+    assert code == 2 and "already complete" not in err and "capture planned" not in err
+    assert f"{victim}/data.parquet" in line and "--replace" in line
+    assert tree(root.path) == before
+    # qkcore push agrees on what changed
+    pushed = tiny_config(capture=ALL_SEED_0, output={"hf_repo_id": "someone/sniffed", "hf_branch": "tiny"})
+    err_io = io.StringIO()
+    with contextlib.redirect_stderr(err_io):
+        assert main(["push", "--config", str(pushed)]) == 2
+    assert f"{victim}/data.parquet" in error_line(err_io.getvalue())
+    config = tiny_config(capture=ALL_SEED_0)
+    code, err = sniff(config, "--replace")
+    assert code == 0, err[-3000:]
+    assert {n: (root.path / n / "data.parquet").read_bytes() for n in published(root.path)} == expected
+    assert root.verify(root.read_record()) == []
+
+
+def _interrupted_run(tiny_config, tmp_path, monkeypatch, batches: int) -> tuple[Path, dict]:
+    """A run stopped after ``batches`` batches, one commit (and one spill part) per batch; its config and sections."""
+    corpus = write_corpus(tmp_path / "long.jsonl", [(f"d{i}", f"text {i} " * (5 + i)) for i in range(12)])
+    sections = dict(dataset={"path": str(corpus)}, capture=ALL_SEED_0)
+    config = tiny_config(**sections, output={"data_root": str(tmp_path / "out"), "commit_every_s": 0})
+    _interrupt_after(monkeypatch, batches)
+    assert sniff(config)[0] == 130
+    monkeypatch.undo()
+    return config, sections
+
+
+def test_a_damaged_spill_part_resumes_from_the_last_commit_whose_parts_are_intact(tiny_config, tmp_path, monkeypatch) -> None:
+    config, sections = _interrupted_run(tiny_config, tmp_path, monkeypatch, batches=4)
+    staging = LocalDataRoot(tmp_path / "out").staging_dir
+    parts = json.loads((staging / JOURNAL_FILE).read_text())["parts"]
+    assert len(parts) >= 2  # one part per commit; the commit of the last batch may not have landed
+    last = staging / parts[-1]
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # cut short by a crash of the disk
+    code, err = sniff(config)
+    assert code == 0 and "Traceback" not in err, err[-3000:]
+    damaged = [line for line in err.splitlines() if " is damaged (" in line]
+    assert len(damaged) == 1 and parts[-1] in damaged[0], err[-3000:]
+    resumed = {n: (tmp_path / "out" / n / "data.parquet").read_bytes() for n in published(tmp_path / "out")}
+    assert sniff(tiny_config(**sections, output={"data_root": str(tmp_path / "ref")}))[0] == 0
+    assert resumed == {n: (tmp_path / "ref" / n / "data.parquet").read_bytes() for n in published(tmp_path / "ref")}
+
+
+def test_a_damaged_part_of_a_journal_without_checksums_names_restart(tiny_config, tmp_path, monkeypatch) -> None:
+    config, _ = _interrupted_run(tiny_config, tmp_path, monkeypatch, batches=2)
+    staging = LocalDataRoot(tmp_path / "out").staging_dir
+    journal = json.loads((staging / JOURNAL_FILE).read_text())
+    older = {key: journal[key] for key in ("format", "run_key", "parts", "next_part", "configs", "state")}
+    (staging / JOURNAL_FILE).write_text(json.dumps(older))  # as the code before part checksums wrote it
+    first = staging / journal["parts"][0]
+    first.write_bytes(first.read_bytes()[:100])
+    before = tree(tmp_path / "out")
+    code, err = sniff(config)
+    line = error_line(err)
+    assert code == 2 and journal["parts"][0] in line and "damaged" in line and "--restart" in line
+    assert tree(tmp_path / "out") == before
+    assert sniff(config, "--restart")[0] == 0

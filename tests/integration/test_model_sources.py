@@ -388,7 +388,10 @@ def test_random_identity_changes_exactly_with_what_changes_the_weights(tmp_path)
     assert identity({**TINY_LLAMA, "intermediate_size": 96}) != base
 
 
-def test_local_identity_hashes_the_weight_files_once(saved_model, tmp_path) -> None:
+def test_local_identity_hashes_the_weight_files_once(saved_model, tmp_path, monkeypatch) -> None:
+    from qkcore import filehash
+
+    monkeypatch.setattr(filehash, "TRUST_AFTER_NS", 0)  # the files were just written: trust them at once here
     cfg = load_config(make_config(tmp_path, model={"name": str(saved_model), "config": None})).model
     cache: dict[str, str] = {}
     identity = model_identity(cfg, None, cache)

@@ -131,7 +131,7 @@ def test_pull_write_push_pull_gives_the_same_bytes_and_leaves_other_branches_alo
     assert fresh.action == "pulled" and fresh.rows == result.rows
     assert LocalDataRoot(fresh.data_root).read_record().summary.model == "test/tiny"
     assert _local_files(fresh.data_root) == _local_files(result.data_root) == _branch_files(hub_server)
-    assert _pushed(fresh.data_root) and LocalDataRoot(fresh.data_root).verify(LocalDataRoot(fresh.data_root).read_record(), full=True) == []
+    assert _pushed(fresh.data_root) and LocalDataRoot(fresh.data_root).verify(LocalDataRoot(fresh.data_root).read_record()) == []
     assert run_sniff(load_config(_config(tiny_config, tmp_path, "fresh", 2, hf_repo_id=REPO, hf_branch=BRANCH))).action == "already complete"
     assert _branch_files(hub_server, "other-model") == other_branch == _local_files(other.data_root)
 

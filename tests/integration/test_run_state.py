@@ -84,7 +84,7 @@ def test_the_manifest_and_the_card_of_the_last_release_read_typed() -> None:
 def test_a_damaged_record_is_one_error_naming_the_file(damage) -> None:
     data = _json("run_complete_pushed.json")
     damage(data)
-    with pytest.raises(QkcoreError, match=r"^/x/run\.json is unreadable \(.*--restart --replace"):
+    with pytest.raises(QkcoreError, match=r"^/x/run\.json is unreadable \(.*with --replace"):
         Record.from_json(json.dumps(data), "/x/run.json")
 
 

@@ -445,8 +445,32 @@ def test_missing_committed_part_conflicts(tmp_path):
     w.commit({})
     w.abort()
     (tmp_path / STAGING_DIR / journal(tmp_path)["parts"][0]).unlink()
-    with pytest.raises(StagingConflict, match="incomplete"):
+    with pytest.raises(StagingConflict, match=r"part-000000.arrow is damaged \(missing\), and no earlier commit is kept"):
         DatasetWriter(tmp_path / STAGING_DIR, run_key="A")
+
+
+def test_a_part_changed_after_its_commit_resumes_from_the_last_intact_commit(tmp_path):
+    staging = tmp_path / STAGING_DIR
+    w = DatasetWriter(staging, flush_threshold_mb=1e-9, run_key="A")
+    rows = make_rows(5)
+    for step in range(5):  # five commits, one part each
+        w.add(chunk(rows, step, step + 1))
+        w.commit({"step": step})
+    w.abort()
+    parts = journal(tmp_path)["parts"]
+    assert len(parts) == 5 and len(journal(tmp_path)["earlier"]) == 3
+    victim = staging / parts[3]
+    data = bytearray(victim.read_bytes())
+    data[-20] ^= 1  # a changed byte, size kept
+    victim.write_bytes(bytes(data))
+    resumed = DatasetWriter(staging, run_key="A")
+    assert resumed.resumed_state == {"step": 2}
+    assert journal(tmp_path)["parts"] == parts[:3] and [e["state"] for e in journal(tmp_path)["earlier"]] == [{"step": 1}]
+    assert sorted(p.name for p in staging.glob("part-*")) == parts[:3]
+    resumed.abort()
+    (staging / parts[0]).write_bytes(b"")  # older than every kept commit: no way back but --restart
+    with pytest.raises(StagingConflict, match=r"part-000000.arrow is damaged \(0 bytes"):
+        DatasetWriter(staging, run_key="A")
 
 
 def test_commit_validation(tmp_path):

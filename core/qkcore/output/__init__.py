@@ -20,12 +20,15 @@ from typing import TYPE_CHECKING
 
 from qkcore.output.local import LocalDataRoot
 from qkcore.output.protocol import DataRoot
-from qkcore.output.record import FileEntry, Record, file_entry
+from qkcore.output.record import FileEntry, Record, UnreadableRecord, file_entry, readable_record
 
 if TYPE_CHECKING:
     from qkcore.config import OutputConfig
 
-__all__ = ["DataRoot", "FileEntry", "LocalDataRoot", "Record", "command_line", "file_entry", "open_output"]
+__all__ = [
+    "DataRoot", "FileEntry", "LocalDataRoot", "Record", "UnreadableRecord", "command_line", "file_entry", "open_output",
+    "readable_record",
+]
 
 
 def open_output(output_cfg: OutputConfig) -> DataRoot:

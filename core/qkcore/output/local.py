@@ -41,6 +41,7 @@ from typing import Iterator
 import structlog
 
 from qkcore.errors import QkcoreError
+from qkcore.filehash import cached_sha256, identity_key
 from qkcore.fsutil import fsync, move_durably, remove_tree, sha256_file, write_text_durably
 from qkcore.layout import CARD_FILE, MANIFEST_FILE, config_file, configs_in
 from qkcore.manifest import Manifest, read_manifest
@@ -49,8 +50,9 @@ from qkcore.output.record import RECORD_FILE, FileEntry, Record
 STATE_DIR = ".qkcore"
 _LOCK_FILE = "lock"
 _HOLDER_FILE = "lock.json"
-#: Files in the state folder that record nothing about a run (the lock, its holder, the hash cache).
-_NOT_STATE = (_LOCK_FILE, _HOLDER_FILE, "hashes.json")
+_VERIFIED_FILE = "verified.json"
+#: Files in the state folder that record nothing about a run (the lock, its holder, the hash caches).
+_NOT_STATE = (_LOCK_FILE, _HOLDER_FILE, "hashes.json", _VERIFIED_FILE)
 _PROBE_FILE = ".write-probe"
 
 log = structlog.get_logger(__name__)
@@ -182,26 +184,31 @@ class LocalDataRoot:
         files = [name for name in (CARD_FILE, MANIFEST_FILE) if (self.path / name).is_file()]
         return files + [config_file(name) for name in configs_in(self.path)]
 
-    def verify(self, record: Record, *, full: bool = False) -> list[str]:
+    def verify(self, record: Record) -> list[str]:
         """Problems with the published files against ``record`` (empty: they match exactly).
 
-        The quick check compares size and modification time; ``full`` rehashes every file.
-        Extra dataset files that the record does not list are problems too.
+        The one check of "unchanged", for ``qkcore sniff`` and ``qkcore push`` alike: every
+        recorded file is there with its recorded size and sha256, and no dataset file is
+        there that the record does not list. A file is read again unless its identity
+        (inode, size, mtime, ctime: :mod:`qkcore.filehash`) is that of an earlier hash
+        that matched, which ``.qkcore/verified.json`` keeps, so a no-op rerun of a large
+        root takes seconds and a file changed in place (its size and mtime kept) is
+        still found.
         """
+        cache = _VerifiedHashes(self.state_dir / _VERIFIED_FILE)
         problems: list[str] = []
         for name, entry in record.files.items():
             path = self.path / name
             try:
-                stat = path.stat()
+                size = path.stat().st_size
             except FileNotFoundError:
                 problems.append(f"{name} is missing")
                 continue
-            if stat.st_size != entry.size:
-                problems.append(f"{name} has {stat.st_size} bytes, recorded {entry.size}")
-            elif full and sha256_file(path) != entry.sha256:
-                problems.append(f"{name} differs from the recorded sha256")
-            elif not full and stat.st_mtime_ns != entry.mtime_ns:
-                problems.append(f"{name} was modified after the run recorded it")
+            if size != entry.size:
+                problems.append(f"{name} has {size} bytes, recorded {entry.size}")
+            elif cache.sha256(path) != entry.sha256:
+                problems.append(f"{name} changed (its sha256 is not the recorded one)")
+        cache.save()
         extra = sorted(set(self.dataset_files()) - set(record.files))
         problems += [f"{name} is not part of the run" for name in extra]
         return problems
@@ -264,6 +271,36 @@ class LocalDataRoot:
         if not self.ranks_dir.is_dir():
             return []
         return sorted(int(p.name.split("-")[1]) for p in self.ranks_dir.iterdir() if p.name.startswith("rank-"))
+
+
+class _VerifiedHashes:
+    """The published files' sha256 by identity (:mod:`qkcore.filehash`), kept in ``.qkcore/verified.json``.
+
+    A cache, not a record: lost or unreadable, every file is hashed again. It keeps only
+    the files of the last check, so it never grows.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+            self._before: dict[str, str] = loaded if isinstance(loaded, dict) else {}
+        except (OSError, ValueError):
+            self._before = {}
+        self._cache = dict(self._before)
+        self._used: set[str] = set()
+
+    def sha256(self, path: Path) -> str:
+        """The file's sha256, from the cache when its identity is unchanged, else read."""
+        digest = cached_sha256(path, self._cache)
+        self._used.add(identity_key(path))
+        return digest
+
+    def save(self) -> None:
+        """Keep the entries of the files checked this time (when they changed)."""
+        kept = {key: self._cache[key] for key in sorted(self._used) if key in self._cache}
+        if kept != self._before and self.path.parent.is_dir():
+            write_text_durably(self.path, json.dumps(kept, indent=1, sort_keys=True))
 
 
 def _remove_empty_config_dir(path: Path) -> None:

@@ -104,11 +104,13 @@ class DataRoot(Protocol):
         """Published files present (repo paths): the card, the manifest and every config's data file."""
         ...
 
-    def verify(self, record: Record, *, full: bool = False) -> list[str]:
+    def verify(self, record: Record) -> list[str]:
         """Problems with the published files against ``record`` (empty: they match exactly).
 
-        The quick check compares what is cheap to compare; ``full`` rehashes every file.
-        Dataset files that the record does not list are problems too.
+        The one meaning of "unchanged" (``qkcore sniff`` and ``qkcore push`` both use it):
+        every recorded file is there with its recorded size and sha256; a backend may
+        reuse a digest only while it can tell the file was not touched since. Dataset
+        files that the record does not list are problems too.
         """
         ...
 

@@ -10,18 +10,36 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import TYPE_CHECKING, Literal, Mapping
 
 from qkcore.errors import QkcoreError
 from qkcore.fsutil import sha256_file
 from qkcore.layout import CARD_FILE, MANIFEST_FILE
 from qkcore.run_state import HubTarget, PublishedFile, RunIdentity, RunSummary, files_from_json, files_to_json
 
+if TYPE_CHECKING:
+    from qkcore.output.protocol import DataRoot
+
 RECORD_FILE = "run.json"
 _RECORD_FORMAT = 1
 
 #: The name this type had before :class:`~qkcore.run_state.PublishedFile` (one type for a published file).
 FileEntry = PublishedFile
+
+
+class UnreadableRecord(QkcoreError):
+    """``run.json`` is there but cannot be read: nothing says which run the root's files are.
+
+    ``reason`` names the file and what is wrong with it; the message adds the way out.
+    The rule (:mod:`qkcore.root_policy`) treats such a root like files no run recorded.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(
+            f"{reason}; qkcore cannot tell which run this data root holds: rerun `qkcore sniff` with --replace "
+            "to capture the run over it (its files are replaced only when that run finishes)"
+        )
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -65,7 +83,7 @@ class Record:
 
     @classmethod
     def from_json(cls, text: str, where: Path | str) -> Record:
-        """Parse ``run.json`` read from ``where``; an unreadable one is a :class:`QkcoreError` naming it."""
+        """Parse ``run.json`` read from ``where``; an unreadable one raises :class:`UnreadableRecord` naming it."""
         try:
             data = json.loads(text)
             if data.get("format") != _RECORD_FORMAT:
@@ -80,13 +98,18 @@ class Record:
                 hub=HubTarget.from_json(data.get("hub")),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise QkcoreError(
-                f"{where} is unreadable ({exc}); qkcore cannot tell which run this data root holds: "
-                "move the data root aside, or rerun with --restart --replace to rebuild it"
-            ) from None
+            raise UnreadableRecord(f"{where} is unreadable ({exc})") from None
 
 
 def file_entry(path: Path) -> PublishedFile:
     """The :class:`~qkcore.run_state.PublishedFile` of a local file (reads it to hash it)."""
     stat = path.stat()
     return PublishedFile(size=stat.st_size, sha256=sha256_file(path), mtime_ns=stat.st_mtime_ns)
+
+
+def readable_record(root: DataRoot) -> tuple[Record | None, UnreadableRecord | None]:
+    """The root's record and ``None``, or ``(None, why)`` when ``run.json`` is there but unreadable."""
+    try:
+        return root.read_record(), None
+    except UnreadableRecord as exc:
+        return None, exc

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import MutableMapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qkcore.errors import QkcoreError
+from qkcore.filehash import cached_by_identity
 from qkcore.sources.locations import PACKAGE_PREFIX, package_file, pinned_revision, source_kind
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -100,11 +103,18 @@ def gguf_path(location: GgufLocation, revision: str | None) -> Path:
         ) from exc
 
 
-def gguf_metadata(path: Path) -> GgufMetadata:
-    """Architecture, quantisation type and tensor types from the GGUF header of ``path``."""
-    real = Path(path).resolve()
-    stat = real.stat()
-    return _read_metadata(str(real), stat.st_size, stat.st_mtime_ns)
+def gguf_metadata(path: Path, cache: MutableMapping[str, str] | None = None) -> GgufMetadata:
+    """Architecture, quantisation type and tensor types from the GGUF header of ``path``.
+
+    ``cache`` (the run's hash cache, see :mod:`qkcore.filehash`) keeps them by the
+    file's identity: parsing a GGUF header costs seconds, a no-op rerun should not.
+    """
+
+    def read(real: Path) -> str:
+        stat = real.stat()
+        return json.dumps(asdict(_read_metadata(str(real), stat.st_size, stat.st_mtime_ns)), sort_keys=True)
+
+    return GgufMetadata(**json.loads(cached_by_identity(path, cache, read, kind="gguf-metadata")))
 
 
 @functools.lru_cache(maxsize=8)

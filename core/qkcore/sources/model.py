@@ -458,7 +458,7 @@ def model_identity(model_cfg: ModelConfig, config: Any, hash_cache: dict[str, st
         }
     if model_cfg.gguf_file:
         path = gguf_path(locate_gguf(model_cfg), model_cfg.revision)
-        metadata = gguf_metadata(path)
+        metadata = gguf_metadata(path, hash_cache)
         return {
             "source": "gguf",
             "file": path.name,

@@ -74,7 +74,7 @@ def load_inputs(
 ) -> RunInputs:
     """Check and load everything but the model weights, and compute the run's identity.
 
-    ``hash_cache`` maps ``path|size|mtime_ns`` to a file's sha256, so unchanged weight
+    ``hash_cache`` maps a file's identity (:mod:`qkcore.filehash`) to its sha256, so unchanged weight
     files are not hashed again (the run keeps it in the data root). ``sampler``: the one
     :func:`check_config` already built, if the caller ran it.
     """
@@ -105,7 +105,7 @@ def load_weights(inputs: RunInputs) -> torch.nn.Module:
 
 
 class HashCache:
-    """sha256 of weight files by ``path|size|mtime_ns``, kept in the data root: a rerun does not rehash 16 GB."""
+    """sha256 of weight files by identity (:mod:`qkcore.filehash`), kept in the data root: a rerun does not rehash 16 GB."""
 
     def __init__(self, path: Path) -> None:
         self.path = path

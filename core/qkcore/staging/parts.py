@@ -21,6 +21,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
+from qkcore.fsutil import sha256_file
 from qkcore.layout import TOKEN_COLUMN, row_bytes
 from qkcore.staging.rows import Key, Rows, gather, key_at, sorted_columns
 
@@ -97,6 +98,44 @@ class Spill:
                     gathered = gather(vectors, order[sl], head_dim)
                     text = None if tokens is None else tokens[order[sl]]
                     out.write_batch(_batch(Rows(ids64[sl], positions[sl], buckets[sl], gathered, text)))
+
+
+@dataclass(frozen=True)
+class PartSum:
+    """A part file's size and sha256 as written, recorded in the journal so a resume finds a damaged part."""
+
+    size: int
+    sha256: str
+
+
+def part_sum(path: Path) -> PartSum:
+    """The :class:`PartSum` of the part file at ``path`` (reads it back: a spill costs one more read)."""
+    return PartSum(path.stat().st_size, sha256_file(path))
+
+
+def part_damage(path: Path, recorded: PartSum | None) -> str | None:
+    """What is wrong with a committed part file, or ``None`` when it is intact.
+
+    With ``recorded`` the part must have its size and sha256. Without one (a journal
+    written before parts were checksummed) it must at least open as an indexed Arrow
+    file, which finds a part cut short but not bytes changed inside it.
+    """
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "missing"
+    if recorded is None:
+        try:
+            with pa.OSFile(str(path)) as src:
+                json.loads(pa.ipc.open_file(src).schema.metadata[_INDEX_KEY])
+        except (pa.ArrowException, OSError, KeyError, TypeError, ValueError) as exc:
+            return f"not a readable part: {exc}"
+        return None
+    if size != recorded.size:
+        return f"{size} bytes, {recorded.size} were written"
+    if sha256_file(path) != recorded.sha256:
+        return "its sha256 is not the one written"
+    return None
 
 
 def load_index(paths: Sequence[Path]) -> dict[str, list[Slice]]:
