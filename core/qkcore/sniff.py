@@ -38,7 +38,7 @@ import structlog
 import torch
 from tqdm.auto import tqdm
 
-from qkcore import __version__
+from qkcore import __version__, tensor_parallel
 from qkcore.background import BackgroundWriter
 from qkcore.batching import Batch, tokenize_batches
 from qkcore.capture import CaptureSession
@@ -159,6 +159,7 @@ def load_inputs(
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
     architecture = load_architecture(cfg.model)
     family = resolve_family(pm, architecture.model_type)
+    tensor_parallel.check_architecture(cfg, architecture, family.model_type)  # issue 19: before any weights load
     identity = run_identity(
         cfg,
         dataset=dataset_fingerprint(cfg.dataset),
@@ -183,12 +184,19 @@ class Sniffer:
         self.sampler, self.device, self.data, self.tokenizer = inputs.sampler, inputs.device, inputs.data, inputs.tokenizer
         self.family = inputs.family
         model_class = self.family.hooks.qkcore_model_class(config=inputs.architecture)
-        self.model = load_model(cfg.model, inputs.architecture, model_class, resolve_dtype(cfg.model.dtype), self.device)
+        dtype = resolve_dtype(cfg.model.dtype)
+        if self.ranks.tensor_parallel_size > 1:  # issue 19: the model split by heads over the rank's group
+            with tensor_parallel.group_mesh(self.ranks) as extra:
+                self.model = load_model(cfg.model, inputs.architecture, model_class, dtype, self.device, extra)
+        else:
+            self.model = load_model(cfg.model, inputs.architecture, model_class, dtype, self.device)
         self.plan = plan_capture(self.model, self.family, cfg, installed_summary(inputs.pm))
+        # issue 19: the card describes the whole plan; this rank captures the heads it holds.
+        captured = tensor_parallel.shard_plan(self.plan, self.family, self.ranks) if self.ranks.tensor_parallel_size > 1 else self.plan
         self.backbone = self.family.hooks.qkcore_backbone(model=self.model)
         self.model_name = cfg.model.name or f"random-{self.family.model_type}"
         self.session = CaptureSession(
-            self.plan, self.sampler, postprocess_query=self._postprocess,
+            captured, self.sampler, postprocess_query=self._postprocess,
             max_rows=cfg.capture.max_rows_per_batch,
             token_strings=self.tokenizer.convert_ids_to_tokens if cfg.capture.capture_token_strings else None,
         )
@@ -263,8 +271,11 @@ class Sniffer:
             self.backbone(input_ids=input_ids, use_cache=False)
         return self.session.end_batch()
 
-    def capture(self, writer: DatasetWriter, state: RunState) -> None:
+    def capture(self, writer: DatasetWriter, state: RunState, start: int | None = None) -> None:
         """Capture this rank's documents from ``state.next_index`` on, committing progress as it goes.
+
+        ``start`` (tensor parallelism, issue 19): run the forwards from there, writing only the
+        batches from ``state.next_index`` on (the group's ranks run every forward together).
 
         On a terminal one progress line shows documents, tokens/s and the time left; without
         one (a log file, ``--quiet``, ``--json-logs``) each commit logs a progress line instead.
@@ -284,7 +295,12 @@ class Sniffer:
         warned: set[str] = set()
         try:
             with self.instrumented():
-                for count, (batch, selections) in enumerate(self.prepared_batches(start=state.next_index), 1):
+                first = state.next_index if start is None else min(start, state.next_index)
+                for count, (batch, selections) in enumerate(self.prepared_batches(start=first), 1):
+                    if batch.next_index <= state.next_index:  # issue 19: written already; the group needs the forward
+                        if batch.lengths:
+                            self.capture_batch(batch, selections)
+                        continue
                     if batch.lengths:  # a batch of empty texts has nothing to run
                         for chunk in self.capture_batch(batch, selections):
                             _warn_nonfinite(chunk, warned)
@@ -368,6 +384,7 @@ class Sniffer:
                 "device": self.device.type,
                 "autocast": None if self._autocast_dtype is None else str(self._autocast_dtype).removeprefix("torch."),
                 "batch_size": cfg.inference.batch_size,
+                **tensor_parallel.card_fields(self.ranks),  # issue 19
             },
             tokenizer={
                 "name": cfg.tokenizer.name or cfg.model.name,
@@ -451,6 +468,7 @@ def run_sniff(
     ranks = init_ranks()
     structlog.contextvars.bind_contextvars(rank=ranks.rank)
     try:
+        ranks = tensor_parallel.with_groups(ranks, cfg)  # issue 19: K checked before anything else
         pm = pm or make_plugin_manager()
         sampler = check_config(cfg, pm)  # before the data root is touched
         root = open_output(cfg.output)
@@ -670,10 +688,12 @@ class _Run:
         state = RunState.from_journal(writer.resumed_state) if writer.resumed_state else fresh
         if writer.resumed_state is not None:
             log.info("resuming", documents_done=state.documents, next_index=state.next_index, phase=state.phase)
-        if state.phase != "capturing":
+        # issue 19: a tensor-parallel group resumes together (a collective; the run itself without TP)
+        start = tensor_parallel.group_start(self.ranks, state.phase == "capturing", state.next_index)
+        if start is None:
             return writer, state
         try:
-            sniffer.capture(writer, state)
+            sniffer.capture(writer, state, start)
             if whole_run:
                 _require_tokens(state)
             state.phase = "captured"
@@ -692,7 +712,7 @@ class _Run:
             return writer, RunState.from_journal(writer.resumed_state)
         for rank in range(self.ranks.world_size):
             writer.adopt(self.root.rank_staging(rank))
-        states = [RunState.from_journal(s) for s in shares]
+        states = tensor_parallel.group_leaders([RunState.from_journal(s) for s in shares], self.ranks)  # issue 19
         merged = RunState(
             fresh.run_key, fresh.identity, fresh.world_size, fresh.replace, phase="captured",
             next_index=max(s.next_index for s in states), documents=sum(s.documents for s in states),
