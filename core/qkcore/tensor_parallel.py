@@ -69,9 +69,10 @@ def check_settings(cfg: SniffConfig, world_size: int, local_rank: int = 0) -> No
             f"`torchrun --nproc-per-node {k} -m qkcore sniff --config {cfg.source or 'FILE'}` (or a multiple of {k})"
         )
     if world_size % k:
+        nearest = " or ".join(str(n) for n in sorted({k * max(1, world_size // k), k * (world_size // k + 1)}))
         raise ConfigError(
             f"{where}: {KEY}: {k} does not divide the {world_size} torchrun processes: use --nproc-per-node "
-            f"{k * max(1, world_size // k)} (a multiple of {k}), or a tensor_parallel_size that divides {world_size}"
+            f"{nearest} (a multiple of {k}), or a tensor_parallel_size that divides {world_size}"
         )
     model = cfg.model
     if model.config is not None:
