@@ -24,5 +24,5 @@ if __name__ == "__main__":
     # One process group for the whole launch: torchrun's store does not take a second
     # rendezvous in the same process, so the runs share the group (torchrun ends it).
     qkcore.sniff.shutdown = lambda ranks: None
-    codes = [main(["sniff", "--config", config, "--quiet"]) for config in configs]
+    codes = [main(["sniff", "--config", config]) for config in configs]
     (results / f"rank{rank}.json").write_text(json.dumps(codes))

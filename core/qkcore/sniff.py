@@ -186,7 +186,7 @@ class Sniffer:
         model_class = self.family.hooks.qkcore_model_class(config=inputs.architecture)
         dtype = resolve_dtype(cfg.model.dtype)
         if self.ranks.tensor_parallel_size > 1:  # issue 19: the model split by heads over the rank's group
-            with tensor_parallel.group_mesh(self.ranks) as extra:
+            with tensor_parallel.group_mesh(self.ranks, self.device) as extra:
                 self.model = load_model(cfg.model, inputs.architecture, model_class, dtype, self.device, extra)
         else:
             self.model = load_model(cfg.model, inputs.architecture, model_class, dtype, self.device)

@@ -54,10 +54,11 @@ def size_of(cfg: SniffConfig) -> int:
 # --------------------------------------------------------------------------- checks (before any weights load)
 
 
-def check_settings(cfg: SniffConfig, world_size: int, local_rank: int = 0) -> None:
+def check_settings(cfg: SniffConfig, world_size: int) -> None:
     """Refuse a ``K`` this torchrun run cannot use, or settings that cannot go with it (no I/O).
 
-    ``world_size``: torchrun's ``WORLD_SIZE`` (1 outside torchrun).
+    ``world_size``: torchrun's ``WORLD_SIZE`` (1 outside torchrun). Every rank reaches
+    the same verdict, so no rank is left waiting for one that stopped.
     """
     k = size_of(cfg)
     where = cfg.source or "<config>"
@@ -85,7 +86,7 @@ def check_settings(cfg: SniffConfig, world_size: int, local_rank: int = 0) -> No
             f"{where}: {KEY}: {k} cannot shard a GGUF checkpoint (model.gguf_file); use the model's safetensors "
             "checkpoint, or tensor_parallel_size: 1"
         )
-    if not _own_device(model.device_map, local_rank):
+    if not _own_device(model.device_map):
         raise ConfigError(
             f"{where}: model.device_map: {model.device_map!r} with {KEY}: {k}: each rank holds its shard on its "
             f"own device (cuda:LOCAL_RANK); set model.device_map to auto, cuda or cpu"
@@ -97,18 +98,16 @@ def check_settings(cfg: SniffConfig, world_size: int, local_rank: int = 0) -> No
         )
 
 
-def _own_device(device_map: Any, local_rank: int) -> bool:
-    """Whether ``device_map`` places the whole model on this rank's own device."""
+def _own_device(device_map: Any) -> bool:
+    """Whether ``device_map`` lets each rank hold its shard on its own device (``cuda:LOCAL_RANK``, or the CPU).
+
+    A device index names one rank's device only: every rank reads the same config, so
+    an index is refused on every rank alike (one rank refusing alone would leave the
+    others waiting for it).
+    """
     if device_map is None:
         return True
-    if isinstance(device_map, bool):
-        return False
-    if isinstance(device_map, int):
-        return device_map == local_rank
-    if isinstance(device_map, str):
-        text = device_map.strip().lower()
-        return text in ("auto", "cuda", "cpu", f"cuda:{local_rank}", str(local_rank))
-    return False  # a mapping spreads modules over devices: tensor parallelism places them itself
+    return isinstance(device_map, str) and device_map.strip().lower() in ("auto", "cuda", "cpu")
 
 
 def check_architecture(cfg: SniffConfig, architecture: Any, family_name: str) -> None:
@@ -137,7 +136,7 @@ def check_architecture(cfg: SniffConfig, architecture: Any, family_name: str) ->
 
 def with_groups(ranks: Ranks, cfg: SniffConfig) -> Ranks:
     """``ranks`` grouped by ``K`` (checked first: see :func:`check_settings`)."""
-    check_settings(cfg, ranks.world_size, ranks.local_rank)
+    check_settings(cfg, ranks.world_size)
     k = size_of(cfg)
     return ranks if k <= 1 else replace(ranks, tensor_parallel_size=k)
 
@@ -151,7 +150,7 @@ def environment_world_size() -> int:
 
 
 @contextmanager
-def group_mesh(ranks: Ranks) -> Iterator[dict[str, Any]]:
+def group_mesh(ranks: Ranks, device: torch.device) -> Iterator[dict[str, Any]]:
     """While loading: the ``from_pretrained`` arguments of a TP load over this rank's group.
 
     transformers (5.x) builds its device mesh from ``DistributedConfig`` alone and
@@ -161,7 +160,6 @@ def group_mesh(ranks: Ranks) -> Iterator[dict[str, Any]]:
     shards over is exactly this rank's group of ``K`` consecutive ranks, and the
     ``DistributedConfig`` (``tp_size=K``, nothing else) applies the TP plan only.
     """
-    import torch
     import torch.distributed as dist
 
     try:
@@ -179,7 +177,7 @@ def group_mesh(ranks: Ranks) -> Iterator[dict[str, Any]]:
         raise QkcoreError(f"{KEY}: this transformers builds its device mesh in a way qkcore does not know; "
                           "use tensor_parallel_size: 1")
     k, n = ranks.tensor_parallel_size, ranks.world_size
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    device_type = device.type
 
     def build(config: Any) -> tuple[Any, Any]:
         dense = dist.init_device_mesh(device_type, (1, n // k, 1, k), mesh_dim_names=("pp", "dp_replicate", "fsdp", "tp"))
