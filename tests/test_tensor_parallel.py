@@ -134,3 +134,28 @@ def test_the_card_records_the_parallelism() -> None:
 
     entry = make_model(precision={"dtype": "float32", "batch_size": 2, "tensor_parallel_size": 2, "world_size": 4})
     assert "batch size 2, tensor parallel size 2, torchrun processes 4" in render_card(entry, {})
+
+
+class _Gathered(Ranks):
+    """Ranks whose gather returns fixed values (what each rank of the run would contribute)."""
+
+    def gather(self, value):  # type: ignore[override]
+        return self.values  # type: ignore[attr-defined]
+
+
+def _ranks(rank: int, values: list) -> Ranks:
+    ranks = _Gathered(rank, len(values), rank, tensor_parallel_size=2)
+    object.__setattr__(ranks, "values", values)
+    return ranks
+
+
+def test_a_group_resumes_from_its_least_advanced_member() -> None:
+    """A rank killed between the members' commits: the group reruns the missing batches together.
+
+    (Seen in practice: after kill -9 of rank 1, rank 0 had committed one batch more.)
+    """
+    states = [(True, 8), (True, 7), (True, 3), (True, 3)]
+    assert [group_start(_ranks(r, states), *states[r]) for r in range(4)] == [7, 7, 3, 3]
+    # A member that finished still runs the others' forwards; a group all finished runs none.
+    states = [(False, 48), (True, 30), (False, 47), (False, 47)]
+    assert [group_start(_ranks(r, states), *states[r]) for r in range(4)] == [30, 30, None, None]
