@@ -192,7 +192,10 @@ class Sniffer:
             self.model = load_model(cfg.model, inputs.architecture, model_class, dtype, self.device)
         self.plan = plan_capture(self.model, self.family, cfg, installed_summary(inputs.pm))
         # issue 19: the card describes the whole plan; this rank captures the heads it holds.
-        captured = tensor_parallel.shard_plan(self.plan, self.family, self.ranks) if self.ranks.tensor_parallel_size > 1 else self.plan
+        captured = (
+            tensor_parallel.shard_plan(self.plan, self.family, self.ranks)
+            if self.ranks.tensor_parallel_size > 1 else self.plan
+        )
         self.backbone = self.family.hooks.qkcore_backbone(model=self.model)
         self.model_name = cfg.model.name or f"random-{self.family.model_type}"
         self.session = CaptureSession(

@@ -26,7 +26,6 @@ What this module decides, and where the rest of the run calls it:
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Iterator
@@ -139,11 +138,6 @@ def with_groups(ranks: Ranks, cfg: SniffConfig) -> Ranks:
     check_settings(cfg, ranks.world_size)
     k = size_of(cfg)
     return ranks if k <= 1 else replace(ranks, tensor_parallel_size=k)
-
-
-def environment_world_size() -> int:
-    """torchrun's ``WORLD_SIZE`` (1 outside torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 # --------------------------------------------------------------------------- loading
