@@ -10,7 +10,8 @@ bare   load the tokenizer and the model as ``qkcore sniff`` does, tokenise the
        (``torch.inference_mode()``, ``use_cache=False``); nothing is captured or written.
 sniff  ``run_sniff(cfg)`` into a fresh data root, as ``qkcore sniff`` runs it: the checks,
        the data root, the run identity, the same loading plus sampler and plan (``load``
-       ends when the ``Sniffer`` is built), then capture, finish, publish (``run``).
+       ends when the model is loaded and planned: the result's ``seconds["loaded"]``),
+       then capture, finish, publish (``run``).
 
 The order is bare, sniff, bare; the ratio divides sniff by the mean of the two
 bare runs, so a machine getting busier or quieter during the measurement shows
@@ -74,23 +75,12 @@ def bare(cfg: Any) -> dict[str, float]:
 
 def sniff(cfg: Any) -> dict[str, float]:
     """``qkcore sniff`` as the command runs it; ``load`` ends when its model is loaded and planned."""
-    from qkcore.sniff import Sniffer, run_sniff
+    from qkcore.sniff import run_sniff
 
-    built: list[float] = []
-    real_init = Sniffer.__init__
-
-    def timed_init(self: Any, *args: Any, **kwargs: Any) -> None:
-        real_init(self, *args, **kwargs)
-        built.append(time.perf_counter())
-
-    Sniffer.__init__ = timed_init  # type: ignore[method-assign]
-    try:
-        start = time.perf_counter()
-        result = run_sniff(cfg, restart=True)
-        end = time.perf_counter()
-    finally:
-        Sniffer.__init__ = real_init  # type: ignore[method-assign]
-    loaded = built[0]
+    start = time.perf_counter()
+    result = run_sniff(cfg, restart=True)
+    end = time.perf_counter()
+    loaded = start + result.seconds["loaded"]
     return {"load_s": loaded - start, "run_s": end - loaded, "total_s": end - start, "tokens": result.tokens,
             "rows": sum(result.rows.values()), "configs": len(result.rows)}
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Overhead of ``qkcore sniff`` over the bare backbone forward, on the same token ids.
 
-In one process, per shape (one :class:`qkcore.sniff.Sniffer`, model loaded once)
+In one process, per shape (one :class:`qkcore.stages.capture.Sniffer`, model loaded once)
 and per sequence length, this runs interleaved (A B A B ...):
 
 A  bare:  ``with torch.inference_mode(): sniffer.backbone(input_ids=ids, use_cache=False)``
@@ -422,7 +422,8 @@ def run_sniff(
     """One document through the whole sniff path into a fresh ``data_root``."""
     from qkcore.batching import tokenize_batches
     from qkcore.card import render_card
-    from qkcore.sniff import RunState
+    from qkcore.run_state import RunState
+    from qkcore.stages.finish import model_entry
     from qkcore.sources.documents import Document
     from qkcore.writer import DatasetWriter
 
@@ -460,13 +461,13 @@ def run_sniff(
     with timers.time("detach"):
         instrumented.__exit__(None, None, None)
     with timers.time("close"):
-        stats = writer.finalize(data_root)
+        stats = writer.write_final_files(data_root)
         writer.discard()
         rows = {name: s.rows for name, s in stats.items()}
     with timers.time("card"):
-        state = RunState("bench", sniffer.inputs.identity, documents=len(batch.lengths), tokens=tokens,
-                         example_ids=list(batch.example_ids))
-        (data_root / "README.md").write_text(render_card(sniffer.model_entry(state, stats), stats), encoding="utf-8")
+        state = RunState(sniffer.inputs.identity, documents=len(batch.lengths), tokens=tokens,
+                         example_ids=tuple(batch.example_ids))
+        (data_root / "README.md").write_text(render_card(model_entry(sniffer, state, stats), stats), encoding="utf-8")
     sync(device)
     total = time.perf_counter() - start
     gpu_peak, gpu_delta = gpu.peak()
@@ -502,7 +503,7 @@ def bench_shape(
 ) -> None:
     from qkcore.batching import Batch
     from qkcore.config import load_config
-    from qkcore.sniff import Sniffer
+    from qkcore.stages.capture import Sniffer
 
     architecture = dict(SHAPES[shape])
     architecture["max_position_embeddings"] = max(architecture["max_position_embeddings"], max(args.lengths))

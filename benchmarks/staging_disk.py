@@ -7,7 +7,7 @@ parts, so the peak disk use is parts + finals. This feeds the real
 :class:`qkcore.writer.DatasetWriter` the way a run does (one chunk per
 document and (layer, kind), a commit every ``--commit-every`` documents) and
 prints, per head_dim and vector precision, the bytes per row of both and
-their ratio. ``qkcore plan`` uses these figures (``qkcore.plan.disk_needed_bytes``).
+their ratio. ``qkcore plan`` uses these figures (``qkcore.estimate.disk_needed_bytes``).
 
 Vectors: float32 draws from a Gaussian with unequal scales per dimension (as
 real queries and keys have), or the same rounded to bfloat16 / float16 (what a

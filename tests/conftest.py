@@ -19,24 +19,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 # After the offline switches: importing the kit imports transformers and huggingface_hub.
-from qkcore.testing import TEXTS, write_corpus, write_run_config  # noqa: E402,F401 (shared by the tests)
+# The kit is also this suite's pytest plugin (its fixtures: qk_eager_reference, qk_sniff, ...).
+from qkcore.testing import TEXTS, TINY_LLAMA, write_corpus, write_run_config  # noqa: E402,F401 (shared by the tests)
+
+pytest_plugins = ["qkcore.testing"]
 
 REPO = Path(__file__).resolve().parents[1]
-
-#: A real LlamaConfig, shrunk: GQA 4 query heads per key head, vocab for the byte tokenizer.
-TINY_LLAMA: dict[str, Any] = {
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 2,
-    "head_dim": 8,
-    "vocab_size": 259,
-    "max_position_embeddings": 2048,
-    "rope_theta": 10000.0,
-    "pad_token_id": 256,
-}
 
 
 def make_config(tmp_path: Path, architecture: dict[str, Any] | None = None, **sections: dict[str, Any]) -> Path:

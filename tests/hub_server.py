@@ -9,7 +9,8 @@ with ``lfs.oid`` = sha256 of the content, the blob id of the pointer file, ``X-L
 although their bytes arrive inline, so clients meet both kinds of digest.
 
 Failures can be injected: an HTTP status for the next N requests (optionally only on paths
-matching a regex), or a hang (the request is accepted and never answered). A token other
+matching a regex), or a hang (the request is accepted and never answered); ``before_commit``
+lets a test land another writer's commit just before one is checked against its parent. A token other
 than ``server.token`` gets 401 on every request.
 
 The ``hub_server`` fixture starts one on 127.0.0.1 (random port) and points huggingface_hub
@@ -107,6 +108,9 @@ class HubServer:
         self.requests: list[tuple[str, str]] = []
         #: If set, called with each commit's tree before it is stored (to play a Hub that keeps other bytes).
         self.tamper: Callable[[dict[str, bytes]], None] | None = None
+        #: If set, called with (repo id, branch) when a commit arrives, before it is checked against
+        #: its parent (outside the lock): a test can land another writer's commit first (a race).
+        self.before_commit: Callable[[str, str], None] | None = None
         self._failures: list[_Failure] = []
         self._lock = threading.RLock()
         self._released = threading.Event()  # set on stop: hung requests return
@@ -464,6 +468,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not lines or lines[0].get("key") != "header":
             raise _HttpError(400, "the first line of a commit must be its header")
         header = lines[0]["value"]
+        if self.hub.before_commit is not None:
+            self.hub.before_commit(f"{ns}/{name}", rev)
         with self.hub._lock:
             repo = self._repo(ns, name)
             if rev not in repo.branches:

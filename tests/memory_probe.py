@@ -26,7 +26,8 @@ def main(path: str) -> None:
     from qkcore.config import load_config
     from qkcore.plan_memory import device_memory
     from qkcore.plugins import make_plugin_manager
-    from qkcore.sniff import Sniffer, load_inputs
+    from qkcore.stages.capture import Sniffer
+    from qkcore.stages.load import load_inputs, load_weights
 
     torch.set_num_threads(1)
     cfg = load_config(path)
@@ -36,7 +37,7 @@ def main(path: str) -> None:
         model_class.from_config(inputs.architecture)
     torch.nn.Linear(64, 64)  # and the CPU initialisation code
     before = _status("VmRSS")
-    sniffer = Sniffer(inputs)
+    sniffer = Sniffer(inputs, load_weights(inputs))
     loaded = _status("VmRSS")
     b, t = cfg.inference.batch_size, cfg.tokenizer.max_length
     generator = torch.Generator().manual_seed(0)

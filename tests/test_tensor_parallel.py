@@ -130,7 +130,7 @@ def test_a_projection_left_whole_is_not_taken_for_a_shard() -> None:
 
 
 def test_the_card_records_the_parallelism() -> None:
-    from tests.test_card import make_model
+    from tests.unit.test_card import make_model
 
     entry = make_model(precision={"dtype": "float32", "batch_size": 2, "tensor_parallel_size": 2, "world_size": 4})
     assert "batch size 2, tensor parallel size 2, torchrun processes 4" in render_card(entry, {})

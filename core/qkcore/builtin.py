@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 @hookimpl(tryfirst=True)
 def qkcore_register_commands(cli: click.Group) -> None:
-    """Add ``sniff``, ``push``, ``plan``, ``inspect``, ``plasticity`` and ``plugins`` (first, so a clash names the plugin)."""
+    """Add ``sniff``, ``push``, ``plan``, ``inspect``, ``plasticity``, ``compare`` and ``plugins`` (first, so a clash names the plugin)."""
     from qkcore.commands import add_builtin_commands
 
     add_builtin_commands(cli)

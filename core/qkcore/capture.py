@@ -46,6 +46,10 @@ class CapturePlan:
     #: ... and the head that seeds the per-document row cap (default: the first captured head): the
     #: one-process plan's, so every rank draws the masks one device draws.
     cap_head: dict[tuple[int, str], int] = field(default_factory=dict)
+    #: Every attention layer of the model (the family's ``qkcore_attention_layers``, asked once), captured or not.
+    all_layers: list[AttentionLayer] = field(default_factory=list)
+    #: Layers that pass the filters and may be captured (not cross-attention), whether or not a head was picked.
+    eligible_layers: tuple[int, ...] = ()
 
 
 @dataclass

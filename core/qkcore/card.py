@@ -17,13 +17,14 @@ import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import yaml
 
-from qkcore.layout import config_file, parse_config_name
+from qkcore.layout import config_file, parse_config_name, schema_table
 from qkcore.datafile import ConfigStats
+from qkcore.run_state import RunSummary
 
 
 @dataclass
@@ -61,6 +62,33 @@ class ModelEntry:
     versions: dict[str, str] = field(default_factory=dict)  # torch, transformers
     head_selection: str = ""  # how the query heads were chosen, in words
     run_key: str = ""
+
+    def summary(self) -> RunSummary:
+        """The run in a line: model, date, counts (the record's and the journal's summary)."""
+        return RunSummary(self.name, self.created, self.documents, self.tokens, self.skipped_documents,
+                          self.nonfinite_rows)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ModelEntry:
+        """Read an entry as :func:`render_card` wrote it (layer and head keys back to ``int``); ``ValueError`` if it is not one."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a qkcore.models entry must be a mapping, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        for key in _BY_LAYER:
+            if isinstance(values.get(key), Mapping):
+                values[key] = {int(layer): v for layer, v in values[key].items()}
+        if isinstance(values.get("key_head_of_query"), Mapping):
+            values["key_head_of_query"] = {layer: {int(q): int(k) for q, k in heads.items()}
+                                           for layer, heads in values["key_head_of_query"].items()}
+        try:
+            return cls(**values)
+        except TypeError as exc:  # a required field is missing
+            raise ValueError(str(exc)) from None
+
+
+#: The entry's fields keyed by layer index.
+_BY_LAYER = ("selected_heads", "key_heads", "key_head_of_query", "layer_kinds", "sliding_windows", "rope_layers")
 
 
 def _plain(value: Any) -> Any:
@@ -271,11 +299,8 @@ def _body(
         "",
         "| column | type | meaning |",
         "|---|---|---|",
-        "| `bucket` | int32 | sampler bucket of the token |",
-        "| `example_id` | int32 | low 32 bits of the normalised 64-bit example id |",
-        "| `position` | int32 | token position within the example |",
-        f"| `vector` | fixed_size_list<float32>[head_dim] | the {'pre' if pre_rope else 'post'}-RoPE query or key |",
-        "| `sliding_window` | int32, nullable | the layer's sliding window; null for full attention |",
+        *(f"| `{column}` | {kind} | {meaning} |"
+          for column, kind, meaning in schema_table(bool(m.capture.get("capture_token_strings")), pre_rope)),
         "",
         "## Loading",
         "",

@@ -8,7 +8,7 @@ loads none; no module loaded for ``qkcore --help`` imports torch.
 
 Exit status: 0 on success, 2 on an error the user can act on (one ``qkcore: error:``
 line naming the key, file or row at fault; usage errors too), 130 when interrupted
-(Ctrl-C or SIGTERM; the same command resumes from the last commit).
+(Ctrl-C or SIGTERM; the same command, without ``--restart``, resumes from the last commit).
 """
 
 from __future__ import annotations
@@ -24,7 +24,14 @@ from qkcore import __version__
 from qkcore.errors import QkcoreError
 
 _SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-_INTERRUPTED = "interrupted; the same command resumes from the last commit"
+_RESUMES = "the same command resumes from the last commit"
+
+
+def _resume_hint(args: Sequence[str]) -> str:
+    """How to go on after a stop: the same command, but without ``--restart`` (it would discard the progress)."""
+    if "--restart" in args:
+        return "run the same command without --restart to resume from the last commit (--restart would discard it)"
+    return _RESUMES
 
 
 class QkcoreCli(click.Group):
@@ -72,10 +79,9 @@ class QkcoreCli(click.Group):
         name = name or cmd.name
         taken = self.commands.get(name or "")
         if taken is not None:
-            raise QkcoreError(
-                f"the command '{name}' is added twice ({_origin(taken)} and {_origin(cmd)}); uninstall one of the "
-                "plugins, or leave it out with QKCORE_LOAD_PLUGINS"
-            )
+            from qkcore.plugins import clash_error
+
+            raise clash_error("command", name or "", _origin(taken), _origin(cmd))
         super().add_command(cmd, name)
 
 
@@ -116,11 +122,11 @@ def main(argv: Sequence[str] | None = None, *, pm: pluggy.PluginManager | None =
     except click.ClickException as exc:  # a plugin command's own user error
         return _error(exc.format_message())
     except (KeyboardInterrupt, click.exceptions.Abort):
-        print(f"qkcore: error: {_INTERRUPTED}", file=sys.stderr)
+        print(f"qkcore: error: interrupted; {_resume_hint(args)}", file=sys.stderr)
         return 130
     except OSError as exc:  # disk full, permissions, a vanished mount: the environment, not a bug
         where = f"{exc.filename}: " if exc.filename else ""
-        return _error(f"{where}{exc.strerror or exc}; the same command resumes from the last commit once this is fixed")
+        return _error(f"{where}{exc.strerror or exc}; once this is fixed, {_resume_hint(args)}")
     except Exception as exc:
         if not _is_user_error(exc):
             raise
@@ -131,9 +137,18 @@ def main(argv: Sequence[str] | None = None, *, pm: pluggy.PluginManager | None =
 
 
 def _error(message: str) -> int:
-    """Print one ``qkcore: error:`` line; return exit status 2."""
-    print(f"qkcore: error: {message}", file=sys.stderr)
+    """Print one ``qkcore: error:`` line; return exit status 2.
+
+    A message of several lines (several bad keys, a library's text quoted as the cause) is
+    joined with ``"; "``: the user sees one line, and a log collector one record.
+    """
+    print(f"qkcore: error: {one_line(message)}", file=sys.stderr)
     return 2
+
+
+def one_line(message: str) -> str:
+    """``message`` with its lines (blank ones dropped, each stripped) joined by ``"; "``."""
+    return "; ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
 def _is_user_error(exc: Exception) -> bool:

@@ -14,7 +14,11 @@ key came from: the file, the variable or the ``--set`` item.
 from __future__ import annotations
 
 import difflib
+import math
+import numbers
+import operator
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -84,6 +88,59 @@ class QkcoreConfigWarning(UserWarning):
 
 #: Other spellings of sampler types (lower-cased) -> the registered name.
 SAMPLER_ALIASES = {"log": "log_uniform"}
+
+
+#: The forms ``model.device_map`` takes.
+DEVICE_FORMS = "'auto', 'cpu', 'cuda', 'cuda:N', 'mps' or a CUDA index N"
+
+
+def parse_device_map(device_map: Any) -> tuple[str, int | None] | None:
+    """``model.device_map`` as ``(kind, index)`` (``cpu``/``cuda``/``mps``), ``None`` for ``auto``; ``ValueError`` if malformed.
+
+    The one check of the key's form (no torch needed); ``sources.model.resolve_device``
+    then asks whether this machine has that device.
+    """
+    if device_map is None or device_map == "auto":
+        return None
+    if isinstance(device_map, dict):
+        places = {str(place) for place in device_map.values()}
+        if len(places) == 1:  # e.g. {"": "cuda:0"}: everything on one device
+            return parse_device_map(next(iter(device_map.values())))
+        raise ValueError(f"only a single device is supported (got {device_map!r})")
+    if isinstance(device_map, bool) or not isinstance(device_map, (int, str)):
+        raise ValueError(f"expected {DEVICE_FORMS} (got {device_map!r})")
+    if isinstance(device_map, int) and device_map < 0:
+        raise ValueError("a CUDA device index must be an integer >= 0")
+    text = f"cuda:{device_map}" if isinstance(device_map, int) else device_map.strip().lower()
+    if text.isdigit():
+        text = f"cuda:{text}"
+    match = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", text)
+    if match is None or (match.group(1) != "cuda" and match.group(2) not in (None, "0")):
+        raise ValueError(f"{device_map!r} is not a device; use {DEVICE_FORMS}")
+    return match.group(1), None if match.group(2) is None else int(match.group(2))
+
+
+def check_base_rate(value: Any) -> float:
+    """The rule of ``capture.sampler.base_rate``: a finite number > 0 (the config and every sampler apply it).
+
+    ``ValueError`` says what it must be; the caller names the key and the value.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError("must be a positive number")
+    if not (math.isfinite(float(value)) and value > 0):
+        raise ValueError("must be a finite number > 0")
+    return float(value)
+
+
+def check_min_bucket_size(value: Any) -> int:
+    """The rule of ``capture.min_bucket_size``: an integer >= 1 (the config and every sampler apply it)."""
+    try:
+        size = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        size = None
+    if size is None or size < 1:
+        raise ValueError("must be an integer >= 1")
+    return size
 
 
 def _warn(message: str) -> None:
@@ -163,9 +220,8 @@ class ModelConfig(_Section):
 
     @field_validator("device_map")
     @classmethod
-    def _device_index(cls, value: int | str | dict[str, Any] | None) -> int | str | dict[str, Any] | None:
-        if isinstance(value, int) and (isinstance(value, bool) or value < 0):
-            raise ValueError("a CUDA device index must be an integer >= 0")
+    def _device(cls, value: int | str | dict[str, Any] | None) -> int | str | dict[str, Any] | None:
+        parse_device_map(value)  # the form only: whether this machine has the device is known when it loads
         return value
 
     @field_validator("dtype")
@@ -266,14 +322,19 @@ class HeadSamplingConfig(_Section):
 
 
 class SamplerConfig(_Section):
-    """Which rows (token positions) to keep; ``type`` is checked by the sniff step.
+    """Which rows (token positions) to keep; ``type`` names a sampler a plugin registers (``stages.plan.build_sampler``).
 
     Like sniff-qk, ``type`` is case-insensitive; ``log`` (sniff-qk's name for it in its
     cards) means ``log_uniform``.
     """
 
     type: str = "log_uniform"
-    base_rate: float = Field(default=1.0, gt=0)
+    base_rate: float = 1.0
+
+    @field_validator("base_rate", mode="before")
+    @classmethod
+    def _base_rate(cls, value: Any) -> float:
+        return check_base_rate(value)
 
     @field_validator("type")
     @classmethod
@@ -295,13 +356,18 @@ class CaptureConfig(_Section):
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     #: At most this many rows per (document, layer, kind), picked as sniff-qk picks them (a seeded permutation).
     max_rows_per_batch: int | None = None
-    min_bucket_size: int = Field(default=128, ge=1)
+    min_bucket_size: int = 128
     capture_pre_rope: bool = False
     #: Undo a family's post-RoPE query scaling (e.g. Ministral 3's position scale) so query
     #: rows are exactly post-RoPE; by default they are the query the attention kernel receives.
     unscaled_queries: bool = False
     #: Add a ``token_str`` column: the tokenizer's token at each row (``convert_ids_to_tokens``, as in sniff-qk).
     capture_token_strings: bool = False
+
+    @field_validator("min_bucket_size", mode="before")
+    @classmethod
+    def _min_bucket_size(cls, value: Any) -> int:
+        return check_min_bucket_size(value)
 
     @field_validator("layers", "heads")
     @classmethod
@@ -416,12 +482,28 @@ def _dotted(path: Sequence[str | int]) -> str:
     return ".".join(str(p) for p in path)
 
 
+def _yaml_problem(exc: yaml.YAMLError, *, lines: bool = True) -> str:
+    """PyYAML's multi-line report as one phrase: where (line and column, 1-based), what, and what it was inside."""
+    problem = getattr(exc, "problem", None)
+    mark, context, start = (getattr(exc, name, None) for name in ("problem_mark", "context", "context_mark"))
+    if problem is None or mark is None:
+        return " ".join(str(exc).split())
+
+    def at(where: Any) -> str:
+        return f"line {where.line + 1}, column {where.column + 1}" if lines else f"column {where.column + 1}"
+
+    text = f"{at(mark)}: {problem}"
+    if context:
+        text += f" ({context}" + (f" at {at(start)})" if start is not None else ")")
+    return text
+
+
 def _parse_value(text: str, origin: str) -> Any:
     """Parse an override value as YAML (so ``null``, ``[0, 1]``, ``4.0`` get their types)."""
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{origin}: value is not valid YAML: {exc}") from None
+        raise ConfigError(f"{origin}: value is not valid YAML: {_yaml_problem(exc, lines=False)}") from None
 
 
 def _read_file(path: str | Path) -> dict[str, Any]:
@@ -436,7 +518,7 @@ def _read_file(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{label}: invalid YAML: {exc}") from None
+        raise ConfigError(f"{label}: invalid YAML at {_yaml_problem(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -7,6 +7,11 @@ signed), ``position`` int32, ``vector`` fixed_size_list<float32>[head_dim] and
 zstd-compressed and its rows arrive sorted (:mod:`qkcore.staging.merge`). Row groups
 hold exactly ``row_group_size`` rows (the last one fewer), so the bytes depend only on
 the rows and their order, never on how they were chunked (same pyarrow).
+
+For the Hub's dataset viewer, every file carries a page index (column and offset
+indexes: the viewer reads a large file only with one) and no row group holds more
+than :data:`VIEWER_ROW_GROUP_BYTES` of uncompressed rows (the viewer refuses row
+groups above about 286 MiB, 300 MB).
 """
 
 from __future__ import annotations
@@ -26,6 +31,11 @@ from qkcore.staging.rows import Rows
 
 #: Rows per row group unless the run sets ``output.write_batch_size``.
 DEFAULT_ROW_GROUP_SIZE = 65536
+#: Most uncompressed bytes of rows in one row group: half the Hub dataset viewer's limit
+#: (300,000,000 bytes), well inside its recommended 100-300 MB.
+VIEWER_ROW_GROUP_BYTES = 128 * 2**20
+#: Uncompressed bytes a ``token_str`` value is assumed to take (tokens are short strings).
+_TOKEN_BYTES = 32
 
 # Writer options of the final files. No option here writes a timestamp;
 # ``created_by`` only carries the pyarrow version, so output is reproducible for a
@@ -38,7 +48,17 @@ _PARQUET_OPTS: dict[str, Any] = dict(
     # Dictionary-encode only the small integer columns; float vectors never repeat.
     use_dictionary=["bucket", "example_id", "position", "sliding_window"],
     store_schema=True,  # keeps fixed_size_list (not plain list) on read-back
+    write_page_index=True,  # the Hub's dataset viewer reads large files only with a page index
 )
+
+
+def viewer_row_group_size(requested: int, head_dim: int, token_strings: bool) -> int:
+    """``requested`` rows per row group, lowered so a row group stays within :data:`VIEWER_ROW_GROUP_BYTES`.
+
+    A row is the float32 vector plus four int32 columns (and a short ``token_str``).
+    """
+    row_bytes = head_dim * 4 + 4 * 4 + (_TOKEN_BYTES if token_strings else 0)
+    return max(1, min(requested, VIEWER_ROW_GROUP_BYTES // row_bytes))
 
 
 @dataclass(frozen=True)
@@ -69,7 +89,7 @@ def write_data_file(
     a diagnostic of the memory bound. Statistics come from the rows as written: the
     card never rereads the files.
     """
-    group = row_group_size
+    group = viewer_row_group_size(row_group_size, head_dim, token_strings)
     total = 0
     peak = 0
     nonfinite = 0

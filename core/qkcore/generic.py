@@ -7,20 +7,24 @@ family plugin overrides only what differs; all hooks here are ``trylast``.
 
 from __future__ import annotations
 
+import itertools
+import re
 import sys
 from typing import TYPE_CHECKING, Any, Callable
 
 from qkcore import hookimpl
+from qkcore.hookspecs import OnQK
 from qkcore.layers import AttentionLayer, RopeSite, describe_layer, module_window, text_decoder
 
 if TYPE_CHECKING:  # pragma: no cover - typing only (plugins load for `qkcore --help`: no torch import)
     from torch import nn
+    from transformers import PretrainedConfig
 
 _LAYER_KINDS = {"full_attention": "full", "sliding_attention": "sliding", "chunked_attention": "sliding"}
 
 
 @hookimpl(trylast=True)
-def qkcore_model_class(config: Any) -> type:
+def qkcore_model_class(config: PretrainedConfig) -> type:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM
@@ -79,47 +83,81 @@ def qkcore_key_head(query_head: int, num_query_heads: int, num_key_value_heads: 
 
 
 @hookimpl(trylast=True)
-def qkcore_instrument(model: nn.Module, layers: list[AttentionLayer], on_qk: Callable) -> "AttentionInterfaceHandle":
+def qkcore_instrument(model: nn.Module, layers: list[AttentionLayer], on_qk: OnQK) -> "AttentionInterfaceHandle":
     return AttentionInterfaceHandle.install(model, on_qk)
 
 
 class AttentionInterfaceHandle:
-    """A capturing attention function registered with transformers.
+    """A capturing attention function registered with transformers, for one capture.
 
     It records the query/key the kernel receives, then calls the real kernel
     (``sdpa``, ``flash_attention_*``, or the family's own eager function).
     The matching mask function is registered too: without it transformers
     hands ``attention_mask=None`` to every layer and sliding-window layers
     would attend to the whole prefix.
+
+    Each handle registers under its own name (``qkcore_<n>_<kernel>``) a function
+    bound to its own ``on_qk``, so two captures in one process (a notebook, a test
+    suite, a worker running two tasks) never see each other's rows; :meth:`remove`
+    restores the model's attention implementation and both registries.
     """
 
     PREFIX = "qkcore_"
-    _active: Callable | None = None  # one capture per process at a time
+    _OURS = re.compile(r"^qkcore_(?:\d+_)?")  # a name one of our handles registered
+    _serial = itertools.count()
 
-    def __init__(self, model: nn.Module, previous: str) -> None:
+    def __init__(self, model: nn.Module, previous: str, name: str, replaced: dict[str, Any]) -> None:
         self.model = model
         self.previous = previous
+        self.name = name
+        self._replaced = replaced  # registry -> what ``name`` held before (``_MISSING``: nothing)
 
     @classmethod
-    def install(cls, model: nn.Module, on_qk: Callable) -> "AttentionInterfaceHandle":
+    def install(cls, model: nn.Module, on_qk: OnQK) -> "AttentionInterfaceHandle":
+        """Register a capturing kernel bound to ``on_qk`` and switch ``model`` to it."""
         from transformers import AttentionInterface
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
         previous = model.config._attn_implementation or "sdpa"
-        base = previous.removeprefix(cls.PREFIX)
-        name = cls.PREFIX + base
-        AttentionInterface.register(name, _capturing_attention(base))
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
-        model.set_attn_implementation(name)
-        cls._active = on_qk
-        return cls(model, base)
+        base = cls._OURS.sub("", previous)
+        name = f"{cls.PREFIX}{next(cls._serial)}_{base}"
+        replaced = {}
+        for interface, function in (
+            (AttentionInterface, _capturing_attention(base, on_qk)),
+            (AttentionMaskInterface, ALL_MASK_ATTENTION_FUNCTIONS[base]),
+        ):
+            replaced[interface] = interface._global_mapping.get(name, _MISSING)
+            interface.register(name, function)
+        handle = cls(model, previous, name, replaced)
+        try:
+            model.set_attn_implementation(name)
+        except BaseException:
+            handle._unregister()
+            raise
+        return handle
 
     def remove(self) -> None:
-        type(self)._active = None
-        self.model.set_attn_implementation(self.previous)
+        """Restore the model's attention implementation and unregister this handle's functions."""
+        try:
+            self.model.set_attn_implementation(self.previous)
+        finally:
+            self._unregister()
+
+    def _unregister(self) -> None:
+        for interface, before in self._replaced.items():
+            # The registries are class-level dicts that ``register`` writes into; transformers
+            # has no unregister, so the entry is restored (or dropped) in the same dict.
+            if before is _MISSING:
+                interface._global_mapping.pop(self.name, None)
+            else:
+                interface._global_mapping[self.name] = before
+        self._replaced = {}
 
 
-def _capturing_attention(base: str) -> Callable:
+_MISSING = object()
+
+
+def _capturing_attention(base: str, on_qk: OnQK) -> Callable:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     eager_by_class: dict[type, Callable] = {}
@@ -133,9 +171,7 @@ def _capturing_attention(base: str) -> Callable:
         return eager_by_class[cls]
 
     def capturing_attention(module: nn.Module, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any):
-        on_qk = AttentionInterfaceHandle._active
-        if on_qk is not None:
-            on_qk(module, query, key)
+        on_qk(module, query, key)
         return kernel_for(module)(module, query, key, value, attention_mask, **kwargs)
 
     capturing_attention.__name__ = f"qkcore_capturing_{base}"

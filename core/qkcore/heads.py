@@ -44,6 +44,9 @@ class LayerLike(Protocol):
 #: Maps ``(query_head, num_query_heads, num_key_value_heads)`` to a key head.
 KeyHeadMapper = Callable[[int, int, int], int]
 
+#: The generic GQA rule of :func:`key_head_for`, in words (cards, logs, docs).
+GQA_RULE = "q // (n_q // n_kv)"
+
 
 def key_head_for(query_head: int, num_query_heads: int, num_key_value_heads: int) -> int:
     """Return the key/value head that ``query_head`` attends with under GQA.
@@ -80,6 +83,8 @@ class HeadSelection:
     seed: int
     #: Picks on cross-attention layers, which are never captured (``all_decoder_layers`` only).
     uncaptured_picks: int = 0
+    #: Indices of the layers the candidates come from, in order.
+    candidate_layer_indices: tuple[int, ...] = ()
 
     @property
     def num_heads(self) -> int:
@@ -144,7 +149,7 @@ def sample_query_heads(
     head_set = None if head_filter is None else set(head_filter)
     cross = {layer.index for layer in layers if layer.kind == "cross"}
     pairs: list[tuple[int, int]] = []
-    candidate_layers = 0
+    candidate_layers: list[int] = []
     for layer in layers:
         if layer.kind == "cross" and candidates == "eligible_layers":
             continue  # cross-attention is never captured
@@ -154,7 +159,8 @@ def sample_query_heads(
         if layer_set is not None and layer.index not in layer_set:
             continue
         heads = [head for head in range(layer.num_query_heads) if head_set is None or head in head_set]
-        candidate_layers += bool(heads)
+        if heads:
+            candidate_layers.append(layer.index)
         pairs.extend((layer.index, head) for head in heads)
     # The candidate order above is part of the contract: sample() depends on it.
     chosen = pairs
@@ -171,21 +177,27 @@ def sample_query_heads(
         heads={layer_index: sorted(selected[layer_index]) for layer_index in sorted(selected)},
         rule=candidates,
         candidates=len(pairs),
-        candidate_layers=candidate_layers,
+        candidate_layers=len(candidate_layers),
         count=count,
         seed=seed,
         uncaptured_picks=uncaptured,
+        candidate_layer_indices=tuple(candidate_layers),
     )
 
 
-def key_heads_for(
+def map_key_heads(
     query_heads: Iterable[int],
     num_query_heads: int,
     num_key_value_heads: int,
     mapper: KeyHeadMapper = key_head_for,
-) -> list[int]:
-    """Return the sorted distinct key heads used by ``query_heads``."""
-    return sorted({mapper(q, num_query_heads, num_key_value_heads) for q in query_heads})
+) -> dict[int, int]:
+    """Return ``{query head: key head}`` for ``query_heads``, by ``mapper``.
+
+    ``mapper`` is the family's mapping (:meth:`qkcore.plugins.Family.key_head`, its
+    ``qkcore_key_head`` hook); by default the generic GQA rule, :func:`key_head_for`.
+    The distinct key heads to capture are ``sorted(set(result.values()))``.
+    """
+    return {q: mapper(q, num_query_heads, num_key_value_heads) for q in query_heads}
 
 
 def validate_filters(

@@ -8,10 +8,13 @@ command, ``qkcore --help`` included, loads every plugin.
 
 * **Model hooks** (``qkcore_model_class`` to ``qkcore_card_notes``): the core picks
   the one plugin whose :func:`qkcore_model_types` lists the model's
-  ``config.model_type`` and calls these on that plugin only; whatever it leaves
-  unimplemented falls back to the core's generic implementation (``qkcore.generic``).
-* **Collected hooks** (``qkcore_samplers``, ``qkcore_register_commands``): called on
-  every plugin.
+  ``config.model_type`` and calls these on that plugin only (no other plugin's
+  implementation runs for that model, not even one from a plugin that declares no
+  model types); whatever it leaves unimplemented falls back to the core's generic
+  implementation (``qkcore.generic``).
+* **Collected hooks** (``qkcore_model_types``, ``qkcore_samplers``,
+  ``qkcore_register_commands``): called on every plugin. A name two plugins provide
+  (a model type, a sampler, a command) is an error naming both; qkcore never picks one.
 
 ``firstresult`` hooks stop at the first implementation that returns something
 other than ``None`` (the family's plugin before the generic one); the others
@@ -20,13 +23,16 @@ return a list with every implementation's result.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import click
+    import torch
     from torch import nn
+    from transformers import PretrainedConfig
 
     from qkcore.capture import CapturePlan
     from qkcore.layers import AttentionLayer, RopeSite
@@ -34,18 +40,29 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 hookspec = pluggy.HookspecMarker("qkcore")
 
+#: The capture callback ``qkcore_instrument`` routes attention calls to: ``on_qk(module, query, key)``.
+OnQK = Callable[["nn.Module", "torch.Tensor", "torch.Tensor"], None]
+
+
+class Instrumentation(Protocol):
+    """What ``qkcore_instrument`` returns: ``remove()`` restores the model (and anything registered)."""
+
+    def remove(self) -> None:
+        """Undo the instrumentation."""
+
 
 @hookspec
 def qkcore_model_types() -> list[str]:
     """Return the ``config.model_type`` values this plugin handles (e.g. ``["llama"]``).
 
-    Called on each plugin by itself to find the one that handles a model; two
-    plugins claiming the same type is an error. Not ``firstresult``.
+    Called on each plugin by itself (through pluggy, so ``QKCORE_TRACE_PLUGINS``
+    shows each call) to find the one that handles a model; two plugins claiming the
+    same type is an error naming both. Not ``firstresult``.
     """
 
 
 @hookspec(firstresult=True)
-def qkcore_model_class(config: Any) -> type | None:
+def qkcore_model_class(config: PretrainedConfig) -> type | None:
     """Return the transformers class to load for this architecture config.
 
     :param config: the model's ``transformers.PretrainedConfig``.
@@ -118,23 +135,24 @@ def qkcore_key_head(query_head: int, num_query_heads: int, num_key_value_heads: 
 
 
 @hookspec(firstresult=True)
-def qkcore_instrument(model: nn.Module, layers: list[AttentionLayer], on_qk: Any) -> Any:
+def qkcore_instrument(model: nn.Module, layers: list[AttentionLayer], on_qk: OnQK) -> Instrumentation | None:
     """Route every attention call of ``model`` through ``on_qk(module, query, key)``.
 
     :param model: the loaded model.
     :param layers: the layers to capture.
-    :param on_qk: the capture callback.
+    :param on_qk: the capture callback (:data:`OnQK`).
 
     ``on_qk`` receives the tensors the attention kernel receives: post-RoPE,
     shaped ``(batch, heads, seq, head_dim)``, before ``repeat_kv``. Return an
-    object with a ``remove()`` method that restores the model. Generic default:
-    a capturing function registered with transformers' ``AttentionInterface``
-    (and the matching ``AttentionMaskInterface`` entry). ``firstresult``.
+    object with a ``remove()`` method (:class:`Instrumentation`) that restores the
+    model and whatever it registered. Generic default: a capturing function
+    registered with transformers' ``AttentionInterface`` (and the matching
+    ``AttentionMaskInterface`` entry), both restored by ``remove()``. ``firstresult``.
     """
 
 
 @hookspec(firstresult=True)
-def qkcore_postprocess_query(layer: AttentionLayer, query: Any, positions: Any) -> Any:
+def qkcore_postprocess_query(layer: AttentionLayer, query: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
     """Undo what the family does to the query after RoPE, so the row is exactly post-RoPE.
 
     :param layer: the layer the rows come from.
@@ -171,7 +189,7 @@ def qkcore_samplers() -> dict[str, SamplerFactory]:
 
     A factory is called as ``factory(base_rate=..., min_bucket_size=...)`` and
     returns a :class:`~qkcore.samplers.Sampler`. Not ``firstresult``: every
-    plugin's samplers are merged.
+    plugin's samplers are merged; a name two plugins provide is an error naming both.
     """
 
 

@@ -12,10 +12,10 @@ all, the run decides (``sniff.py``, ``root_policy.py``); this module moves them.
   branch exist, the branch's head commit, its files with their digests, and its card.
 * :meth:`HubSync.download` fetches named files of that head commit; each is checked against
   the digest the branch records for it and renamed into place only when complete.
-* :meth:`HubSync.push` creates repo and branch if missing, gives a new repo's ``main`` a
-  README that explains the branches, then makes the branch hold exactly the given files in
-  one commit (files not among them are deleted) and checks the commit's tree against the
-  local files' digests.
+* :meth:`HubSync.push` creates repo and branch if missing, makes the branch hold exactly the
+  given files in one commit (files not among them are deleted), checks the commit's tree
+  against the local files' digests, then updates the index of run branches in ``main``'s
+  README (:mod:`qkcore.hub_index`: one commit touching only that file).
 
 Failures: every request is bounded by ``timeout_s``; transient failures (HTTP 5xx and 429,
 timeouts, connection errors) retry the whole step at most ``retries`` times with exponential
@@ -24,12 +24,14 @@ backoff (tenacity); anything else is not retried. The last failure becomes one
 
 How requests are bounded: huggingface_hub sends every request through one shared httpx2
 client, and several ``HfApi`` methods pass ``timeout=None`` (no limit) to it, while others
-retry internally with their own backoff (``http_backoff``) and some do not. While a HubSync
-step runs, qkcore installs its own client there (``set_client_factory``, restored after):
-:class:`_HubClient` writes the time limit into every request and raises transient failures
-at once as :class:`_Transient`, so the only retry policy is HubSync's, applied to whole
-steps. Steps run one at a time (before the model loads, or after the capture), so nothing
-else in the process shares that client meanwhile.
+retry internally with their own backoff (``http_backoff``) and some do not. Through
+huggingface_hub's public ``set_client_factory``, qkcore makes that shared client a
+:class:`_HubClient` (once, carrying the request hooks of the client it replaces: the offline
+check and request ids). Outside a HubSync step it behaves as huggingface_hub's default
+client; while a step runs it writes the step's time limit into every request and raises
+transient failures at once as :class:`_Transient`, so the only retry policy is HubSync's,
+applied to whole steps. Steps run one at a time (before the model loads, or after the
+capture).
 """
 
 from __future__ import annotations
@@ -51,11 +53,11 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, Re
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError
 from huggingface_hub.utils import build_hf_headers, get_session, get_token, hf_raise_for_status, set_client_factory
-from huggingface_hub.utils import _http as hf_http  # the client factory to put back, and huggingface_hub's request hook
 
 from qkcore import __version__
 from qkcore.errors import QkcoreError
 from qkcore.fsutil import write_durably
+from qkcore.hub_index import IndexEntry, update_index
 from qkcore.layout import CARD_FILE, COLUMNS, is_dataset_file
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -145,28 +147,28 @@ class _Mismatch(Exception):
 
 
 class _HubClient(httpx2.Client):
-    """huggingface_hub's client with every request bounded by ``timeout_s`` and transient failures raised.
+    """huggingface_hub's shared client; during a HubSync step, requests are bounded and transient failures raised.
 
-    The limit is written into each request (connect, write, each read, pool), where a caller's
-    ``timeout=None`` cannot lift it. A transient failure is raised as :class:`_Transient`, which
-    is neither an httpx2 error nor a response, so huggingface_hub's inner backoff does not retry
-    it: HubSync's retry is the only one.
+    Outside a step (:func:`_hub_client`) it is huggingface_hub's default client: the same
+    request hooks, redirects followed, no time limit. During one, the step's limit is written
+    into each request (connect, write, each read, pool), where a caller's ``timeout=None``
+    cannot lift it, and a transient failure is raised as :class:`_Transient`, which is neither
+    an httpx2 error nor a response, so huggingface_hub's inner backoff does not retry it:
+    HubSync's retry is the only one.
     """
 
-    def __init__(self, timeout_s: float) -> None:
-        super().__init__(
-            event_hooks={"request": [hf_http.hf_request_event_hook]},  # offline check, request ids
-            follow_redirects=True,
-            timeout=timeout_s,
-        )
-        self._limit_s = timeout_s
+    def __init__(self, request_hooks: Sequence[Callable[..., Any]]) -> None:
+        super().__init__(event_hooks={"request": list(request_hooks)}, follow_redirects=True, timeout=None)
 
     def send(self, request: httpx2.Request, **kwargs: Any) -> httpx2.Response:
+        limit = _STEP_LIMIT_S[0]
+        if limit is None:  # not inside a HubSync step
+            return super().send(request, **kwargs)
         asked = request.extensions.get("timeout") or {}
         request.extensions = {
             **request.extensions,
             "timeout": {
-                key: self._limit_s if asked.get(key) is None else min(asked[key], self._limit_s)
+                key: limit if asked.get(key) is None else min(asked[key], limit)
                 for key in ("connect", "read", "write", "pool")
             },
         }
@@ -174,9 +176,9 @@ class _HubClient(httpx2.Client):
         try:
             response = super().send(request, **kwargs)
         except httpx2.ConnectTimeout as exc:
-            raise _Transient(f"the Hub cannot be reached at {origin} (no connection within {self._limit_s:g} s)") from exc
+            raise _Transient(f"the Hub cannot be reached at {origin} (no connection within {limit:g} s)") from exc
         except httpx2.TimeoutException as exc:
-            raise _Transient(f"timed out after {self._limit_s:g} s ({request.method} {request.url.path})") from exc
+            raise _Transient(f"timed out after {limit:g} s ({request.method} {request.url.path})") from exc
         except httpx2.ConnectError as exc:
             raise _Transient(f"the Hub cannot be reached at {origin} ({_one_line(exc)})") from exc
         except (httpx2.NetworkError, httpx2.RemoteProtocolError) as exc:
@@ -188,15 +190,27 @@ class _HubClient(httpx2.Client):
         return response
 
 
+#: The running HubSync step's time limit (``[None]`` outside a step); steps run one at a time.
+_STEP_LIMIT_S: list[float | None] = [None]
+
+
 @contextlib.contextmanager
 def _hub_client(timeout_s: float) -> Iterator[None]:
-    """Route huggingface_hub's requests through a :class:`_HubClient` while the block runs."""
-    previous = getattr(hf_http, "_GLOBAL_CLIENT_FACTORY", hf_http.default_client_factory)
-    set_client_factory(lambda: _HubClient(timeout_s))
+    """Bound huggingface_hub's requests by ``timeout_s`` (and raise transient failures) while the block runs.
+
+    The first call makes huggingface_hub's shared client a :class:`_HubClient` through its
+    public ``set_client_factory``, keeping the request hooks (offline check, request ids) of
+    the client it replaces, read from the public ``get_session()``.
+    """
+    session = get_session()
+    if not isinstance(session, _HubClient):
+        hooks = tuple(session.event_hooks.get("request", ()))
+        set_client_factory(lambda: _HubClient(hooks))
+    previous, _STEP_LIMIT_S[0] = _STEP_LIMIT_S[0], timeout_s
     try:
         yield
     finally:
-        set_client_factory(previous)
+        _STEP_LIMIT_S[0] = previous
 
 
 class HubSync:
@@ -306,8 +320,9 @@ class HubSync:
     def push(self, data_root: Path, files: Sequence[str], message: str) -> str:
         """Make the branch hold exactly ``files`` of ``data_root`` in one commit; return its id.
 
-        Creates repo and branch if missing, and gives ``main`` a README when it has none. Never
-        changes a local file: after any failure everything is still in ``data_root``.
+        Creates repo and branch if missing; afterwards ``main``'s README lists the branch
+        (:func:`qkcore.hub_index.update_index`). Never changes a local file: after any failure
+        everything is still in ``data_root``.
         """
         data_root = Path(data_root)
         files = list(dict.fromkeys(files))
@@ -318,11 +333,14 @@ class HubSync:
                 self._retry(self.api.create_repo, self.repo_id, repo_type="dataset", private=self.private,
                             exist_ok=True, token=token)
                 if self.branch != "main":
-                    self._retry(self._seed_main_readme)
                     self._retry(self.api.create_branch, self.repo_id, repo_type="dataset", branch=self.branch,
                                 exist_ok=True, token=token)
                 commit = self._retry(self._commit, data_root, files, message)
                 self._verify(commit, data_root, files)
+                if self.branch != "main":  # main's README lists every run branch (hub_index.py)
+                    card = data_root / CARD_FILE
+                    entry = IndexEntry.from_card(self.branch, card.read_text(encoding="utf-8") if card.is_file() else None)
+                    self._retry(update_index, self.api, self.repo_id, entry)
         except Exception as exc:
             raise QkcoreError(
                 f"hub {self.where}: push failed: {self._cause(exc)}; every local file is kept in {data_root}; "
@@ -402,16 +420,6 @@ class HubSync:
             for entry in entries
             if isinstance(entry, RepoFile)
         }
-
-    def _seed_main_readme(self) -> None:
-        """Give ``main`` a README that explains the branches, if it has none (a new repo's main has none)."""
-        names = {entry.path for entry in self.api.list_repo_tree(self.repo_id, revision="main", repo_type="dataset")}
-        if CARD_FILE in names:
-            return
-        readme = CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=main_branch_readme(self.repo_id).encode())
-        self.api.create_commit(self.repo_id, operations=[readme], repo_type="dataset", revision="main",
-                               commit_message="qkcore: README for the main branch")
-        log.info("seeded the main branch README", repo=self.repo_id)
 
     def _commit(self, data_root: Path, files: list[str], message: str) -> str:
         """One commit on the branch: add/update ``files``, delete every other file but ``.gitattributes``.

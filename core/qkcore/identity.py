@@ -19,15 +19,16 @@ Paths are not part of it: moving a corpus or a checkpoint does not change a run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
+from qkcore.autocast import autocast_applies
 from qkcore.config import DatasetConfig, SniffConfig, config_to_dict
 from qkcore.errors import QkcoreError
 from qkcore.fsutil import sha256_file
+from qkcore.run_state import RunIdentity
 
 #: Version of the rules that decide which rows are written and how (see the module docstring).
 ROW_RULES_VERSION = 1
@@ -45,7 +46,7 @@ def run_identity(
     inference: dict[str, Any] = {"batch_size": settings["inference"]["batch_size"]}
     if settings["inference"].get("tensor_parallel_size", 1) > 1:  # issue 19; absent at 1: earlier run keys stand
         inference["tensor_parallel_size"] = settings["inference"]["tensor_parallel_size"]
-    if device_type == "cuda":  # autocast applies only there
+    if autocast_applies(device_type):
         inference["autocast_dtype"] = settings["inference"]["autocast_dtype"]
     return {
         "rules": ROW_RULES_VERSION,
@@ -58,23 +59,22 @@ def run_identity(
     }
 
 
-def run_key(identity: dict[str, Any]) -> str:
-    """A short stable hash naming a run identity (16 hex digits)."""
-    text = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+def run_key(identity: Mapping[str, Any]) -> str:
+    """A short stable hash naming a run identity (16 hex digits; :meth:`RunIdentity.of`)."""
+    return RunIdentity.of(identity).key
 
 
-def describe_difference(before: dict[str, Any] | None, after: dict[str, Any]) -> str:
+def describe_difference(before: Mapping[str, Any] | None, after: Mapping[str, Any]) -> str:
     """Name the parts of two identities that differ, e.g. ``dataset.documents.sha256 (3f2a.. -> 9c01..)``.
 
     ``before`` may be ``None`` (a record from before identities were kept).
     """
-    if not isinstance(before, dict):
+    if not isinstance(before, Mapping):
         return "the earlier run recorded no identity"
     changes: list[str] = []
 
     def walk(path: str, a: Any, b: Any) -> None:
-        if isinstance(a, dict) and isinstance(b, dict):
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
             for key in sorted(set(a) | set(b)):
                 walk(f"{path}.{key}" if path else str(key), a.get(key), b.get(key))
         elif a != b:

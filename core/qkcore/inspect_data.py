@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from qkcore.card import card_models, read_front_matter
+from qkcore.card import card_models, card_run_key, read_front_matter
 from qkcore.errors import QkcoreError
-from qkcore.layout import DATA_FILE, MANIFEST_FILE, configs_in, parse_config_name
+from qkcore.layout import CARD_FILE, DATA_FILE, MANIFEST_FILE, configs_in, parse_config_name
 from qkcore.manifest import read_manifest
 
 __all__ = [
@@ -235,5 +235,8 @@ def plot_rows_per_bucket(inspection: Inspection, path: str | Path) -> Path:
     ax.set_title(f"rows per bucket: {inspection.root.name}" + (f" ({names})" if names else ""))
     ax.grid(alpha=0.3)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    # The run the plot shows, in its PNG text: a root that later publishes another run removes it.
+    card = inspection.root / CARD_FILE
+    run_key = card_run_key(card.read_text(encoding="utf-8")) if card.is_file() else None
+    fig.savefig(path, metadata={"qkcore:run_key": run_key} if run_key else None)
     return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
@@ -103,3 +104,27 @@ def rope_stage(pre_rope: bool) -> str:
     ``"after rotary embedding"``: a family note built on it is true for both stages.
     """
     return "before rotary embedding" if pre_rope else "after rotary embedding"
+
+
+def rope_sources(layers: Iterable[AttentionLayer], rope_sites: Mapping[int, RopeSite]) -> str:
+    """Where RoPE follows, in a card note's words: ``"q_norm/k_norm"``, ``"q_proj/k_proj"``.
+
+    The attention modules' own names for the pre-RoPE sources the family declared
+    (``qkcore_locate_rope``, as the run's ``plan.rope_sites`` holds them) on the layers
+    that apply RoPE, so a note cannot say one thing while the capture hooks another.
+    Layers that disagree are all named (``"a/b or c/d"``); none declared is an error.
+    """
+    words: list[str] = []
+    for layer in layers:
+        site = rope_sites.get(layer.index)
+        if site is None or not site.applies_rope:
+            continue
+        names = {id(child): name for name, child in layer.module.named_modules() if name}
+        pair = "/".join(
+            names.get(id(source), type(source).__name__) for source in (site.query_source, site.key_source)
+        )
+        if pair not in words:
+            words.append(pair)
+    if not words:
+        raise ValueError("no layer has a declared RoPE site (plan.rope_sites): nothing to say where RoPE applies")
+    return " or ".join(words)

@@ -87,6 +87,49 @@ def output_schema(head_dim: int, token_strings: bool = False) -> pa.Schema:
     return pa.schema(fields)
 
 
+def row_bytes(head_dim: int) -> int:
+    """Bytes of one row uncompressed: the float32 vector plus 16 bytes of integer columns.
+
+    The same in a final file (four int32 columns) and in the writer's memory (64-bit id,
+    position, bucket); the writer's buffers and ``qkcore plan``'s sizes both use it.
+    """
+    return 4 * head_dim + 16
+
+
+#: What each column holds, for the card's schema table (``{stage}`` is ``pre`` or ``post``).
+COLUMN_MEANINGS = {
+    "bucket": "sampler bucket of the token",
+    "example_id": "low 32 bits of the normalised 64-bit example id",
+    "position": "token position within the example",
+    "vector": "the {stage}-RoPE query or key",
+    "sliding_window": "the layer's sliding window; null for full attention",
+    TOKEN_COLUMN: "the token at this position (capture.capture_token_strings)",
+}
+#: Columns that may hold nulls.
+NULLABLE_COLUMNS = frozenset({"sliding_window"})
+
+
+def schema_table(token_strings: bool, pre_rope: bool) -> list[tuple[str, str, str]]:
+    """``(column, type, meaning)`` for every column of :func:`output_schema`, in order, as the card shows them."""
+    import pyarrow.types as pat
+
+    rows = []
+    for column in output_schema(0, token_strings):
+        kind = column.type
+        if pat.is_fixed_size_list(kind):
+            words = f"fixed_size_list<{_type_name(kind.value_type)}>[head_dim]"
+        else:
+            words = _type_name(kind)
+        if column.name in NULLABLE_COLUMNS:
+            words += ", nullable"
+        rows.append((column.name, words, COLUMN_MEANINGS[column.name].format(stage="pre" if pre_rope else "post")))
+    return rows
+
+
+def _type_name(kind: pa.DataType) -> str:
+    return {pa.float32(): "float32", pa.string(): "string"}.get(kind, str(kind))
+
+
 def low32_ids(ids: np.ndarray) -> np.ndarray:
     """The ``example_id`` column: low 32 bits of int64 ids, reinterpreted as signed int32."""
     return (np.asarray(ids, dtype=np.int64) & 0xFFFFFFFF).astype(np.uint32).view(np.int32)

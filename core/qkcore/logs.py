@@ -9,7 +9,7 @@
   warnings), ``--debug`` (or ``inference.debug_logging``) adds a line per batch.
 * ``--json-logs`` writes one JSON object per line (no bar), for log collectors.
 
-A run id is bound to every line, so the lines of two runs in one log can be told apart.
+The run key (the card's name for the run) is bound to every line once known, so two runs in one log can be told apart.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import uuid
 from contextlib import contextmanager
 from typing import Any, Iterator, TextIO
 
@@ -45,15 +44,21 @@ class _AboveProgress:
         sys.stderr.flush()
 
 
-def configure_logging(debug: bool = False, *, quiet: bool = False, json: bool = False) -> str:
-    """Configure structlog for this process; return the run id bound to every line."""
+def configure_logging(debug: bool = False, *, quiet: bool = False, json: bool = False) -> None:
+    """Configure structlog for this process.
+
+    A run is named in log lines by its run key (as in the card and ``qkcore.json``), which
+    ``qkcore sniff`` binds once it is known; there is no other run id.
+    """
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     _state["progress"] = not (quiet or json)
     _state["library_bars"] = not (quiet or json or not sys.stderr.isatty())
     if not _state["library_bars"]:
-        # Read by huggingface_hub, transformers and datasets when they are imported, which the
-        # CLI does after this (see library_bars_off for the one bar they draw without a switch).
-        for variable in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        # The libraries' own switches, read when they are imported, which the CLI does after
+        # this: huggingface_hub's and datasets' (transformers follows huggingface_hub's), and
+        # tqdm's own for the one bar transformers draws with tqdm directly (GGUF dequantizing).
+        # Our own bars pass ``disable=`` explicitly, which TQDM_DISABLE does not override.
+        for variable in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
             os.environ.setdefault(variable, "1")
     renderer: Any = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
 
@@ -72,9 +77,6 @@ def configure_logging(debug: bool = False, *, quiet: bool = False, json: bool = 
         logger_factory=logger_factory,
         cache_logger_on_first_use=False,
     )
-    run_id = uuid.uuid4().hex[:8]
-    structlog.contextvars.bind_contextvars(run_id=run_id)
-    return run_id
 
 
 def progress_disable() -> bool | None:
@@ -84,15 +86,21 @@ def progress_disable() -> bool | None:
 
 @contextmanager
 def library_bars_off() -> Iterator[None]:
-    """Silence the progress bar transformers draws with tqdm itself while dequantizing a GGUF (no switch of its own),
-    when library bars are off (not a terminal, ``--quiet``, ``--json-logs``)."""
+    """Switch transformers' progress bars off inside the block (its own switch, restored after),
+    when library bars are off (not a terminal, ``--quiet``, ``--json-logs``).
+
+    For a library imported before :func:`configure_logging` ran (in-process callers), where
+    the environment switches it sets come too late.
+    """
     if _state["library_bars"]:
         yield
         return
-    from functools import partial
-    from unittest import mock
+    from transformers.utils import logging as transformers_logging
 
-    import transformers.modeling_gguf_pytorch_utils as gguf_utils
-
-    with mock.patch.object(gguf_utils, "tqdm", partial(gguf_utils.tqdm, disable=True)):
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
         yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()

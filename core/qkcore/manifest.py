@@ -16,6 +16,7 @@ from typing import Any
 from qkcore.errors import QkcoreError
 from qkcore.layout import CARD_FILE, MANIFEST_FILE, config_file
 from qkcore.datafile import ConfigStats
+from qkcore.run_state import PublishedFile, RunIdentity
 
 _FORMAT = 1
 
@@ -24,18 +25,21 @@ _FORMAT = 1
 class Manifest:
     """What one run published: its identity and each config's statistics."""
 
-    run_key: str
-    identity: dict[str, Any]
+    identity: RunIdentity
     configs: dict[str, ConfigStats]
     card_sha256: str = ""
     documents: int = 0
     tokens: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def file_hashes(self) -> dict[str, tuple[int | None, str]]:
-        """Repo path -> (size or None, sha256) of every file the manifest vouches for (itself excluded)."""
-        files: dict[str, tuple[int | None, str]] = {CARD_FILE: (None, self.card_sha256)}
-        files.update({config_file(name): (s.size, s.sha256) for name, s in self.configs.items()})
+    @property
+    def run_key(self) -> str:
+        return self.identity.key
+
+    def published_files(self) -> dict[str, PublishedFile]:
+        """Repo path -> file, for every file the manifest vouches for (itself excluded; the card's size is not kept)."""
+        files = {CARD_FILE: PublishedFile(None, self.card_sha256)}
+        files.update({config_file(name): PublishedFile(s.size, s.sha256) for name, s in self.configs.items()})
         return files
 
     def to_json(self) -> str:
@@ -53,15 +57,16 @@ class Manifest:
         }
         data = {
             "format": _FORMAT,
-            "run_key": self.run_key,
-            "identity": self.identity,
+            "run_key": self.identity.key,
+            "identity": dict(self.identity.document),
             "documents": self.documents,
             "tokens": self.tokens,
             "card_sha256": self.card_sha256,
             "configs": configs,
             **({"extra": self.extra} if self.extra else {}),
         }
-        return json.dumps(data, indent=1, sort_keys=True) + "\n"
+        # Keys sorted for stable bytes, except bucket numbers: numerically ("2" before "10").
+        return json.dumps(_sorted_keys(data), indent=1) + "\n"
 
     @classmethod
     def from_json(cls, text: str, where: str = MANIFEST_FILE) -> Manifest:
@@ -82,8 +87,7 @@ class Manifest:
                 for name, c in data["configs"].items()
             }
             return cls(
-                run_key=str(data["run_key"]),
-                identity=dict(data.get("identity") or {}),
+                identity=RunIdentity(str(data["run_key"]), dict(data.get("identity") or {})),
                 configs=configs,
                 card_sha256=str(data.get("card_sha256") or ""),
                 documents=int(data.get("documents") or 0),
@@ -92,6 +96,16 @@ class Manifest:
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise QkcoreError(f"{where} is not a qkcore manifest ({exc})") from None
+
+
+def _sorted_keys(value: Any, parent: str = "") -> Any:
+    """``value`` with every mapping's keys sorted, but a ``bucket_counts`` mapping kept in its (numeric) order."""
+    if isinstance(value, dict):
+        items = value.items() if parent == "bucket_counts" else sorted(value.items())
+        return {key: _sorted_keys(child, key) for key, child in items}
+    if isinstance(value, list):
+        return [_sorted_keys(child) for child in value]
+    return value
 
 
 def read_manifest(path: Path) -> Manifest | None:

@@ -32,7 +32,7 @@ import pluggy
 import torch
 
 from qkcore.config import ConfigError, SniffConfig, resolve_dtype
-from qkcore.planning import build_sampler, plan_capture
+from qkcore.stages.plan import build_sampler, plan_capture
 from qkcore.plugins import installed_summary, make_plugin_manager
 from qkcore.samplers import Sampler
 
@@ -140,7 +140,7 @@ def _buffer_bytes(
     heads: dict[tuple[int, str], list[int]], sampler: Sampler, t: int, b: int, d: int, e: int, k: int, n_q: int, n_kv: int
 ) -> float:
     """Kept rows of every captured (layer, kind) on the busiest rank, held until the forward ends."""
-    from qkcore.plan import expected_rows
+    from qkcore.estimate import expected_rows
 
     rows = expected_rows(sampler, {t: b})
     total = 0.0
@@ -153,7 +153,7 @@ def _buffer_bytes(
 
 def memory_plan(cfg: SniffConfig, pm: pluggy.PluginManager | None = None, device_bytes: int | None = None) -> MemoryPlan:
     """Per-device memory for every K the model allows (divisors of its key/value heads with a TP plan)."""
-    from qkcore.plan import build_meta_model
+    from qkcore.estimate import build_meta_model
 
     pm = pm or make_plugin_manager()
     model, family = build_meta_model(cfg, pm)

@@ -188,11 +188,12 @@ def list_plugins(pm: pluggy.PluginManager) -> list[PluginInfo]:
     from qkcore import __version__
 
     dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
+    declared = dict(_results_by_plugin(pm, "qkcore_model_types"))
     infos = []
     for name, plugin in pm.list_name_plugin():
         if plugin is None:  # blocked (QKCORE_LOAD_PLUGINS)
             continue
-        types = tuple(_model_types_of(plugin))
+        types = tuple(declared.get(name) or ())
         hooks = tuple(sorted(caller.name for caller in pm.get_hookcallers(plugin) or ()))
         dist = dists.get(id(plugin))
         if dist is not None:
@@ -207,9 +208,53 @@ def blocked_plugins(pm: pluggy.PluginManager) -> list[str]:
     return sorted(name for name, plugin in pm.list_name_plugin() if plugin is None and pm.is_blocked(name))
 
 
-def _model_types_of(plugin: object) -> list[str]:
-    impl = getattr(plugin, "qkcore_model_types", None)
-    return list(impl()) if impl is not None else []
+def _results_by_plugin(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
+    """Call hook ``hook_name`` on each plugin implementing it, alone; ``(plugin name, result)`` in call order.
+
+    Each call goes through pluggy (a subset hook caller), so ``QKCORE_TRACE_PLUGINS``
+    shows it, and each result is known by the plugin that gave it (for clash errors).
+    """
+    impls = getattr(pm.hook, hook_name).get_hookimpls()
+    results = []
+    for impl in reversed(impls):  # pluggy's own call order: last registered first
+        others = [other.plugin for other in impls if other is not impl]
+        answers = pm.subset_hook_caller(hook_name, remove_plugins=others)(**kwargs)
+        results.append((impl.plugin_name, answers[0] if answers else None))
+    return results
+
+
+def clash_error(what: str, name: str, first: str, second: str) -> QkcoreError:
+    """The one error for a name two plugins both provide (a command, a sampler, a model type).
+
+    qkcore never picks one silently: which one won would depend on install order.
+    """
+    return QkcoreError(
+        f"the {what} '{name}' is provided twice ({first} and {second}); uninstall one of the plugins, "
+        f"or leave it out with {LOAD_PLUGINS_ENV}"
+    )
+
+
+def collect_named(pm: pluggy.PluginManager, hook_name: str, what: str) -> dict[str, tuple[str, Any]]:
+    """Merge the name -> value mappings (or name lists) a collected hook returns: ``{name: (plugin, value)}``.
+
+    A name two plugins provide is :func:`clash_error`, as for commands.
+    """
+    merged: dict[str, tuple[str, Any]] = {}
+    for plugin_name, provided in _results_by_plugin(pm, hook_name):
+        items = provided.items() if isinstance(provided, Mapping) else ((name, None) for name in provided or ())
+        for name, value in items:
+            if name in merged and merged[name][0] != plugin_name:
+                raise clash_error(what, name, merged[name][0], plugin_name)
+            merged[name] = (plugin_name, value)
+    return merged
+
+
+def model_type_owners(pm: pluggy.PluginManager) -> dict[str, str]:
+    """``{model_type: plugin name}`` over every loaded plugin's ``qkcore_model_types``.
+
+    A model type two plugins claim is an error naming both (:func:`clash_error`).
+    """
+    return {model_type: plugin for model_type, (plugin, _) in collect_named(pm, "qkcore_model_types", "model type").items()}
 
 
 @dataclass
@@ -226,29 +271,36 @@ class Family:
     is_fallback: bool
     hooks: Any = field(repr=False)
 
+    def key_head(self, query_head: int, num_query_heads: int, num_key_value_heads: int) -> int:
+        """The key/value head ``query_head`` attends with, by the family's ``qkcore_key_head`` (GQA).
+
+        A :data:`qkcore.heads.KeyHeadMapper`: the one way the core and the test kit ask a family.
+        """
+        return self.hooks.qkcore_key_head(
+            query_head=query_head, num_query_heads=num_query_heads, num_key_value_heads=num_key_value_heads
+        )
+
 
 def resolve_family(pm: pluggy.PluginManager, model_type: str) -> Family:
     """Pick the plugin whose ``qkcore_model_types`` lists ``model_type``.
 
-    With none, the generic fallback is used (and logged); with two, it is an
+    Its model hooks, and the core's generic ones, answer for the model; no other
+    plugin's do, not even one that declares no model types. With no owner the
+    generic fallback is used (and logged); a model type two plugins claim is an
     error naming both so the user can uninstall one.
     """
-    plugins = [(name, plugin) for name, plugin in pm.list_name_plugin() if plugin is not None]
-    owners = [(name, plugin) for name, plugin in plugins if model_type in _model_types_of(plugin)]
-    if len(owners) > 1:
-        names = ", ".join(name for name, _ in owners)
-        raise QkcoreError(f"model_type '{model_type}' is claimed by several plugins: {names}; uninstall all but one")
-    keep = {id(plugin) for _, plugin in owners}
-    others = [plugin for _, plugin in plugins if _model_types_of(plugin) and id(plugin) not in keep]
+    owner = model_type_owners(pm).get(model_type)
+    keep = {owner, *BUILTIN_MODULES}
+    others = [plugin for name, plugin in pm.list_name_plugin() if plugin is not None and name not in keep]
 
     class _Hooks:
         def __getattr__(self, hook_name: str) -> Any:
             return pm.subset_hook_caller(hook_name, remove_plugins=others)
 
-    if owners:
-        name, plugin = owners[0]
+    if owner is not None:
+        plugin = pm.get_plugin(owner)
         dist = next((d for p, d in pm.list_plugin_distinfo() if p is plugin), None)
-        return Family(model_type, name, dist.version if dist is not None else "builtin", False, _Hooks())
+        return Family(model_type, owner, dist.version if dist is not None else "builtin", False, _Hooks())
     blocked = blocked_plugins(pm)
     log.warning("no plugin handles this model_type; using the generic fallback", model_type=model_type,
                 **({"not_loaded": ",".join(blocked), "because": LOAD_PLUGINS_ENV} if blocked else {}))

@@ -23,11 +23,12 @@ way, since a push makes the branch hold exactly this root's run.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from qkcore.errors import QkcoreError
 from qkcore.identity import describe_difference
 from qkcore.output.record import Record
+from qkcore.run_state import RunIdentity, RunState
 
 Action = Literal["complete", "publish", "resume", "fresh", "pull"]
 
@@ -39,7 +40,7 @@ class RootView:
     path: str
     record: Record | None
     dataset_files: tuple[str, ...]  # published files on disk
-    staged: dict[str, Any] | None  # the staging journal (run_key, state), if any
+    staged: RunState | None  # the staging journal's committed state, if any
     ranks: tuple[int, ...] = ()  # torchrun ranks with staged work
     ranks_run_key: str | None = None  # run key staged by rank 0, if readable
     problems: tuple[str, ...] = ()  # the quick check of the published files against the record
@@ -67,20 +68,21 @@ class Decision:
 
 def decide(
     root: RootView,
-    run_key: str,
-    identity: dict[str, Any],
+    identity: RunIdentity,
     *,
     restart: bool = False,
     replace: bool = False,
     world_size: int = 1,
     branch: BranchView | None = None,
 ) -> Decision:
-    """Decide what the run with ``identity`` (key ``run_key``) does with ``root`` and ``branch``.
+    """Decide what the run with ``identity`` does with ``root`` and ``branch``.
 
+    Decides only: discarding what the decision says to discard is the caller's step.
     Raises :class:`~qkcore.errors.QkcoreError` with one line when the run must not touch them.
     """
+    run_key = identity.key
     notes: list[str] = []
-    staged_ok = _check_staged(root, run_key, identity, restart=restart, world_size=world_size)
+    staged_ok = _check_staged(root, identity, restart=restart, world_size=world_size)
     if staged_ok is not None:
         action, approved = staged_ok
         check_branch(branch, run_key, replace or approved)
@@ -107,10 +109,10 @@ def decide(
         check_branch(branch, run_key, replace)
         return Decision("fresh", replace=True, discard_staged=discard, notes=tuple(notes))
     if record is not None and not replace:
-        pushed = "" if record.pushed or not record.hub else f"; it was never pushed to {record.hub['repo']}@{record.hub['branch']}"
+        pushed = "" if record.hub is None or record.hub.pushed else f"; it was never pushed to {record.hub.where}"
         raise QkcoreError(
             f"{root.path} holds {record.describe()}{pushed}; this config is a different run "
-            f"({describe_difference(record.identity, identity)}): use another output.data_root, "
+            f"({describe_difference(record.identity.document, identity.document)}): use another output.data_root, "
             "or add --replace to discard that run's files when this one finishes"
         )
     if record is None and root.dataset_files and not replace:
@@ -126,7 +128,7 @@ def decide(
 
 
 def _check_staged(
-    root: RootView, run_key: str, identity: dict[str, Any], *, restart: bool, world_size: int
+    root: RootView, identity: RunIdentity, *, restart: bool, world_size: int
 ) -> tuple[Action, bool] | None:
     """Resume/publish this run's staged work, or refuse another's; ``None`` when there is nothing to resume.
 
@@ -135,9 +137,9 @@ def _check_staged(
     if restart:
         return None
     if root.ranks:
-        if world_size != len(root.ranks) or root.ranks_run_key != run_key:
+        if world_size != len(root.ranks) or root.ranks_run_key != identity.key:
             n = len(root.ranks)
-            same = root.ranks_run_key == run_key
+            same = root.ranks_run_key == identity.key
             raise QkcoreError(
                 f"{root.path} holds the staged progress of a {n}-process torchrun run"
                 + ("" if same else f" of another config (run {root.ranks_run_key})")
@@ -148,22 +150,19 @@ def _check_staged(
     staged = root.staged
     if staged is None:
         return None
-    state = staged.get("state") or {}
-    if staged.get("run_key") != run_key:
-        done = state.get("documents")
-        progress = f", {done} documents captured" if done is not None else ""
+    if staged.run_key != identity.key:
         raise QkcoreError(
-            f"{root.path} holds the unfinished run {staged.get('run_key')}{progress}; this config is a different run "
-            f"({describe_difference(state.get('identity'), identity)}): rerun that run's config to resume it, "
-            "or add --restart to discard its progress"
+            f"{root.path} holds the unfinished run {staged.run_key}, {staged.documents} documents captured; "
+            f"this config is a different run ({describe_difference(staged.identity.document, identity.document)}): "
+            "rerun that run's config to resume it, or add --restart to discard its progress"
         )
-    if state.get("world_size", 1) != world_size:
+    if staged.world_size != world_size:
         raise QkcoreError(
-            f"{root.path} holds this run's progress captured with {state.get('world_size', 1)} process(es); "
+            f"{root.path} holds this run's progress captured with {staged.world_size} process(es); "
             f"resume it with the same number, or add --restart to discard it"
         )
-    action: Action = "publish" if state.get("phase") == "finalized" else "resume"
-    return action, bool(state.get("replace"))
+    action: Action = "publish" if staged.phase == "finalized" else "resume"
+    return action, staged.replace
 
 
 def check_branch(branch: BranchView | None, run_key: str, replace: bool) -> None:

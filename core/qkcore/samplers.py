@@ -9,14 +9,12 @@ original capture tool exactly, so new captures line up with published datasets.
 from __future__ import annotations
 
 import abc
-import math
-import numbers
-import operator
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 
+from qkcore.config import check_base_rate, check_min_bucket_size
 from qkcore.seeding import mask_generator, subsample_seed
 
 _INT64_MAX = 2**63 - 1
@@ -63,20 +61,15 @@ class Sampler(abc.ABC):
     min_bucket_size: int
 
     def __init__(self, *, base_rate: float, min_bucket_size: int = 1) -> None:
-        if isinstance(base_rate, bool) or not isinstance(base_rate, numbers.Real):
-            raise ValueError(f"base_rate must be a positive number, got {base_rate!r}")
-        if not (math.isfinite(float(base_rate)) and base_rate > 0):
-            raise ValueError(f"base_rate must be a finite number > 0, got {base_rate!r}")
-        if isinstance(min_bucket_size, bool):
-            raise ValueError(f"min_bucket_size must be an integer >= 1, got {min_bucket_size!r}")
-        try:
-            size = operator.index(min_bucket_size)
-        except TypeError:
-            raise ValueError(f"min_bucket_size must be an integer >= 1, got {min_bucket_size!r}") from None
-        if size < 1:
-            raise ValueError(f"min_bucket_size must be an integer >= 1, got {min_bucket_size!r}")
+        # The config's rules, also for samplers built directly.
+        for name, value, check in (("base_rate", base_rate, check_base_rate),
+                                   ("min_bucket_size", min_bucket_size, check_min_bucket_size)):
+            try:
+                check(value)
+            except ValueError as exc:
+                raise ValueError(f"{name} {exc}, got {value!r}") from None
         self.base_rate = base_rate
-        self.min_bucket_size = size
+        self.min_bucket_size = check_min_bucket_size(min_bucket_size)
 
     @abc.abstractmethod
     def buckets(self, positions: torch.Tensor) -> torch.Tensor:

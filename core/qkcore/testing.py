@@ -11,28 +11,46 @@ Everything runs offline on the CPU: the model is built with random weights from 
 inline architecture dict (the run config's ``model.config``) through the family
 plugin's own model class and backbone, and text goes through the byte tokenizer
 ``qkcore:bytes`` (so the architecture needs ``vocab_size >= 259``). A plugin's own
-tests need only this module and the plugin::
+tests need only this module and the plugin.
 
-    from qkcore.testing import capture_all, eager_reference, sniff, tiny_architecture
+It is also an opt-in pytest plugin (as pytest's own ``pytester`` is): load it with
+``pytest_plugins = ["qkcore.testing"]`` in a test module or the root ``conftest.py``,
+or ``pytest -p qkcore.testing``, and the tests get its fixtures:
 
+* ``qk_eager_reference(architecture, **model)``: :func:`eager_reference`, built once per
+  session for the same arguments and shared (so a module needs no fixture of its own);
+* ``qk_capture(architecture, **sections)``: :func:`sniff`, run once per session for the
+  same arguments and shared: read its data root, never change it;
+* ``qk_sniff(architecture, **sections)``: :func:`sniff` into the test's own ``tmp_path``;
+* ``qk_run_config(architecture, **sections)``: :func:`write_run_config` into ``tmp_path``.
+
+::
+
+    from qkcore.testing import capture_all, tiny_architecture
+
+    pytest_plugins = ["qkcore.testing"]
     ARCH = tiny_architecture("my_family", sliding_window=8)
 
-    def test_rows_reproduce_eager_attention(tmp_path):
-        reference = eager_reference(tmp_path, ARCH)
-        result = sniff(tmp_path, ARCH, capture=capture_all())
-        assert reference.check(result.data_root) == 2 * 8 * len(reference.attentions)
+    def test_rows_reproduce_eager_attention(qk_eager_reference, qk_capture):
+        reference = qk_eager_reference(ARCH)
+        result = qk_capture(ARCH, capture=capture_all())
+        assert reference.check(result.data_root) == 2 * 8 * len(reference.attentions)  # layers x heads x documents
 
 Pass ``pm=`` (a :func:`qkcore.plugins.make_plugin_manager` with your module
 registered) to test a plugin before it is installed as a package.
+
+PYTEST_DONT_REWRITE: a test module imports this kit before pytest loads it as a
+plugin, too late to rewrite its asserts; its failures carry their own messages.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +58,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import torch
 import yaml
 from pluggy import PluginManager
@@ -51,7 +70,8 @@ from qkcore.layers import AttentionLayer, text_decoder
 from qkcore.layout import config_file, config_name, low32, parse_config_name
 from qkcore.plugins import Family, make_plugin_manager, resolve_family
 from qkcore.sniff import SniffResult, run_sniff
-from qkcore.sources.model import load_architecture, load_model
+from qkcore.meta_model import on_meta_device
+from qkcore.sources.model import architecture_config, load_architecture, load_model
 from qkcore.sources.tokenizer import load_tokenizer
 
 #: An inline architecture: a transformers config as a dict, ``model_type`` included (``model.config``).
@@ -83,6 +103,22 @@ TINY_SIZES: dict[str, Any] = {
     "pad_token_id": 256,  # the byte tokenizer's <pad>, <bos>, <eos>
     "bos_token_id": 257,
     "eos_token_id": 258,
+}
+
+#: A real LlamaConfig, shrunk: three layers, GQA 4 query heads per key head, head_dim 8, the byte
+#: tokenizer's vocabulary (the repository's default test model; ``model.config`` of :func:`write_run_config`).
+TINY_LLAMA: Architecture = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "vocab_size": 259,
+    "max_position_embeddings": 2048,
+    "rope_theta": 10000.0,
+    "pad_token_id": 256,
 }
 
 #: Phrases that say rows are post-RoPE; a pre-RoPE run's card notes must contain none.
@@ -162,20 +198,28 @@ class EagerReference:
         """The layer with decoder index ``index``."""
         return next(layer for layer in self.layers if layer.index == index)
 
-    def check(self, root: Path, **kwargs: Any) -> int:
-        """Run the oracle on every query config under ``root``; return the number of heads checked.
+    def key_head(self, layer: int, query_head: int) -> int:
+        """The key head ``query_head`` of layer ``layer`` attends with: the family's ``qkcore_key_head``."""
+        described = self.layer(layer)
+        return self.family.key_head(query_head, described.num_query_heads, described.num_key_value_heads)
 
-        The scale is each attention module's own ``scaling``; query head ``q`` attends
-        with key head ``q // (num_query_heads // num_key_value_heads)``. ``kwargs`` go to
-        :func:`assert_rows_match_eager` (``softcap=``, ``query_transform=``, ...).
+    def check(self, root: Path, **kwargs: Any) -> int:
+        """Run the oracle on every query config under ``root``; return the (query head, document) pairs checked.
+
+        The scale is each attention module's own ``scaling``; each query head's key head
+        is the family's own mapping (:meth:`key_head`, as the run used it). ``kwargs`` go
+        to :func:`assert_rows_match_eager` (``softcap=``, ``query_transform=``, ...).
         """
-        q_per_k = self.layers[0].num_query_heads // self.layers[0].num_key_value_heads
-        return assert_rows_match_eager(
-            root,
-            self.attentions,
-            scaling=lambda index: float(self.layer(index).module.scaling),
-            key_head=lambda q: q // q_per_k,
-            **kwargs,
+        return sum(
+            assert_rows_match_eager(
+                root,
+                self.attentions,
+                scaling=lambda index: float(self.layer(index).module.scaling),
+                key_head=functools.partial(self.key_head, layer.index),
+                layers={layer.index},
+                **kwargs,
+            )
+            for layer in self.layers
         )
 
 
@@ -211,15 +255,12 @@ def meta_model(architecture: Architecture, *, pm: PluginManager | None = None) -
     """``architecture`` built by its family's model class on the meta device, and the family.
 
     No weights and no compute: enough to ask the structural hooks (layers, RoPE sites,
-    card notes) about any size of model in milliseconds, not to run it.
+    card notes) about any size of model in milliseconds, not to run it. Built as
+    ``qkcore plan`` builds it (:func:`qkcore.meta_model.on_meta_device`).
     """
-    from transformers import AutoConfig
-
-    settings = dict(architecture)
-    config = AutoConfig.for_model(settings.pop("model_type"), **settings)
+    config = architecture_config(architecture)
     family = resolve_family(pm or make_plugin_manager(), config.model_type)
-    with torch.device("meta"):
-        return family.hooks.qkcore_model_class(config=config).from_config(config), family
+    return on_meta_device(config, family), family
 
 
 def read_rows(root: Path, config: str, example_id: Any) -> tuple[np.ndarray, np.ndarray, list[int | None]]:
@@ -262,8 +303,12 @@ def assert_rows_match_eager(
     query_transform: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     attention_index: Callable[[int], int] = lambda layer: layer,
     atol: float = 2e-6,
+    layers: Collection[int] | None = None,
 ) -> int:
-    """Check every ``lXXhYYq`` config under ``root`` against eager attention; return the heads checked.
+    """Check every ``lXXhYYq`` config under ``root`` against eager attention.
+
+    Returns the number of (query head, document) pairs checked. ``layers`` limits the
+    check to those decoder indices (every layer when ``None``).
 
     For each query config and each example of ``attentions``, the rows must hold every
     position, and softmax(q·kᵀ·``scaling(layer)`` [tanh soft-capped] + causal mask
@@ -279,12 +324,18 @@ def assert_rows_match_eager(
         if parsed is None or parsed[2] != "q":
             continue
         layer, q_head, _ = parsed
+        if layers is not None and layer not in layers:
+            continue
         for example_id, per_layer in attentions.items():
             expected = per_layer[attention_index(layer)][q_head]
             positions, q, windows = read_rows(root, config_dir.name, example_id)
             k_positions, k, _ = read_rows(root, config_name(layer, key_head(q_head), "k"), example_id)
             length = expected.shape[-1]
-            assert positions.tolist() == list(range(length)) == k_positions.tolist(), config_dir.name
+            if not positions.tolist() == list(range(length)) == k_positions.tolist():
+                raise AssertionError(
+                    f"{config_dir.name} example {example_id}: expected every position 0..{length - 1}, got "
+                    f"{len(positions)} query and {len(k_positions)} key rows"
+                )
             q_t = torch.from_numpy(q)
             if query_transform is not None:
                 q_t = query_transform(layer, q_t, torch.from_numpy(positions))
@@ -322,9 +373,13 @@ def expected_sampled_configs(eligible_layers: list[int], num_q: int, num_kv: int
 def card_notes(
     model: torch.nn.Module, family: Family, *, pre_rope: bool = False, unscaled_queries: bool = False
 ) -> list[str]:
-    """The family's dataset-card notes for ``model``, rendered for a run at the given RoPE stage."""
+    """The family's dataset-card notes for ``model``, rendered for a run at the given RoPE stage.
+
+    The plan carries the RoPE site the family declares for every layer, as a run's does.
+    """
     layers = family.hooks.qkcore_attention_layers(model=model)
-    plan = CapturePlan(layers={}, heads={}, pre_rope=pre_rope, unscaled_queries=unscaled_queries)
+    rope_sites = {layer.index: family.hooks.qkcore_locate_rope(model=model, layer=layer) for layer in layers}
+    plan = CapturePlan(layers={}, heads={}, pre_rope=pre_rope, rope_sites=rope_sites, unscaled_queries=unscaled_queries)
     return [note for provided in family.hooks.qkcore_card_notes(model=model, layers=layers, plan=plan)
             for note in provided or []]
 
@@ -347,3 +402,73 @@ def single_torch_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+# --------------------------------------------------------------------------- pytest plugin
+# ``pytest_plugins = ["qkcore.testing"]`` or ``pytest -p qkcore.testing`` (see the module docstring).
+
+
+def _cache_key(architecture: Architecture, texts: Corpus, pm: PluginManager | None, settings: dict[str, Any]) -> str:
+    """The arguments of a shared build, as a string (a plugin manager by identity)."""
+    return json.dumps([architecture, [list(text) for text in texts], id(pm) if pm is not None else None, settings],
+                      sort_keys=True, default=repr)
+
+
+@pytest.fixture(scope="session")
+def qk_eager_reference(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., EagerReference]:
+    """Factory ``qk_eager_reference(architecture, *, texts=TEXTS, pm=None, **model)``: a shared :func:`eager_reference`.
+
+    Built once per session for the same arguments; every test that asks for it gets the same object.
+    """
+    built: dict[str, EagerReference] = {}
+
+    def reference(architecture: Architecture, *, texts: Corpus = TEXTS, pm: PluginManager | None = None,
+                  **model: Any) -> EagerReference:
+        key = _cache_key(architecture, texts, pm, model)
+        if key not in built:
+            folder = tmp_path_factory.mktemp(f"eager-{architecture.get('model_type', 'model')}")
+            built[key] = eager_reference(folder, architecture, texts=texts, pm=pm, **model)
+        return built[key]
+
+    return reference
+
+
+@pytest.fixture(scope="session")
+def qk_capture(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., SniffResult]:
+    """Factory ``qk_capture(architecture, *, texts=TEXTS, pm=None, **sections)``: a shared :func:`sniff`.
+
+    Run once per session for the same arguments; tests share the result, so read its
+    data root and never change it (use ``qk_sniff`` for a run of the test's own).
+    """
+    runs: dict[str, SniffResult] = {}
+
+    def capture(architecture: Architecture, *, texts: Corpus = TEXTS, pm: PluginManager | None = None,
+                **sections: Any) -> SniffResult:
+        key = _cache_key(architecture, texts, pm, sections)
+        if key not in runs:
+            folder = tmp_path_factory.mktemp(f"capture-{architecture.get('model_type', 'model')}")
+            runs[key] = sniff(folder, architecture, texts=texts, pm=pm, **sections)
+        return runs[key]
+
+    return capture
+
+
+@pytest.fixture
+def qk_sniff(tmp_path: Path) -> Callable[..., SniffResult]:
+    """Factory ``qk_sniff(architecture, *, texts=TEXTS, pm=None, **sections)``: :func:`sniff` under ``tmp_path``."""
+
+    def run(architecture: Architecture, *, texts: Corpus = TEXTS, pm: PluginManager | None = None,
+            **sections: Any) -> SniffResult:
+        return sniff(tmp_path, architecture, texts=texts, pm=pm, **sections)
+
+    return run
+
+
+@pytest.fixture
+def qk_run_config(tmp_path: Path) -> Callable[..., Path]:
+    """Factory ``qk_run_config(architecture=TINY_LLAMA, *, texts=TEXTS, **sections)``: a run config in ``tmp_path``."""
+
+    def write(architecture: Architecture | None = None, *, texts: Corpus = TEXTS, **sections: Any) -> Path:
+        return write_run_config(tmp_path, architecture or TINY_LLAMA, texts=texts, **sections)
+
+    return write

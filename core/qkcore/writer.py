@@ -12,7 +12,7 @@ A part is written to a temp file, fsynced and renamed, so it is complete or abse
 Parts written after the last commit are not in the journal: a resumed run deletes
 them and the caller re-adds those rows.
 
-:meth:`DatasetWriter.finalize` merges the parts of each config in bounded memory
+:meth:`DatasetWriter.write_final_files` merges the parts of each config in bounded memory
 (staging/merge.py) into its final file in a folder the caller names
 (``lXXhYY[qk]/data.parquet``, see :mod:`qkcore.datafile` for its columns and bytes)
 and returns their statistics; it never touches a data root's published files. Rows
@@ -36,12 +36,12 @@ import numpy as np
 
 from qkcore.datafile import DEFAULT_ROW_GROUP_SIZE, ConfigStats, write_data_file
 from qkcore.fsutil import remove_tree, write_durably
-from qkcore.layout import DATA_FILE, config_name
+from qkcore.layout import DATA_FILE, config_name, row_bytes
 from qkcore.staging import journal as journals
 from qkcore.staging.journal import JOURNAL_FILE, Journal, StagingConflict, read_journal
 from qkcore.staging.merge import sorted_runs
 from qkcore.staging.parts import Slice, Spill, load_index, part_name
-from qkcore.staging.rows import Rows, row_bytes, to_int32
+from qkcore.staging.rows import Rows, to_int32
 
 __all__ = [
     "JOURNAL_FILE",
@@ -86,7 +86,7 @@ class DatasetWriter:
     * capture: buffered rows stay below ``T`` plus the last added chunk. The ``add``
       that crosses ``T`` spills every config into one part file, gathering one part
       batch at a time (no second copy of the buffer).
-    * ``finalize()`` never loads a whole config (staging/merge.py). It splits each
+    * ``write_final_files()`` never loads a whole config (staging/merge.py). It splits each
       config, in sort order, into key ranges of at most ``T/2`` of rows (whole
       documents, or position ranges of a document larger than that), gathers a range
       from the part batches that overlap it (each at most ``T/8`` and 8192 rows) and
@@ -122,8 +122,8 @@ class DatasetWriter:
         different ``run_key`` (or this writer has none), unless ``restart`` discards it.
         Creates nothing on disk: that waits for the first spill or commit.
         """
-        if flush_threshold_mb < 0:
-            raise ValueError(f"flush_threshold_mb must be >= 0, got {flush_threshold_mb}")
+        if not flush_threshold_mb > 0:  # the rule of output.flush_threshold_mb (config.py), for direct callers
+            raise ValueError(f"flush_threshold_mb must be > 0, got {flush_threshold_mb}")
         if row_group_size is not None and row_group_size < 1:
             raise ValueError(f"row_group_size must be >= 1, got {row_group_size}")
         self.flush_threshold_bytes = int(flush_threshold_mb * 1024 * 1024)
@@ -162,7 +162,7 @@ class DatasetWriter:
 
     @property
     def finalize_peak_rows(self) -> int:
-        """Most rows the last ``finalize()`` held at once while sorting (a diagnostic)."""
+        """Most rows the last ``write_final_files()`` held at once while sorting (a diagnostic)."""
         return self._finalize_peak_rows
 
     def buffered_bytes(self) -> int:
@@ -207,7 +207,7 @@ class DatasetWriter:
                     f"{name}: sliding_window {sw} conflicts with {buf.sliding_window}"
                 )
             if n == 0:
-                continue  # the config is still recorded, so finalize() writes an empty file
+                continue  # the config is still recorded, so write_final_files() writes an empty file
             # Copy: the caller may reuse its capture buffer after add() returns.
             rows = Rows(ids64, positions, buckets, np.array(vectors[i], dtype=np.float32, copy=True), tokens)
             buf.pending.append(rows)
@@ -258,7 +258,7 @@ class DatasetWriter:
             self._uncommitted.append(target.name)
 
     # -- finishing ----------------------------------------------------------
-    def finalize(self, target: Path | str) -> dict[str, ConfigStats]:
+    def write_final_files(self, target: Path | str) -> dict[str, ConfigStats]:
         """Write every config this run captured into ``target``; return each one's statistics.
 
         Each ``target/lXXhYY[qk]/data.parquet`` is written durably (temp file, fsync,
@@ -274,7 +274,7 @@ class DatasetWriter:
         }
 
     def drop_parts(self) -> None:
-        """Delete every part file once the committed state no longer needs them (after :meth:`finalize`).
+        """Delete every part file once the committed state no longer needs them (after :meth:`write_final_files`).
 
         The journal is rewritten without parts first, so a crash in between leaves
         only orphan parts, which the next writer opened on this staging removes.
@@ -298,7 +298,7 @@ class DatasetWriter:
         """
         if self._done:
             return
-        self._finish()
+        self._close()
         if not (self._staging / JOURNAL_FILE).exists():
             self._remove_staging()
             return
@@ -309,7 +309,7 @@ class DatasetWriter:
 
     def discard(self) -> None:
         """Remove the staging directory entirely (committed state included)."""
-        self._finish()
+        self._close()
         self._remove_staging()
 
     # -- internals ----------------------------------------------------------
@@ -317,7 +317,7 @@ class DatasetWriter:
         if self._done:
             raise RuntimeError("DatasetWriter is closed")
 
-    def _finish(self) -> None:
+    def _close(self) -> None:
         self._buffers.clear()
         self._buffered = 0
         self._done = True

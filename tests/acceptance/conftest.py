@@ -95,7 +95,7 @@ def preloaded(monkeypatch, reference_model):
     """
     import copy
 
-    import qkcore.sniff as sniff
+    import qkcore.stages.load as stage
 
     model, tokenizer = reference_model
     config = model.config
@@ -107,6 +107,6 @@ def preloaded(monkeypatch, reference_model):
         loaded.set_attn_implementation(model_cfg.attn_implementation)
         return loaded.to(device).eval()
 
-    monkeypatch.setattr(sniff, "load_architecture", lambda model_cfg: copy.deepcopy(config))
-    monkeypatch.setattr(sniff, "load_tokenizer", lambda tokenizer_cfg, model_cfg: tokenizer)
-    monkeypatch.setattr(sniff, "load_model", load_model)
+    monkeypatch.setattr(stage, "load_architecture", lambda model_cfg: copy.deepcopy(config))
+    monkeypatch.setattr(stage, "load_tokenizer", lambda tokenizer_cfg, model_cfg: tokenizer)
+    monkeypatch.setattr(stage, "load_model", load_model)

@@ -15,9 +15,10 @@ import math
 
 import pytest
 
+from qkcore.card import card_run_key
 from qkcore.cli import main
 from qkcore.config import load_config
-from qkcore.plan import make_plan
+from qkcore.estimate import make_plan
 from qkcore.sniff import run_sniff
 from qkcore.sources.model import load_architecture
 from qkcore.sources.tokenizer import load_tokenizer
@@ -104,3 +105,30 @@ def test_trained_heads_differ_in_plasticity_where_random_ones_do_not(real_run, r
         assert values and all(0.0 <= v <= 1.0 for v in values)
     # Measured: 0.093 (trained) against 0.033 (random); the runs are seeded, so this is stable.
     assert _spread(real_heads) > 2 * _spread(random_heads), (_spread(real_heads), _spread(random_heads))
+
+
+def test_compare_shows_the_trained_models_wider_spread_than_a_random_init(real_run, random_run, tmp_path) -> None:
+    """``qkcore compare`` on the demo's trained weights and a random initialisation of the same architecture.
+
+    The same two runs as above, through the comparison: its CSV holds the same 12 heads for
+    both, and the trained run's heads spread over a range several times the random one's
+    (the distribution figure shows it). The folders are both called ``out``: the default
+    labels tell them apart by their parents.
+    """
+    _, _, real = real_run
+    _, random = random_run
+    out = tmp_path / "compare"
+    assert main(["compare", str(real.data_root), str(random.data_root), "--out", str(out), "--workers", "1",
+                 "--no-progress", "--label", "trained", "--label", "random"]) == 0
+    with (out / "head_plasticity.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    values = {run: [float(r["plasticity"]) for r in rows if r["run"] == run] for run in ("trained", "random")}
+    heads = {run: {(r["layer"], r["q_head"]) for r in rows if r["run"] == run} for run in values}
+    assert len(values["trained"]) == len(values["random"]) == 12 and heads["trained"] == heads["random"]
+    assert all(r["model"] for r in rows) and {r["model"] for r in rows if r["run"] == "random"} == {"random-smollm2-135m"}
+    assert _spread(values["trained"]) > 2 * _spread(values["random"]), {k: _spread(v) for k, v in values.items()}
+    assert max(values["trained"]) - min(values["trained"]) > 2 * (max(values["random"]) - min(values["random"]))
+    assert (out / "distribution.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    readme = (out / "README.md").read_text(encoding="utf-8")
+    for run in (real, random):
+        assert card_run_key((run.data_root / "README.md").read_text(encoding="utf-8")) in readme

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
-from qkcore.card import card_models as _entries, read_front_matter
+from qkcore.card import card_models, read_front_matter
 from qkcore.errors import QkcoreError
 from qkcore.layout import CARD_FILE, COLUMNS, config_file, config_name, configs_in, parse_config_name
 
@@ -29,7 +29,7 @@ __all__ = [
     "ModelMeta",
     "PlasticityError",
     "Source",
-    "card_models",
+    "read_card_models",
     "open_source",
 ]
 
@@ -154,7 +154,7 @@ class ModelMeta:
         return self.sliding_windows.get(layer)
 
 
-def card_models(card: Path | None) -> list[dict[str, Any]]:
+def read_card_models(card: Path | None) -> list[dict[str, Any]]:
     """The ``qkcore.models`` list of the card at ``card`` (``[]`` without a card)."""
     if card is None:
         return []
@@ -162,7 +162,7 @@ def card_models(card: Path | None) -> list[dict[str, Any]]:
         front, _ = read_front_matter(card)
     except ValueError as exc:  # read_front_matter names the file
         raise PlasticityError(str(exc)) from exc
-    return _entries(front)
+    return card_models(front)
 
 
 class Source(Protocol):
@@ -205,7 +205,9 @@ class LocalSource:
         return path if path.is_file() else None
 
     def describe(self) -> str:
-        return str(self.root.resolve())
+        # The folder's name, not its absolute path: the README travels (to the Hub, to a paper's supplement)
+        # and a machine's paths mean nothing there.
+        return f"{self.root.resolve().name} (a local data root)"
 
 
 @dataclass(frozen=True)

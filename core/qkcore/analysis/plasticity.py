@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +30,12 @@ from qkcore.analysis.data import (
     ModelMeta,
     PlasticityError,
     Source,
-    card_models,
+    read_card_models,
 )
 from qkcore.analysis.gaussian import fit_query_model, pair_plasticity
+from qkcore.analysis.heatmap import HeatmapPanel, plot_heatmaps
 from qkcore.analysis.pairs import DEFAULT_LOCALITY, KeyIndex, eligible_keys, sample_key_pairs
+from qkcore.analysis.provenance import PROVENANCE_FILE, PlasticityProvenance, RunFacts
 from qkcore.analysis.readme import render_readme
 from qkcore.analysis.report import (
     BucketResult,
@@ -43,7 +45,8 @@ from qkcore.analysis.report import (
     plot_plasticity,
     write_csv,
 )
-from qkcore.heads import key_head_for
+from qkcore import __version__
+from qkcore.heads import GQA_RULE, key_head_for
 from qkcore.layout import config_name, parse_config_name
 
 __all__ = [
@@ -61,9 +64,10 @@ log = structlog.get_logger(__name__)
 BUCKETS_CSV = "head_bucket_plasticity.csv"
 HEADS_CSV = "head_metrics.csv"
 PLOT_PNG = "plasticity.png"
+HEATMAP_PNG = "heatmap.png"
 README_MD = "README.md"
 #: The generic GQA rule (:func:`qkcore.heads.key_head_for`), in words.
-DEFAULT_RULE = "q // (n_q // n_kv)"
+DEFAULT_RULE = GQA_RULE
 
 
 @dataclass(frozen=True)
@@ -323,8 +327,22 @@ def _configs(source: Source) -> list[str]:
     except PlasticityError:
         raise
     except Exception as exc:  # noqa: BLE001 - datasets/hub raise many types for "not there"
-        name = source.repo if isinstance(source, HubSource) else source.describe()
+        name = source.repo if isinstance(source, HubSource) else str(source.root)
         raise PlasticityError(f"{name}: no such dataset folder, and no Hub dataset of that name could be read ({exc})") from exc
+
+
+def _require_query_configs(source: Source, configs: list[str]) -> None:
+    """A source without one query config is one error naming the folder (or Hub repo) and what was looked for."""
+    if any(parsed[2] == "q" for parsed in map(parse_config_name, configs) if parsed is not None):
+        return
+    if isinstance(source, HubSource):
+        where = f"{source.repo}@{source.revision or 'main'}"
+    else:
+        where = str(getattr(source, "root", source.describe()))
+    raise PlasticityError(
+        f"{where}: no captured query heads (no lXXhYYq/data.parquet) found; give a data root written by qkcore sniff "
+        "(or a Hub dataset repo it was pushed to)"
+    )
 
 
 def run_plasticity(
@@ -344,8 +362,10 @@ def run_plasticity(
     Every input check (card, mapping, configs) runs before any compute or write.
     """
     configs = _configs(source)
+    _require_query_configs(source, configs)
     card = source.card()
-    models = card_models(card)
+    facts = RunFacts.from_card(card.read_text(encoding="utf-8") if card is not None else None, model_index)
+    models = read_card_models(card)
     if models and not 0 <= model_index < len(models):
         raise PlasticityError(f"--model-index {model_index} out of range: the card lists {len(models)} model(s)")
     meta = ModelMeta.from_card_entry(models[model_index], f"{card}: qkcore.models[{model_index}]") if models else ModelMeta()
@@ -367,13 +387,29 @@ def run_plasticity(
     nope = {layer: not applies for layer, applies in meta.rope_layers.items()}
     heads = head_metrics(rows, infos, nope, config.keep_small_buckets)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # The provenance goes first and is rewritten last: an interrupted write never leaves
+    # another run's plasticity.json beside this run's numbers.
+    (out_dir / PROVENANCE_FILE).unlink(missing_ok=True)
     write_csv(out_dir / BUCKETS_CSV, rows, BucketResult)
     write_csv(out_dir / HEADS_CSV, heads, HeadMetrics)
-    plot_plasticity(out_dir / PLOT_PNG, rows, title, config.keep_small_buckets)
+    plot_plasticity(out_dir / PLOT_PNG, rows, title, config.keep_small_buckets, run_key=facts.run_key)
+    panel = HeatmapPanel(facts.revision or facts.model or "heads", {(h.layer, h.q_head): h.plasticity for h in heads},
+                         facts.num_layers, facts.num_query_heads,
+                         tuple(sorted(layer for layer, is_nope in nope.items() if is_nope)))
+    plot_heatmaps(out_dir / HEATMAP_PNG, [panel], f"{title}\nper head (layer x query head)", facts.run_key)
     readme = render_readme(source=source.describe(), meta=meta, config=config, mapping=plan.mapping,
-                           rows=rows, infos=infos, heads=heads, files=(BUCKETS_CSV, HEADS_CSV, PLOT_PNG))
+                           rows=rows, infos=infos, heads=heads, files=(BUCKETS_CSV, HEADS_CSV, PLOT_PNG),
+                           run_key=facts.run_key)
     (out_dir / README_MD).write_text(readme, encoding="utf-8")
+    PlasticityProvenance(source.describe(), facts, analysis_settings(config, num_q_heads, num_kv_heads, model_index),
+                         __version__).write(out_dir)
     return rows, heads
+
+
+def analysis_settings(config: PlasticityConfig, num_q_heads: int | None, num_kv_heads: int | None,
+                      model_index: int) -> dict[str, object]:
+    """Everything besides the data that decided an output's numbers (compared before one is reused)."""
+    return {**asdict(config), "num_q_heads": num_q_heads, "num_kv_heads": num_kv_heads, "model_index": model_index}
 
 
 def summary_line(rows: list[BucketResult], heads: list[HeadMetrics], keep_small_buckets: bool, out: Path) -> str:

@@ -49,6 +49,7 @@ def render_readme(
     infos: Sequence[HeadInfo],
     heads: Sequence[HeadMetrics],
     files: tuple[str, str, str],
+    run_key: str | None = None,
 ) -> str:
     """Markdown describing the results in ``files`` (bucket CSV, head CSV, plot)."""
     buckets_csv, heads_csv, plot = files
@@ -66,6 +67,8 @@ def render_readme(
         "# Attention plasticity",
         "",
         f"- Data: `{source}`",
+        f"- Run key: `{run_key}` (from the dataset card; `plasticity.json` records it with the settings)"
+        if run_key else "- Run key: unknown (the dataset card records none)",
         _model_line(meta),
         f"- qkcore {__version__}; seed {config.seed}; {config.pairs_per_bucket} key pairs per bucket; "
         f"locality {config.locality}; at least {config.min_queries} queries per bucket",
@@ -85,6 +88,8 @@ def render_readme(
         "whenever `plasticity` is NaN.",
         f"- `{plot}`: plasticity per bucket, one thin line per head coloured by layer, the mean over "
         "heads in bold; only buckets that count are drawn.",
+        "- `heatmap.png`: head plasticity by layer (rows) and query head (columns), NoPE layers marked; "
+        "grey cells were not sampled or are undefined.",
         "",
         "## Estimator",
         "",
@@ -113,8 +118,8 @@ def render_readme(
         "key head, t])`: the numbers do not depend on worker scheduling, and query heads sharing a key "
         "head are compared on the same pairs.",
         f"6. **Small buckets.** A bucket with at most head_dim ({dims}) queries has a singular sample "
-        "covariance, and its shrunk estimate reads lower than full buckets (about 0.03 for the partial "
-        f"last bucket of SmolLM2-135M, on trained and on random weights). Such buckets are flagged `small_bucket` and {small_rule}.",
+        "covariance, and its shrunk estimate reads lower than the same head's full buckets. Such buckets "
+        f"are flagged `small_bucket` and {small_rule}.",
         "7. **Non-finite rows.** A query or key row whose vector holds a NaN or an infinity is left out "
         "before anything is fitted or sampled and is counted in `skipped_queries` / `skipped_keys` "
         f"(this run: {q_skipped} query row(s), {k_skipped} key row(s)).",

@@ -131,10 +131,12 @@ def write_csv(path: Path, rows: Iterable[BucketResult | HeadMetrics], cls: type)
             writer.writerow([_cell(v) for v in asdict(row).values()])
 
 
-def plot_plasticity(path: Path, rows: Sequence[BucketResult], title: str, keep_small_buckets: bool = False) -> None:
+def plot_plasticity(path: Path, rows: Sequence[BucketResult], title: str, keep_small_buckets: bool = False,
+                    run_key: str | None = None) -> None:
     """Plasticity per bucket: one thin line per head coloured by layer, bold mean curve.
 
     Only rows that :func:`counts_in_mean` are drawn, so the curves show what the head means average.
+    ``run_key``, when known, is written into the PNG's text (which run the plot shows).
     """
     # Figure + Agg canvas directly: no pyplot global state, works headless.
     from matplotlib import colormaps
@@ -173,4 +175,4 @@ def plot_plasticity(path: Path, rows: Sequence[BucketResult], title: str, keep_s
     ax.set_ylim(0.0, 1.02)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    fig.savefig(path)
+    fig.savefig(path, metadata={"qkcore:run_key": run_key} if run_key else None)

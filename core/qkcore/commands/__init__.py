@@ -1,7 +1,7 @@
 """The built-in ``qkcore`` commands, declared with click and added by :mod:`qkcore.builtin`.
 
 * :mod:`.run`: ``sniff``, ``push`` and ``plan`` (they take a run configuration);
-* :mod:`.data`: ``inspect`` and ``plasticity`` (they read a captured dataset);
+* :mod:`.data`: ``inspect``, ``plasticity`` and ``compare`` (they read captured datasets);
 * :mod:`.plugins`: ``plugins list``.
 
 These modules import only click at module level; each command imports what it runs
@@ -17,5 +17,5 @@ def add_builtin_commands(cli: click.Group) -> None:
     """Add every built-in command to ``cli``."""
     from qkcore.commands import data, plugins, run
 
-    for command in (run.sniff, run.push, run.plan, data.inspect, data.plasticity, plugins.plugins):
+    for command in (run.sniff, run.push, run.plan, data.inspect, data.plasticity, data.compare, plugins.plugins):
         cli.add_command(command)

@@ -1,4 +1,4 @@
-"""``qkcore inspect`` and ``qkcore plasticity``: the commands that read a captured dataset."""
+"""``qkcore inspect``, ``qkcore plasticity`` and ``qkcore compare``: the commands that read captured datasets."""
 
 from __future__ import annotations
 
@@ -35,16 +35,13 @@ def inspect(data_root: Path, out: Path | None) -> None:
     click.echo(f"\nplot: {plot}")
 
 
-def _plasticity_options() -> list[click.Parameter]:
-    """The estimate's options, with PlasticityConfig's defaults."""
+def _estimator_options() -> list[click.Parameter]:
+    """The estimate's options, with PlasticityConfig's defaults (shared by plasticity and compare)."""
     from qkcore.analysis.plasticity import PlasticityConfig
 
     default = PlasticityConfig()
     positive, non_negative = click.IntRange(min=1), click.IntRange(min=0)
     return [
-        click.Option(["--revision"], default=None, help="Hub branch/revision (one model per branch)"),
-        click.Option(["--out"], type=click.Path(path_type=Path), default=None,
-                     help="output folder (default: DATA_ROOT/plasticity, or ./plasticity for a Hub repo)"),
         click.Option(["--seed"], type=non_negative, default=default.seed,
                      help=f"pair-sampling seed (default: {default.seed})"),
         click.Option(["--pairs-per-bucket"], type=positive, default=default.pairs_per_bucket,
@@ -59,12 +56,23 @@ def _plasticity_options() -> list[click.Parameter]:
                           f"(default: {default.locality})"),
         click.Option(["--workers"], type=positive, default=min(4, os.cpu_count() or 1),
                      help="worker processes (default: min(4, cpus))"),
+        click.Option(["--no-progress"], is_flag=True, help="hide the progress bar"),
+    ]
+
+
+def _plasticity_options() -> list[click.Parameter]:
+    """plasticity's options: the source, the output, the estimate's, and head-count overrides."""
+    positive, non_negative = click.IntRange(min=1), click.IntRange(min=0)
+    return [
+        click.Option(["--revision"], default=None, help="Hub branch/revision (one model per branch)"),
+        click.Option(["--out"], type=click.Path(path_type=Path), default=None,
+                     help="output folder (default: DATA_ROOT/plasticity, or ./plasticity for a Hub repo)"),
+        *_estimator_options(),
         click.Option(["--num-q-heads"], type=positive, default=None, help="query heads per layer (overrides the card)"),
         click.Option(["--num-kv-heads"], type=positive, default=None,
                      help="key/value heads per layer (overrides the card)"),
         click.Option(["--model-index"], type=non_negative, default=0,
                      help="which qkcore.models card entry to use (default: 0)"),
-        click.Option(["--no-progress"], is_flag=True, help="hide the progress bar"),
     ]
 
 
@@ -92,3 +100,40 @@ def plasticity(data: str, revision: str | None, out: Path | None, seed: int, pai
         model_index=model_index, progress=not no_progress, title=f"attention plasticity: {title}",
     )
     click.echo(summary_line(rows, heads, config.keep_small_buckets, out))
+
+
+def _compare_options() -> list[click.Parameter]:
+    """compare's options: the output, the order, the labels, and the estimate's."""
+    return [
+        click.Option(["--out"], type=click.Path(path_type=Path), default=Path("compare"), show_default=True,
+                     help="output folder"),
+        click.Option(["--order"], default=None, metavar="step|name|FILE.yaml",
+                     help="run order: by checkpoint step (stage, then step, read from revisions like "
+                          "stage1-step-40000), by label, or as a YAML file lists them (runs: [{run, label, stage, "
+                          "step}]); default: by step when every run has one, else as given"),
+        click.Option(["--label", "labels"], multiple=True,
+                     help="a run's label, once per run in the order the runs are named (default: folder or branch name)"),
+        *_estimator_options(),
+    ]
+
+
+@click.command(cls=DeferredOptions, declare=_compare_options)
+@click.argument("runs", metavar="RUN...", nargs=-1, required=True)
+def compare(runs: tuple[str, ...], out: Path, order: str | None, labels: tuple[str, ...], seed: int,
+            pairs_per_bucket: int, min_queries: int, keep_small_buckets: bool, locality: float, workers: int,
+            no_progress: bool) -> None:
+    """Compare head plasticity across runs (checkpoints, models, sizes).
+
+    A RUN is a data root, a Hub owner/repo@branch, a whole Hub owner/repo (every branch
+    its main README's index lists), or a `qkcore plasticity` output folder. Writes a
+    tidy CSV, per-run heatmaps, plasticity along the runs (NoPE and RoPE layers apart),
+    the distributions side by side, and a README naming every run.
+    """
+    from qkcore.analysis.compare import compare_runs
+    from qkcore.analysis.plasticity import PlasticityConfig
+
+    config = PlasticityConfig(seed, pairs_per_bucket, max(min_queries, 2), locality, keep_small_buckets)
+    result = compare_runs(runs, out, config, order=order, labels=labels or None, workers=workers,
+                          progress=not no_progress)
+    click.echo(f"compare: {len(result.runs)} runs ({', '.join(r.label for r in result.runs)}), "
+               f"{len(result.common)} heads in common -> {out}")

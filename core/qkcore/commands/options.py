@@ -41,7 +41,7 @@ class DeferredOptions(click.Command):
     """A command whose ``declare()`` options are made the first time it parses or shows help.
 
     ``qkcore --help`` lists each command by its one-line help only. Options whose
-    defaults live in a heavy module (``qkcore.plan`` imports torch) are declared by a
+    defaults live in a heavy module (``qkcore.estimate`` imports torch) are declared by a
     function that imports them then, so the defaults keep one home and listing the
     commands imports nothing heavy.
     """

@@ -23,12 +23,13 @@ def sniff(pm: pluggy.PluginManager, config: str, overrides: tuple[str, ...], deb
           json_logs: bool, restart: bool, replace: bool) -> None:
     """Capture sampled Q/K rows and write the dataset."""
     from qkcore.logs import configure_logging
-    from qkcore.sniff import run_sniff
 
     configure_logging(debug=debug, quiet=quiet, json=json_logs)
-    cfg = load_run_config(config, overrides)
+    cfg = load_run_config(config, overrides)  # before qkcore.sniff imports torch: a config error is reported at once
     if cfg.inference.debug_logging:  # the original tool's switch for verbose logs
         configure_logging(debug=True, quiet=quiet, json=json_logs)
+    from qkcore.sniff import run_sniff
+
     run_sniff(cfg, pm, restart=restart, replace=replace)
 
 
@@ -40,9 +41,10 @@ def push(config: str, overrides: tuple[str, ...], replace: bool) -> None:
 
     Retries a push that failed at the end of qkcore sniff.
     """
+    cfg = load_run_config(config, overrides)  # before torch is imported
     from qkcore.sniff import run_push
 
-    run_push(load_run_config(config, overrides), replace=replace)
+    run_push(cfg, replace=replace)
 
 
 def _lengths(ctx: click.Context, param: click.Parameter, text: str | None) -> list[int] | None:
@@ -59,8 +61,8 @@ def _lengths(ctx: click.Context, param: click.Parameter, text: str | None) -> li
 
 
 def _plan_options() -> list[click.Parameter]:
-    """``--documents``, ``--lengths``, ``--sample``, with plan.py's defaults (imported now: it imports torch)."""
-    from qkcore.plan import DEFAULT_DOCUMENTS, LENGTH_SAMPLE
+    """``--documents``, ``--lengths``, ``--sample``, with the plan's defaults (from a module without torch)."""
+    from qkcore.plan_defaults import DEFAULT_DOCUMENTS, LENGTH_SAMPLE
 
     return [
         click.Option(["--documents"], type=click.IntRange(min=1), default=None, metavar="N",
@@ -88,10 +90,12 @@ def plan(pm: pluggy.PluginManager, config: str, overrides: tuple[str, ...], docu
     Layers, heads, expected rows per config, disk, free disk needed while writing,
     a GPU-time estimate, and the memory per device (for each tensor-parallel size).
     """
-    from qkcore.plan import format_plan, make_plan
-    from qkcore.plan_memory import format_memory, memory_plan, parse_size  # issue 19
+    from qkcore.plan_memory import parse_size  # issue 19
 
-    cfg = load_run_config(config, overrides)
+    cfg = load_run_config(config, overrides)  # before qkcore.estimate imports torch
     device_bytes = parse_size(gpu_memory) if gpu_memory is not None else None  # a bad size: before any work
+    from qkcore.estimate import format_plan, make_plan
+    from qkcore.plan_memory import format_memory, memory_plan  # issue 19
+
     click.echo(format_plan(make_plan(cfg, pm, documents=documents, lengths=lengths, sample=sample)))
     click.echo("\n" + format_memory(memory_plan(cfg, pm, device_bytes)))  # issue 19

@@ -33,9 +33,12 @@ import json
 import os
 import socket
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
+
+import structlog
 
 from qkcore.errors import QkcoreError
 from qkcore.fsutil import fsync, move_durably, remove_tree, sha256_file, write_text_durably
@@ -49,6 +52,8 @@ _HOLDER_FILE = "lock.json"
 #: Files in the state folder that record nothing about a run (the lock, its holder, the hash cache).
 _NOT_STATE = (_LOCK_FILE, _HOLDER_FILE, "hashes.json")
 _PROBE_FILE = ".write-probe"
+
+log = structlog.get_logger(__name__)
 
 
 class LocalDataRoot:
@@ -208,7 +213,7 @@ class LocalDataRoot:
         Resumable: called again after a kill, it finishes the same publish (files already
         moved are checked against the record, the rest are moved).
         """
-        record.state = "publishing"
+        record = replace(record, state="publishing")
         self.write_record(record)
         wanted = set(record.files)
         for name in self.dataset_files():
@@ -225,8 +230,13 @@ class LocalDataRoot:
                     "rerun with --restart to capture again"
                 )
         fsync(self.path)
-        record.files = {name: FileEntry(e.size, e.sha256, (self.path / name).stat().st_mtime_ns) for name, e in record.files.items()}
-        record.state = "complete"
+        # Analysis outputs of the run these files replaced would look current beside them.
+        from qkcore.analysis.provenance import remove_stale_outputs
+
+        for name in remove_stale_outputs(self.path, record.run_key):
+            log.info("removed an analysis output of another run", file=name, run=record.run_key)
+        files = {name: FileEntry(e.size, e.sha256, (self.path / name).stat().st_mtime_ns) for name, e in record.files.items()}
+        record = replace(record, state="complete", files=files)
         self.write_record(record)
         remove_tree(self.final_dir)
         return record

@@ -114,11 +114,9 @@ def check_documents(data: Any, dataset_cfg: DatasetConfig) -> DocumentCheck:
     """Check every document's text and id before any compute; raise naming the first bad row.
 
     For an in-memory dataset this reads only the Arrow columns (types, nulls, lengths,
-    ids). A streaming dataset is checked while it is read (:func:`iter_documents`); here
-    only ``max_samples: 0`` is caught.
+    ids). A streaming dataset is checked while it is read (:func:`iter_documents`).
+    (``max_samples: 0`` is refused by the run's config check, ``stages.load.check_config``.)
     """
-    if dataset_cfg.max_samples == 0:
-        raise QkcoreError("dataset.max_samples: 0 documents would be captured; remove it or set it to at least 1")
     table = getattr(data, "data", None)
     if table is None or not hasattr(data, "__len__"):
         return DocumentCheck(documents=None, empty=0)

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import importlib.util
 import os
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -21,6 +22,12 @@ from qkcore.errors import QkcoreError
 PACKAGE_PREFIX = "package:"
 
 _HASH_CHUNK = 8 * 2**20
+
+#: The lookup that tells a Hub id from a folder that is not there: tries, seconds per request,
+#: and seconds for all tries together (only transient failures are tried again).
+HUB_LOOKUP_TRIES = 3
+HUB_LOOKUP_TIMEOUT_S = 10.0
+HUB_LOOKUP_BUDGET_S = 30.0
 
 
 def source_kind(name: str, key: str) -> Literal["local", "hub"]:
@@ -44,6 +51,54 @@ def source_kind(name: str, key: str) -> Literal["local", "hub"]:
             "(a Hub id is 'name' or 'owner/name')"
         ) from None
     return "hub"
+
+
+def check_hub_repo(name: str, revision: str | None, key: str) -> None:
+    """Make sure the Hub id ``name`` (a name :func:`source_kind` found no folder for) names a model repo.
+
+    A relative path that does not exist looks like a Hub id (``models/SmolLM2-135M``): without
+    this check transformers retries for a minute and then blames the network. Offline
+    (``HF_HUB_OFFLINE``), the local Hub cache must hold the repo; online, one request per try
+    with a timeout, tried again only after a transient failure (5xx, 429, timeout, no connection),
+    within :data:`HUB_LOOKUP_BUDGET_S` in all. An error names the folder looked for and the repo.
+    """
+    problem = _hub_repo_problem(name, revision)
+    if problem is not None:
+        raise QkcoreError(f"{key}: there is no folder '{name}' in {os.getcwd()}, and {problem}")
+
+
+def _hub_repo_problem(name: str, revision: str | None) -> str | None:
+    """Why ``name`` is not a Hub model repo this process can use, or None if it is (or may be)."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if constants.HF_HUB_OFFLINE:
+        try:
+            _resolve_commit(name, revision, "model")  # offline, this reads the local cache only
+        except Exception:  # huggingface_hub raises several types for "not cached"
+            return f"no Hub repo '{name}' is in the local cache (offline: HF_HUB_OFFLINE is set)"
+        return None
+    started = time.monotonic()
+    tries, cause = 0, ""
+    while True:
+        left = HUB_LOOKUP_BUDGET_S - (time.monotonic() - started)
+        tries += 1
+        try:
+            HfApi().model_info(name, revision=revision, timeout=max(0.1, min(HUB_LOOKUP_TIMEOUT_S, left)))
+            return None
+        except (RevisionNotFoundError, GatedRepoError):
+            return None  # the repo is there; loading it says what is wrong with the revision or the access
+        except Exception as exc:  # noqa: BLE001 - HTTP errors, timeouts and connection errors alike
+            status = getattr(getattr(exc, "response", None), "status_code", None)
+            if isinstance(exc, RepositoryNotFoundError) or (status is not None and 400 <= status < 500 and status not in (408, 429)):
+                access = "; a private repo needs HF_TOKEN" if status in (401, 403) else ""
+                return f"no Hub repo '{name}' (the Hub answered {status or 404}{access})"
+            cause = f"HTTP {status}" if status is not None else type(exc).__name__
+        left = HUB_LOOKUP_BUDGET_S - (time.monotonic() - started)
+        if tries >= HUB_LOOKUP_TRIES or left <= 0:
+            return (f"the Hub could not be reached to look for a repo '{name}' ({tries} tries in "
+                    f"{time.monotonic() - started:.0f} s, last: {cause}); check the connection or the folder's path")
+        time.sleep(min(2.0 ** (tries - 1), left))
 
 
 def package_file(spec: str, key: str) -> Path:

@@ -12,7 +12,6 @@ import difflib
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import torch
 
-from qkcore.config import resolve_dtype
+from qkcore.config import parse_device_map, resolve_dtype
 from qkcore.errors import QkcoreError
 from qkcore.logs import library_bars_off
 from qkcore.sources.gguf import (
@@ -30,14 +29,13 @@ from qkcore.sources.gguf import (
     locate_gguf,
     require_gguf_support,
 )
-from qkcore.sources.locations import files_sha256, file_sha256, hub_commit, pinned_revision, source_kind
+from qkcore.sources.locations import check_hub_repo, files_sha256, file_sha256, hub_commit, pinned_revision, source_kind
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from qkcore.config import ModelConfig
 
 log = structlog.get_logger(__name__)
 
-_DEVICE_FORMS = "'auto', 'cpu', 'cuda', 'cuda:N', 'mps' or a CUDA index N"
 #: Weight files ``from_pretrained`` reads from a local directory (safetensors preferred).
 _SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
 _TORCH_BIN = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -64,24 +62,15 @@ def resolve_device(device_map: Any) -> torch.device:
     fallback: a run asked to use a GPU should not quietly take a day on the CPU.
     """
     key = "model.device_map"
-    if device_map is None or device_map == "auto":
+    try:
+        parsed = parse_device_map(device_map)  # the config checked it already; direct callers are checked here
+    except ValueError as exc:
+        raise QkcoreError(f"{key}: {exc}") from None
+    if parsed is None:
         if torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("mps") if _mps_available() else torch.device("cpu")
-    if isinstance(device_map, dict):
-        places = {str(place) for place in device_map.values()}
-        if len(places) == 1:  # e.g. {"": "cuda:0"}: everything on one device
-            return resolve_device(next(iter(device_map.values())))
-        raise QkcoreError(f"{key}: only a single device is supported (got {device_map!r})")
-    if isinstance(device_map, bool) or not isinstance(device_map, (int, str)):
-        raise QkcoreError(f"{key}: expected {_DEVICE_FORMS} (got {device_map!r})")
-    text = f"cuda:{device_map}" if isinstance(device_map, int) else device_map.strip().lower()
-    if text.isdigit():
-        text = f"cuda:{text}"
-    match = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", text)
-    if match is None or (match.group(1) != "cuda" and match.group(2) not in (None, "0")):
-        raise QkcoreError(f"{key}: {device_map!r} is not a device; use {_DEVICE_FORMS}")
-    kind, index = match.group(1), match.group(2)
+    kind, index = parsed
     if kind == "cpu":
         return torch.device("cpu")
     if kind == "mps":
@@ -284,6 +273,8 @@ def load_architecture(model_cfg: ModelConfig) -> Any:
     else:
         name = model_cfg.name
         local = source_kind(name, "model.name") == "local"
+        if not local:
+            check_hub_repo(name, model_cfg.revision, "model.name")
         if local and not (Path(os.path.expanduser(name)) / "config.json").is_file():
             raise QkcoreError(f"model.name: the model directory {Path(name).resolve()} has no config.json")
         revision = model_cfg.revision if local else pinned_revision(name, model_cfg.revision)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from qkcore.errors import QkcoreError
 from qkcore.sources.gguf import gguf_path, load_error, locate_gguf, require_gguf_support
-from qkcore.sources.locations import file_sha256, files_sha256, hub_commit, pinned_revision, source_kind
+from qkcore.sources.locations import check_hub_repo, file_sha256, files_sha256, hub_commit, pinned_revision, source_kind
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from qkcore.config import ModelConfig, TokenizerConfig
@@ -66,7 +66,11 @@ def load_tokenizer(tokenizer_cfg: TokenizerConfig, model_cfg: ModelConfig) -> An
     elif not name:
         raise QkcoreError("tokenizer.name: required when the model is built from model.config")
     else:
-        local = source_kind(name, "tokenizer.name") == "local"
+        # The model's name when the tokenizer is the model's: that is the key the user wrote.
+        key = "model.name" if name == model_cfg.name and model_cfg.config is None else "tokenizer.name"
+        local = source_kind(name, key) == "local"
+        if not local:
+            check_hub_repo(name, tokenizer_cfg.revision, key)
         # The tokenizer may live in another repo than the model (e.g. checkpoint branches):
         # only its own revision applies, never model.revision.
         revision = tokenizer_cfg.revision if local else pinned_revision(name, tokenizer_cfg.revision)

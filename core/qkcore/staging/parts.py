@@ -21,8 +21,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from qkcore.layout import TOKEN_COLUMN
-from qkcore.staging.rows import Key, Rows, gather, key_at, row_bytes, sorted_columns
+from qkcore.layout import TOKEN_COLUMN, row_bytes
+from qkcore.staging.rows import Key, Rows, gather, key_at, sorted_columns
 
 _INDEX_KEY = b"qkcore.index"
 _ID64 = "_example_id64"  # kept in parts only: the final sort needs the full id

@@ -124,11 +124,6 @@ def gather(parts: Sequence[np.ndarray], index: np.ndarray, head_dim: int) -> np.
     return out
 
 
-def row_bytes(head_dim: int) -> int:
-    """Bytes of one row in memory (id64 + position + bucket + vector)."""
-    return 16 + 4 * head_dim
-
-
 def to_int32(values: np.ndarray, what: str) -> np.ndarray:
     """Checked int64 -> int32 conversion; never wrap silently."""
     values = np.asarray(values)

@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from qkcore import hookimpl
-from qkcore.layers import AttentionLayer, RopeSite, text_decoder
+from qkcore.layers import AttentionLayer, RopeSite, rope_sources, text_decoder
 
 if TYPE_CHECKING:  # pragma: no cover - typing only (keep imports light: plugins load for `qkcore --help`)
     from torch import nn
@@ -60,8 +60,9 @@ def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer], plan: Capt
         if plan.pre_rope
         else "after rotary embedding; pre-RoPE rows are the norms' outputs."
     )
+    norms = rope_sources(layers, plan.rope_sites)  # the sources qkcore_locate_rope above declares
     notes = [
-        f"Gemma 3: Q/K are the per-head RMS-normalised (q_norm/k_norm) query/key states {stage}",
+        f"Gemma 3: Q/K are the per-head RMS-normalised ({norms}) query/key states {stage}",
         f"Attention logits are q·k * query_pre_attn_scalar^-0.5 (query_pre_attn_scalar = "
         f"{config.query_pre_attn_scalar}), not head_dim^-0.5; the rows are unscaled.",
     ]

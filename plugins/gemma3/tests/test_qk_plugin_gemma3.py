@@ -4,9 +4,11 @@ Layers alternate sliding (window 8, shorter than every document) and full
 attention; logits are scaled by ``query_pre_attn_scalar ** -0.5``; q/k pass a
 per-head RMS norm before RoPE, so pre-RoPE rows are the norms' outputs.
 
-The oracle (:func:`qkcore.testing.assert_rows_match_eager`) recomputes attention
+The oracle (:meth:`qkcore.testing.EagerReference.check`) recomputes attention
 from the written rows and compares it with the same random model's eager attention.
 Run with ``pytest plugins/gemma3/tests`` (or ``pytest`` in this package's folder).
+The fixtures ``qk_eager_reference``, ``qk_capture`` and ``qk_sniff`` come from the
+kit's pytest plugin, loaded by ``pytest_plugins`` below.
 """
 
 from __future__ import annotations
@@ -17,16 +19,15 @@ import torch
 import qk_plugin_gemma3
 from qkcore.plugins import list_plugins, make_plugin_manager
 from qkcore.testing import (
-    assert_rows_match_eager,
     card_notes,
-    eager_reference,
     expected_sampled_configs,
     post_rope_claims,
     read_rows,
     single_torch_thread,
     sliding_window_values,
-    sniff,
 )
+
+pytest_plugins = ["qkcore.testing"]
 
 HEAD_DIM, N_Q, N_KV, WINDOW, QUERY_PRE_ATTN_SCALAR = 16, 4, 2, 8, 24
 
@@ -65,28 +66,10 @@ GEMMA3 = {
 }
 
 
-def _scaling(layer: int) -> float:
-    return QUERY_PRE_ATTN_SCALAR**-0.5
-
-
-def _key_head(q: int) -> int:
-    return q // (N_Q // N_KV)
-
-
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     with single_torch_thread():
         yield
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return eager_reference(tmp_path_factory.mktemp("gemma3-ref"), GEMMA3_TEXT)
-
-
-@pytest.fixture(scope="module")
-def post(tmp_path_factory):
-    return sniff(tmp_path_factory.mktemp("gemma3-post"), GEMMA3_TEXT)
 
 
 def test_the_installed_plugin_claims_both_model_types() -> None:
@@ -96,21 +79,25 @@ def test_the_installed_plugin_claims_both_model_types() -> None:
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-def test_rows_reproduce_eager_attention(reference, post, tmp_path, attn_implementation) -> None:
-    result = post if attn_implementation == "sdpa" else sniff(
-        tmp_path, GEMMA3_TEXT, model={"attn_implementation": attn_implementation}
+def test_rows_reproduce_eager_attention(qk_eager_reference, qk_capture, qk_sniff, attn_implementation) -> None:
+    reference = qk_eager_reference(GEMMA3_TEXT)
+    result = qk_capture(GEMMA3_TEXT) if attn_implementation == "sdpa" else qk_sniff(
+        GEMMA3_TEXT, model={"attn_implementation": attn_implementation}
     )
     assert len(result.rows) == GEMMA3_TEXT["num_hidden_layers"] * (N_Q + N_KV)
-    checked = assert_rows_match_eager(result.data_root, reference.attentions, scaling=_scaling, key_head=_key_head)
+    # Logits are scaled by query_pre_attn_scalar ** -0.5, the modules' own scaling that check() uses.
+    assert {layer.module.scaling for layer in reference.layers} == {QUERY_PRE_ATTN_SCALAR**-0.5}
+    checked = reference.check(result.data_root)
     assert checked == GEMMA3_TEXT["num_hidden_layers"] * N_Q * len(reference.attentions)
     for name in result.rows:
         assert sliding_window_values(result.data_root, name) == {WINDOWS[int(name[1:3])]}, name
 
 
-def test_pre_rope_rows_are_normed_and_rotate_into_post_rope_rows(reference, post, tmp_path) -> None:
+def test_pre_rope_rows_are_normed_and_rotate_into_post_rope_rows(qk_eager_reference, qk_capture, qk_sniff) -> None:
     from transformers.models.gemma3.modeling_gemma3 import apply_rotary_pos_emb
 
-    pre = sniff(tmp_path, GEMMA3_TEXT, capture={"capture_pre_rope": True})
+    reference, post = qk_eager_reference(GEMMA3_TEXT), qk_capture(GEMMA3_TEXT)
+    pre = qk_sniff(GEMMA3_TEXT, capture={"capture_pre_rope": True})
     assert set(pre.rows) == set(post.rows)
     example_id = "doc-b"
     length = reference.inputs[example_id].shape[1]
@@ -131,48 +118,46 @@ def test_pre_rope_rows_are_normed_and_rotate_into_post_rope_rows(reference, post
             torch.testing.assert_close(rotated[0, 0], post_t, atol=1e-5, rtol=1e-5, msg=name)
 
 
-def test_full_attention_only_drops_exactly_the_sliding_layers(tmp_path) -> None:
-    result = sniff(tmp_path, GEMMA3_TEXT, capture={"full_attention_only": True, "sampler": {"type": "uniform"}})
+def test_full_attention_only_drops_exactly_the_sliding_layers(qk_sniff) -> None:
+    result = qk_sniff(GEMMA3_TEXT, capture={"full_attention_only": True, "sampler": {"type": "uniform"}})
     assert sorted(result.rows) == sorted([f"l01h{h:02d}q" for h in range(N_Q)] + [f"l01h{h:02d}k" for h in range(N_KV)])
     for name in result.rows:
         assert sliding_window_values(result.data_root, name) == {None}
 
 
-def test_head_sampling_follows_gqa(tmp_path) -> None:
+def test_head_sampling_follows_gqa(qk_sniff) -> None:
     capture = {"head_sampling": {"count": 3, "seed": 1}, "sampler": {"type": "uniform"}}
-    result = sniff(tmp_path, GEMMA3_TEXT, capture=capture)
+    result = qk_sniff(GEMMA3_TEXT, capture=capture)
     assert sorted(result.rows) == expected_sampled_configs([0, 1, 2], N_Q, N_KV, count=3, seed=1)
 
 
-def test_softcapping_matches_what_the_model_applies(tmp_path_factory, reference, tmp_path) -> None:
+def test_softcapping_matches_what_the_model_applies(qk_eager_reference, qk_sniff) -> None:
     capped = {**GEMMA3_TEXT, "attn_logit_softcapping": 2.0}
-    capped_reference = eager_reference(tmp_path_factory.mktemp("gemma3-capped-ref"), capped)
+    reference, capped_reference = qk_eager_reference(GEMMA3_TEXT), qk_eager_reference(capped)
     # Does this transformers cap Gemma 3's attention logits? (5.23 does not pass the cap to the kernel.)
     applied = any(
         not torch.allclose(a, b)
         for example_id in reference.attentions
         for a, b in zip(reference.attentions[example_id], capped_reference.attentions[example_id])
     )
-    result = sniff(tmp_path, capped, model={"attn_implementation": "eager"})
-    assert_rows_match_eager(
-        result.data_root, capped_reference.attentions, scaling=_scaling, key_head=_key_head,
-        softcap=2.0 if applied else None,
-    )
+    result = qk_sniff(capped, model={"attn_implementation": "eager"})
+    capped_reference.check(result.data_root, softcap=2.0 if applied else None)
     assert "attn_logit_softcapping = 2.0" in (result.data_root / "README.md").read_text()
 
 
-def test_vision_language_wrapper_captures_its_text_decoder(tmp_path_factory, tmp_path) -> None:
+def test_vision_language_wrapper_captures_its_text_decoder(qk_eager_reference, qk_sniff) -> None:
     from transformers import Gemma3ForConditionalGeneration
 
-    reference = eager_reference(tmp_path_factory.mktemp("gemma3-vlm-ref"), GEMMA3)
+    reference = qk_eager_reference(GEMMA3)
     assert isinstance(reference.model, Gemma3ForConditionalGeneration)
     assert reference.backbone is reference.model.model.language_model
-    result = sniff(tmp_path, GEMMA3)
-    checked = assert_rows_match_eager(result.data_root, reference.attentions, scaling=_scaling, key_head=_key_head)
+    result = qk_sniff(GEMMA3)
+    checked = reference.check(result.data_root)
     assert checked == 2 * N_Q * len(reference.attentions)
 
 
-def test_card_notes_of_a_pre_rope_run_make_no_post_rope_claim(reference) -> None:
+def test_card_notes_of_a_pre_rope_run_make_no_post_rope_claim(qk_eager_reference) -> None:
+    reference = qk_eager_reference(GEMMA3_TEXT)
     pre = card_notes(reference.model, reference.family, pre_rope=True)
     assert pre and post_rope_claims(pre) == []
     assert "Q/K are the per-head RMS-normalised (q_norm/k_norm) query/key states before rotary embedding" in pre[0]

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from qkcore import hookimpl
-from qkcore.layers import AttentionLayer
+from qkcore.layers import AttentionLayer, rope_sources
 
 if TYPE_CHECKING:  # pragma: no cover - typing only (keep imports light: plugins load for `qkcore --help`)
     from torch import nn
@@ -41,16 +41,17 @@ def qkcore_model_types() -> list[str]:
 def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer], plan: CapturePlan) -> list[str]:
     head_dim = layers[0].head_dim if layers else 0
     dims = rotary_dim(model)
+    sources = rope_sources(layers, plan.rope_sites)  # the generic RoPE site: the projections
     if plan.pre_rope:
         rows = (
             f"GLM partial rotary: RoPE rotates only the first {dims} of {head_dim} dims of each Q/K head "
-            f"(interleaved pairs); these pre-RoPE rows are the q_proj/k_proj outputs, unrotated in every dim "
+            f"(interleaved pairs); these pre-RoPE rows are the {sources} outputs, unrotated in every dim "
             f"(dims {dims}-{head_dim - 1} are never rotated)."
         )
     else:
         rows = (
             f"GLM partial rotary: only the first {dims} of {head_dim} dims of each Q/K head are rotated "
-            f"(interleaved pairs); dims {dims}-{head_dim - 1} are the unrotated q_proj/k_proj outputs "
+            f"(interleaved pairs); dims {dims}-{head_dim - 1} are the unrotated {sources} outputs "
             "(identical in pre- and post-RoPE captures)."
         )
     return [f"{rows} All layers are full attention."]

@@ -25,7 +25,7 @@ What differs from Llama:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from qkcore import hookimpl
 from qkcore.layers import AttentionLayer, rope_stage
@@ -33,6 +33,7 @@ from qkcore.layers import AttentionLayer, rope_stage
 if TYPE_CHECKING:  # pragma: no cover - typing only (keep imports light: plugins load for `qkcore --help`)
     import torch
     from torch import nn
+    from transformers import PretrainedConfig
 
     from qkcore.capture import CapturePlan
 
@@ -48,7 +49,7 @@ def qkcore_model_types() -> list[str]:
 
 
 @hookimpl
-def qkcore_model_class(config: Any) -> type | None:
+def qkcore_model_class(config: PretrainedConfig) -> type | None:
     # The Ministral 3 hub checkpoints are `mistral3` (vision + text), which AutoModelForCausalLM
     # does not know; the image-text-to-text auto class resolves it to Mistral3ForConditionalGeneration,
     # whose layout the checkpoint's weight names map to. (An auto class, not the concrete one: the

@@ -14,7 +14,7 @@ store ``language_model.model.*`` / ``language_model.lm_head`` next to
 ``vision_model.*``; ``MllamaForCausalLM``'s ``base_model_prefix``
 (``"language_model"``) strips that prefix, so every text weight loads and the
 vision weights (~0.9B parameters, never run here) are skipped instead of occupying
-the accelerator (``tests/families/test_mllama.py`` checks this on a checkpoint
+the accelerator (``tests/integration/families/test_mllama.py`` checks this on a checkpoint
 written in the hub's layout).
 
 The capture runs text only: ``MllamaTextModel`` skips cross-attention layers when

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from qkcore import hookimpl
+from qkcore.layers import AttentionLayer, rope_sources
 
 if TYPE_CHECKING:  # pragma: no cover - typing only (keep imports light: plugins load for `qkcore --help`)
     from torch import nn
@@ -32,13 +33,15 @@ def qkcore_model_types() -> list[str]:
 
 
 @hookimpl
-def qkcore_card_notes(model: nn.Module, plan: CapturePlan) -> list[str]:
+def qkcore_card_notes(model: nn.Module, layers: list[AttentionLayer], plan: CapturePlan) -> list[str]:
+    # The norms' names come from the RoPE site the run declared, not from this text.
+    norms = rope_sources(layers, plan.rope_sites)
     rows = (
-        "these pre-RoPE rows are the q_norm/k_norm outputs."
+        f"these pre-RoPE rows are the {norms} outputs."
         if plan.pre_rope
-        else "post-RoPE rows are post-norm. Pre-RoPE capture records the q_norm/k_norm outputs."
+        else f"post-RoPE rows are post-norm. Pre-RoPE capture records the {norms} outputs."
     )
-    notes = [f"Qwen3: Q/K are RMS-normalised per head (q_norm/k_norm) before RoPE; {rows}"]
+    notes = [f"Qwen3: Q/K are RMS-normalised per head ({norms}) before RoPE; {rows}"]
     rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
     rope_type = getattr(rotary, "rope_type", "default")
     if rotary is not None and rope_type != "default":
