@@ -19,7 +19,7 @@ Per device, for ``inference.tensor_parallel_size`` = K (:func:`device_memory`):
   the captured heads on the busiest rank x head_dim, plus the row indices. On the CPU
   (device = host) the host copy doubles them.
 
-Checked against the measured peak of tiny models on the CPU (``tests/test_plan_memory.py``).
+Checked against the measured peak of tiny models on the CPU (``tests/integration/test_plan_memory.py``).
 """
 
 from __future__ import annotations

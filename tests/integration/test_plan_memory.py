@@ -15,7 +15,7 @@ from qkcore.config import load_config
 from qkcore.plan_memory import command, memory_plan, parse_size
 from qkcore.testing import tiny_architecture
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 #: Large enough that weights and activations dwarf the allocator's noise (tens of MB).
 MEASURED = tiny_architecture("llama", hidden_size=512, intermediate_size=2048, num_hidden_layers=4, head_dim=64)
 

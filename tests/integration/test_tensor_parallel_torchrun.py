@@ -37,7 +37,7 @@ from qkcore.writer import JOURNAL_FILE
 
 pytestmark = pytest.mark.slow  # torchrun launches
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FP32_TOLERANCE = 1e-5
 BF16_TOLERANCE = 4 * 2.0**-7
 
