@@ -40,6 +40,12 @@ class CapturePlan:
     head_selection: str = ""
     #: Set when the original sniff-qk would pick other heads for this config: how to reproduce its heads.
     head_selection_note: str | None = None
+    #: issue 19 (tensor parallelism, :func:`qkcore.tensor_parallel.shard_plan`): per (layer, kind), where each
+    #: captured head sits in the tensor the kernel receives on this rank (default: at its own index) ...
+    tensor_heads: dict[tuple[int, str], list[int]] = field(default_factory=dict)
+    #: ... and the head that seeds the per-document row cap (default: the first captured head): the
+    #: one-process plan's, so every rank draws the masks one device draws.
+    cap_head: dict[tuple[int, str], int] = field(default_factory=dict)
     #: Every attention layer of the model (the family's ``qkcore_attention_layers``, asked once), captured or not.
     all_layers: list[AttentionLayer] = field(default_factory=list)
     #: Layers that pass the filters and may be captured (not cross-attention), whether or not a head was picked.
@@ -93,7 +99,9 @@ class CaptureSession:
         self.max_rows = max_rows
         self.token_strings = token_strings
         self._layer_by_module = {id(layer.module): layer for layer in plan.layers.values()}
-        self._head_tensors = {key: torch.tensor(heads, dtype=torch.long) for key, heads in plan.heads.items()}
+        self._head_tensors = {
+            key: torch.tensor(plan.tensor_heads.get(key, heads), dtype=torch.long) for key, heads in plan.heads.items()
+        }
         self._selections: dict[tuple[int, str], _Selection] = {}
         self._pending: dict[tuple[int, str], torch.Tensor] = {}
         self._active = False
@@ -120,7 +128,7 @@ class CaptureSession:
             batch_parts, pos_parts, id_parts, token_parts = [], [], [], []
             for b, (example_id, length) in enumerate(zip(example_ids, lengths)):
                 kept = keep_indices(self.sampler, length, example_id, layer, kind)
-                kept = cap_rows(kept, self.max_rows, example_id, layer, kind, heads[0])
+                kept = cap_rows(kept, self.max_rows, example_id, layer, kind, self.plan.cap_head.get((layer, kind), heads[0]))
                 batch_parts.append(torch.full_like(kept, b))
                 pos_parts.append(kept)
                 id_parts.append(np.full(kept.numel(), example_id, dtype=np.int64))

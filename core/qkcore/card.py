@@ -318,6 +318,7 @@ def _body(
 _PRECISION_WORDS = {
     "requested_dtype": "model.dtype", "dtype": "ran in", "attn_implementation": "attention", "device": "device",
     "autocast": "autocast", "batch_size": "batch size",
+    "tensor_parallel_size": "tensor parallel size", "world_size": "torchrun processes",  # issue 19
 }
 
 

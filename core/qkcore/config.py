@@ -296,6 +296,8 @@ class InferenceConfig(_Section):
     """Forward-pass settings."""
 
     batch_size: int = Field(default=1, ge=1)
+    #: issue 19: ranks of a torchrun run that split each attention layer's heads (qkcore.tensor_parallel).
+    tensor_parallel_size: int = Field(default=1, ge=1)
     autocast_dtype: str = "float16"
     debug_logging: bool = False
     debug_log_every_n_batches: int | None = Field(default=None, ge=1)

@@ -27,6 +27,14 @@ class Ranks:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    #: issue 19: ranks per tensor-parallel group (``inference.tensor_parallel_size``); groups of
+    #: consecutive ranks run the same batches, see :mod:`qkcore.tensor_parallel`.
+    tensor_parallel_size: int = 1
+
+    @property
+    def group(self) -> int:
+        """This rank's tensor-parallel group (its rank with tensor parallelism off)."""
+        return self.rank // self.tensor_parallel_size
 
     @property
     def distributed(self) -> bool:
@@ -37,8 +45,8 @@ class Ranks:
         return self.rank == 0
 
     def owns(self, document_index: int, batch_size: int) -> bool:
-        """Whether this rank captures the document at ``document_index`` (it owns that document's whole batch)."""
-        return batch_of(document_index, batch_size) % self.world_size == self.rank
+        """Whether this rank captures the document at ``document_index`` (its group owns that document's whole batch)."""
+        return batch_of(document_index, batch_size) % (self.world_size // self.tensor_parallel_size) == self.group
 
     def broadcast(self, value: Any) -> Any:
         """Rank 0's ``value`` (picklable), on every rank."""

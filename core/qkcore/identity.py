@@ -44,6 +44,8 @@ def run_identity(
     """The identity of the run ``cfg`` describes, given the fingerprints of its inputs."""
     settings = config_to_dict(cfg)
     inference: dict[str, Any] = {"batch_size": settings["inference"]["batch_size"]}
+    if settings["inference"].get("tensor_parallel_size", 1) > 1:  # issue 19; absent at 1: earlier run keys stand
+        inference["tensor_parallel_size"] = settings["inference"]["tensor_parallel_size"]
     if autocast_applies(device_type):
         inference["autocast_dtype"] = settings["inference"]["autocast_dtype"]
     return {

@@ -31,6 +31,7 @@ from typing import Any, Callable, TypeVar
 import pluggy
 import structlog
 
+from qkcore import tensor_parallel
 from qkcore.actions.capture import capture
 from qkcore.actions.complete import already_complete
 from qkcore.actions.context import RunContext
@@ -74,6 +75,7 @@ def run_sniff(
     ranks = init_ranks()
     structlog.contextvars.bind_contextvars(rank=ranks.rank)
     try:
+        ranks = tensor_parallel.with_groups(ranks, cfg)  # issue 19: K checked before anything else
         pm = pm or make_plugin_manager()
         sampler = check_config(cfg, pm)  # before the data root is touched
         root = open_output(cfg.output)

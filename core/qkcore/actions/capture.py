@@ -11,6 +11,7 @@ import shutil
 
 import structlog
 
+from qkcore import tensor_parallel
 from qkcore.actions.context import RunContext
 from qkcore.estimate import estimate_disk
 from qkcore.root_policy import Decision
@@ -26,7 +27,7 @@ log = structlog.get_logger(__name__)
 def capture(ctx: RunContext, inputs: RunInputs, decision: Decision, merged: bool) -> SniffResult:
     """Capture the run (or resume it); ``merged``: rank 0 merged the torchrun ranks before a crash."""
     ranks, root = ctx.ranks, ctx.root
-    sniffer = Sniffer(inputs, load_weights(inputs), ranks)
+    sniffer = Sniffer(inputs, load_weights(inputs, ranks), ranks)
     ctx.mark("loaded")
     if ranks.is_main:
         check_disk(ctx, sniffer)
@@ -42,7 +43,7 @@ def capture(ctx: RunContext, inputs: RunInputs, decision: Decision, merged: bool
             return ctx.share_result(state, "captured")
         writer, state = merge_ranks(
             ctx.cfg, root.staging_dir, [root.rank_staging(rank) for rank in range(ranks.world_size)], root.ranks_dir,
-            [RunState.from_json(share) for share in shares], fresh,
+            tensor_parallel.group_leaders([RunState.from_json(share) for share in shares], ranks), fresh,  # issue 19
         )
     else:
         writer, state = capture_unit(sniffer, root.staging_dir, fresh, whole_run=True)

@@ -73,6 +73,10 @@ def _plan_options() -> list[click.Parameter]:
         click.Option(["--sample"], type=click.IntRange(min=1), default=LENGTH_SAMPLE, metavar="N",
                      help="local dataset: tokenise at most N documents, evenly spaced, to measure lengths "
                           f"(default {LENGTH_SAMPLE})"),
+        # issue 19: the smallest inference.tensor_parallel_size whose devices hold the run
+        click.Option(["--gpu-memory"], default=None, metavar="SIZE",
+                     help="memory of one device (e.g. 80GiB): say the smallest tensor_parallel_size that fits "
+                          "and the command to run it"),
     ]
 
 
@@ -80,13 +84,18 @@ def _plan_options() -> list[click.Parameter]:
 @config_options
 @click.pass_obj
 def plan(pm: pluggy.PluginManager, config: str, overrides: tuple[str, ...], documents: int | None,
-         lengths: list[int] | None, sample: int) -> None:
+         lengths: list[int] | None, sample: int, gpu_memory: str | None) -> None:
     """What a config would capture and cost; no weights loaded.
 
     Layers, heads, expected rows per config, disk, free disk needed while writing,
-    and a GPU-time estimate.
+    a GPU-time estimate, and the memory per device (for each tensor-parallel size).
     """
+    from qkcore.plan_memory import parse_size  # issue 19
+
     cfg = load_run_config(config, overrides)  # before qkcore.estimate imports torch
+    device_bytes = parse_size(gpu_memory) if gpu_memory is not None else None  # a bad size: before any work
     from qkcore.estimate import format_plan, make_plan
+    from qkcore.plan_memory import format_memory, memory_plan  # issue 19
 
     click.echo(format_plan(make_plan(cfg, pm, documents=documents, lengths=lengths, sample=sample)))
+    click.echo("\n" + format_memory(memory_plan(cfg, pm, device_bytes)))  # issue 19

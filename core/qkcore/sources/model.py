@@ -340,8 +340,14 @@ def _check_safetensors(path: Path) -> None:
         raise QkcoreError(f"model.name: {path} is truncated or corrupt ({exc}); copy or download it again") from exc
 
 
-def load_model(model_cfg: ModelConfig, config: Any, model_class: Any, dtype: Any, device: torch.device) -> torch.nn.Module:
+def load_model(
+    model_cfg: ModelConfig, config: Any, model_class: Any, dtype: Any, device: torch.device,
+    extra: dict[str, Any] | None = None,
+) -> torch.nn.Module:
     """Return ``model_class`` for ``config`` in eval mode on ``device``.
+
+    ``extra``: more ``from_pretrained`` arguments for a checkpoint (tensor parallelism's
+    ``distributed_config``, see :func:`qkcore.tensor_parallel.group_mesh`).
 
     ``model.config`` set: random weights seeded by ``init_seed``, never
     downloaded. ``model.gguf_file`` set: the GGUF's weights, dequantized.
@@ -379,6 +385,7 @@ def load_model(model_cfg: ModelConfig, config: Any, model_class: Any, dtype: Any
                 dtype=torch_dtype if torch_dtype is not None else "auto",
                 attn_implementation=attn,
                 trust_remote_code=model_cfg.trust_remote_code,
+                **(extra or {}),  # issue 19
             )
         except Exception as exc:
             if type(exc).__name__ == "SafetensorError":  # a cached Hub file cut short

@@ -21,6 +21,7 @@ import structlog
 import torch
 from tqdm.auto import tqdm
 
+from qkcore import tensor_parallel
 from qkcore.autocast import autocast_dtype
 from qkcore.background import BackgroundWriter
 from qkcore.batching import Batch, tokenize_batches
@@ -57,8 +58,13 @@ class Sniffer:
         self.plan = plan_capture(self.model, self.family, cfg, installed_summary(inputs.pm))
         self.backbone = self.family.hooks.qkcore_backbone(model=self.model)
         self.model_name = cfg.model.name or f"random-{self.family.model_type}"
+        # issue 19: the card describes the whole plan; this rank captures the heads it holds.
+        captured = (
+            tensor_parallel.shard_plan(self.plan, self.family, self.ranks)
+            if self.ranks.tensor_parallel_size > 1 else self.plan
+        )
         self.session = CaptureSession(
-            self.plan, self.sampler, postprocess_query=self._postprocess,
+            captured, self.sampler, postprocess_query=self._postprocess,
             max_rows=cfg.capture.max_rows_per_batch,
             token_strings=self.tokenizer.convert_ids_to_tokens if cfg.capture.capture_token_strings else None,
         )
@@ -134,8 +140,11 @@ class Sniffer:
             self.backbone(input_ids=input_ids, use_cache=False)
         return self.session.end_batch()
 
-    def capture_documents(self, writer: DatasetWriter, progress: CaptureProgress) -> None:
+    def capture_documents(self, writer: DatasetWriter, progress: CaptureProgress, start: int | None = None) -> None:
         """Capture this rank's documents from ``progress.next_index`` on, committing progress as it goes.
+
+        ``start`` (tensor parallelism, issue 19): run the forwards from there, writing only the
+        batches from ``progress.next_index`` on (the group's ranks run every forward together).
 
         ``progress`` is updated batch by batch (after an error it says how far the capture
         got); the caller commits the last of it with its phase. On a terminal one progress
@@ -157,7 +166,12 @@ class Sniffer:
         warned: set[str] = set()
         try:
             with self.instrumented():
-                for count, (batch, selections) in enumerate(self.prepared_batches(start=progress.next_index), 1):
+                first = progress.next_index if start is None else min(start, progress.next_index)
+                for count, (batch, selections) in enumerate(self.prepared_batches(start=first), 1):
+                    if batch.next_index <= progress.next_index:  # issue 19: written already; the group needs the forward
+                        if batch.lengths:
+                            self.capture_batch(batch, selections)
+                        continue
                     if batch.lengths:  # a batch of empty texts has nothing to run
                         for chunk in self.capture_batch(batch, selections):
                             _warn_nonfinite(chunk, warned)
@@ -239,11 +253,13 @@ def capture_unit(sniffer: Sniffer, staging: Path, fresh: RunState, *, whole_run:
     state = resumed_state(writer) or fresh
     if writer.resumed_state is not None:
         log.info("resuming", documents_done=state.documents, next_index=state.next_index, phase=state.phase)
-    if state.phase != "capturing":
+    # issue 19: a tensor-parallel group resumes together (a collective; the run itself without TP)
+    start = tensor_parallel.group_start(sniffer.ranks, state.phase == "capturing", state.next_index)
+    if start is None:
         return writer, state
     progress = CaptureProgress(state)
     try:
-        sniffer.capture_documents(writer, progress)
+        sniffer.capture_documents(writer, progress, start)
         state = progress.state()
         if whole_run:
             require_tokens(state)

@@ -15,7 +15,7 @@ from pathlib import Path
 import structlog
 import torch
 
-from qkcore import __version__
+from qkcore import __version__, tensor_parallel
 from qkcore.card import ModelEntry, render_card
 from qkcore.config import config_to_dict
 from qkcore.datafile import ConfigStats
@@ -110,6 +110,7 @@ def model_entry(sniffer: Sniffer, state: RunState, stats: dict[str, ConfigStats]
             "device": sniffer.device.type,
             "autocast": None if sniffer.autocast_dtype is None else str(sniffer.autocast_dtype).removeprefix("torch."),
             "batch_size": cfg.inference.batch_size,
+            **tensor_parallel.card_fields(sniffer.ranks),  # issue 19
         },
         tokenizer={
             "name": cfg.tokenizer.name or cfg.model.name,

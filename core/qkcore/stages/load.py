@@ -16,6 +16,7 @@ from typing import Any
 import pluggy
 import torch
 
+from qkcore import tensor_parallel
 from qkcore.config import ConfigError, SniffConfig, resolve_dtype
 from qkcore.distributed import Ranks
 from qkcore.fsutil import write_text_durably
@@ -87,6 +88,7 @@ def load_inputs(
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
     architecture = load_architecture(cfg.model)
     family = resolve_family(pm, architecture.model_type)
+    tensor_parallel.check_architecture(cfg, architecture, family.model_type)  # issue 19: before any weights load
     identity = run_identity(
         cfg,
         dataset=dataset_fingerprint(cfg.dataset),
@@ -97,11 +99,18 @@ def load_inputs(
     return RunInputs(cfg, pm, sampler, device, data, documents, tokenizer, architecture, family, RunIdentity.of(identity))
 
 
-def load_weights(inputs: RunInputs) -> torch.nn.Module:
-    """The model with its weights, on the run's device, in the configured dtype (the slow step of a capture)."""
+def load_weights(inputs: RunInputs, ranks: Ranks | None = None) -> torch.nn.Module:
+    """The model with its weights, on the run's device, in the configured dtype (the slow step of a capture).
+
+    Under tensor parallelism (issue 19) the model is split by heads over ``ranks``' group.
+    """
     model_class = inputs.family.hooks.qkcore_model_class(config=inputs.architecture)
     cfg = inputs.cfg
-    return load_model(cfg.model, inputs.architecture, model_class, resolve_dtype(cfg.model.dtype), inputs.device)
+    dtype = resolve_dtype(cfg.model.dtype)
+    if ranks is not None and ranks.tensor_parallel_size > 1:  # issue 19
+        with tensor_parallel.group_mesh(ranks, inputs.device) as extra:
+            return load_model(cfg.model, inputs.architecture, model_class, dtype, inputs.device, extra)
+    return load_model(cfg.model, inputs.architecture, model_class, dtype, inputs.device)
 
 
 class HashCache:
