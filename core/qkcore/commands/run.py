@@ -90,12 +90,11 @@ def plan(pm: pluggy.PluginManager, config: str, overrides: tuple[str, ...], docu
     Layers, heads, expected rows per config, disk, free disk needed while writing,
     a GPU-time estimate, and the memory per device (for each tensor-parallel size).
     """
-    from qkcore.plan_memory import parse_size  # issue 19
-
-    cfg = load_run_config(config, overrides)  # before qkcore.estimate imports torch
+    cfg = load_run_config(config, overrides)  # before plan_memory and estimate import torch
+    from qkcore.plan_memory import parse_size
     device_bytes = parse_size(gpu_memory) if gpu_memory is not None else None  # a bad size: before any work
     from qkcore.estimate import format_plan, make_plan
-    from qkcore.plan_memory import format_memory, memory_plan  # issue 19
+    from qkcore.plan_memory import format_memory, memory_plan
 
     click.echo(format_plan(make_plan(cfg, pm, documents=documents, lengths=lengths, sample=sample)))
-    click.echo("\n" + format_memory(memory_plan(cfg, pm, device_bytes)))  # issue 19
+    click.echo("\n" + format_memory(memory_plan(cfg, pm, device_bytes)))
