@@ -32,6 +32,7 @@ import getpass
 import json
 import os
 import socket
+import uuid
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -127,11 +128,19 @@ class LocalDataRoot:
             path = path.parent
 
     @contextmanager
-    def locked(self, command: str) -> Iterator[None]:
-        """Hold the data root's exclusive lock; a second process fails at once, naming the holder."""
+    def locked(self, command: str, *, held: str | None = None) -> Iterator[str]:
+        """Hold the data root's exclusive lock; a second process fails at once, naming the holder.
+
+        Yields the lock's token (kept in ``lock.json``). With ``held=TOKEN`` this process
+        takes no lock: it checks that the lock is held, by another live process, under
+        ``TOKEN`` (the ``qkcore sweep`` that started this task).
+        """
         from filelock import FileLock, Timeout
 
         lock = FileLock(str(self.state_dir / _LOCK_FILE), timeout=0)
+        if held is not None:
+            yield self._check_held(lock, held)
+            return
         try:
             lock.acquire()
         except Timeout:
@@ -139,18 +148,44 @@ class LocalDataRoot:
         except OSError as exc:
             raise QkcoreError(f"output.data_root: cannot lock {self.path}: {exc.strerror or exc}") from None
         try:
+            token = uuid.uuid4().hex
             holder = {
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
                 "user": _user(),
                 "since": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "command": command,
+                "token": token,
             }
             (self.state_dir / _HOLDER_FILE).write_text(json.dumps(holder), encoding="utf-8")
-            yield
+            yield token
         finally:
             (self.state_dir / _HOLDER_FILE).unlink(missing_ok=True)
             lock.release()
+
+    def _check_held(self, lock: object, token: str) -> str:
+        """``token`` if the lock is held under it by a live process, else one line saying who holds it (or that nobody does)."""
+        from filelock import Timeout
+
+        try:
+            lock.acquire()  # type: ignore[attr-defined]
+        except Timeout:  # held: by whom?
+            try:
+                holder = json.loads((self.state_dir / _HOLDER_FILE).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                holder = {}
+            if holder.get("token") == token:
+                return token
+            raise QkcoreError(
+                f"output.data_root: {self.path} is in use by {self._holder()}, not by the sweep that started this task"
+            ) from None
+        except OSError as exc:
+            raise QkcoreError(f"output.data_root: cannot lock {self.path}: {exc.strerror or exc}") from None
+        lock.release()  # type: ignore[attr-defined]
+        raise QkcoreError(
+            f"output.data_root: {self.path} is no longer held by the sweep that started this task (it ended); "
+            "run the sweep again, it resumes from the last commit"
+        )
 
     def _holder(self) -> str:
         try:
@@ -256,6 +291,12 @@ class LocalDataRoot:
     def local_copy(self) -> Iterator[Path]:
         """The data root itself: its files are local already."""
         yield self.path
+
+    def save_staged(self, rank: int) -> None:
+        """Nothing: the staging folder is where every process on this machine sees it."""
+
+    def load_staged(self, rank: int) -> None:
+        """Nothing: the staging folder is already here."""
 
     def discard_work(self) -> None:
         """Remove staged and finished-but-unpublished work (staging, final, ranks); published files stay."""

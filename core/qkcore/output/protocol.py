@@ -30,7 +30,8 @@ class DataRoot(Protocol):
 
     **Work folders stay local**: :attr:`staging_dir` (spill parts and journal of the
     capture in progress), :attr:`final_dir` (finished files waiting to be published)
-    and :meth:`rank_staging` (torchrun ranks' staging) are directories on this
+    and :meth:`rank_staging` (the staging of a torchrun rank, or of shard ``rank`` of a
+    ``qkcore sweep --shards K`` run) are directories on this
     machine, under :attr:`work_dir`, whatever the backend: the writer spills,
     hard-links and renames there, and :meth:`publish` takes new files from
     :attr:`final_dir`.
@@ -70,6 +71,22 @@ class DataRoot(Protocol):
         """Ranks whose staging exists."""
         ...
 
+    def save_staged(self, rank: int) -> None:
+        """Make rank ``rank``'s committed staging (its journal and the parts it names) visible to every machine.
+
+        Called after each commit of a unit that another machine may resume or merge (a
+        ``--shards`` task). A local root does nothing: its folder is where every process
+        sees it. A root on object storage uploads the new parts, then the journal.
+        """
+        ...
+
+    def load_staged(self, rank: int) -> None:
+        """Bring rank ``rank``'s committed staging to :meth:`rank_staging` on this machine (a local root: nothing).
+
+        Called before a ``--shards`` task resumes its shard and before the finalize merges them.
+        """
+        ...
+
     def discard_work(self) -> None:
         """Remove staged and finished-but-unpublished work (staging, final, ranks); published files stay."""
         ...
@@ -87,8 +104,14 @@ class DataRoot(Protocol):
         """Undo what :meth:`check_usable` created, if the run left nothing."""
         ...
 
-    def locked(self, command: str) -> AbstractContextManager[None]:
-        """Hold the data root's exclusive lock (``command`` names the holder); a second holder fails at once."""
+    def locked(self, command: str, *, held: str | None = None) -> AbstractContextManager[str]:
+        """Hold the data root's exclusive lock (``command`` names the holder); a second holder fails at once.
+
+        Yields the lock's token. With ``held=TOKEN`` the caller takes no lock of its own: it
+        checks that the root is held under ``TOKEN`` right now (a ``qkcore sweep`` holds the
+        lock of every root it runs, and its tasks, in other processes or on other machines,
+        run under it) and fails with one line naming the holder otherwise.
+        """
         ...
 
     # -- the published run ------------------------------------------------------
