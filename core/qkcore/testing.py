@@ -54,7 +54,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -408,10 +408,28 @@ def single_torch_thread() -> Iterator[None]:
 # ``pytest_plugins = ["qkcore.testing"]`` or ``pytest -p qkcore.testing`` (see the module docstring).
 
 
-def _cache_key(architecture: Architecture, texts: Corpus, pm: PluginManager | None, settings: dict[str, Any]) -> str:
-    """The arguments of a shared build, as a string (a plugin manager by identity)."""
-    return json.dumps([architecture, [list(text) for text in texts], id(pm) if pm is not None else None, settings],
-                      sort_keys=True, default=repr)
+R = TypeVar("R")
+
+
+def _shared(tmp_path_factory: pytest.TempPathFactory, prefix: str,
+            build: Callable[..., R]) -> Callable[..., R]:
+    """A session-wide factory around ``build(folder, architecture, *, texts, pm, **rest)``.
+
+    Calls with the same arguments (a plugin manager by identity) get the same result,
+    built once in a fresh folder named ``{prefix}-{model_type}``.
+    """
+    built: dict[str, R] = {}
+
+    def shared(architecture: Architecture, *, texts: Corpus = TEXTS, pm: PluginManager | None = None,
+               **rest: Any) -> R:
+        key = json.dumps([architecture, [list(text) for text in texts], id(pm) if pm is not None else None, rest],
+                         sort_keys=True, default=repr)
+        if key not in built:
+            folder = tmp_path_factory.mktemp(f"{prefix}-{architecture.get('model_type', 'model')}")
+            built[key] = build(folder, architecture, texts=texts, pm=pm, **rest)
+        return built[key]
+
+    return shared
 
 
 @pytest.fixture(scope="session")
@@ -420,17 +438,7 @@ def qk_eager_reference(tmp_path_factory: pytest.TempPathFactory) -> Callable[...
 
     Built once per session for the same arguments; every test that asks for it gets the same object.
     """
-    built: dict[str, EagerReference] = {}
-
-    def reference(architecture: Architecture, *, texts: Corpus = TEXTS, pm: PluginManager | None = None,
-                  **model: Any) -> EagerReference:
-        key = _cache_key(architecture, texts, pm, model)
-        if key not in built:
-            folder = tmp_path_factory.mktemp(f"eager-{architecture.get('model_type', 'model')}")
-            built[key] = eager_reference(folder, architecture, texts=texts, pm=pm, **model)
-        return built[key]
-
-    return reference
+    return _shared(tmp_path_factory, "eager", eager_reference)
 
 
 @pytest.fixture(scope="session")
@@ -440,17 +448,7 @@ def qk_capture(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., SniffR
     Run once per session for the same arguments; tests share the result, so read its
     data root and never change it (use ``qk_sniff`` for a run of the test's own).
     """
-    runs: dict[str, SniffResult] = {}
-
-    def capture(architecture: Architecture, *, texts: Corpus = TEXTS, pm: PluginManager | None = None,
-                **sections: Any) -> SniffResult:
-        key = _cache_key(architecture, texts, pm, sections)
-        if key not in runs:
-            folder = tmp_path_factory.mktemp(f"capture-{architecture.get('model_type', 'model')}")
-            runs[key] = sniff(folder, architecture, texts=texts, pm=pm, **sections)
-        return runs[key]
-
-    return capture
+    return _shared(tmp_path_factory, "capture", sniff)
 
 
 @pytest.fixture
