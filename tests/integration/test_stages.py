@@ -49,3 +49,17 @@ def test_sniff_warns_about_disk_exactly_when_plan_says_there_is_no_room(tiny_con
 
     assert not run_with(plan.disk_needed_bytes)  # the plan says there is room: the run agrees
     assert run_with(plan.disk_needed_bytes / 100)
+
+
+def test_a_rerun_of_a_complete_run_never_parses_the_tokenizer(tiny_config, monkeypatch) -> None:
+    """The identity needs the tokenizer's files, not the tokenizer (a GGUF's takes seconds to parse)."""
+    cfg = load_config(tiny_config())
+    assert run_sniff(cfg).action == "captured"
+
+    def no_parsing(*args, **kwargs):
+        raise AssertionError("the tokenizer was parsed")
+
+    monkeypatch.setattr("qkcore.stages.load.load_tokenizer", no_parsing)
+    assert run_sniff(cfg).action == "already complete"
+    with pytest.raises(AssertionError, match="tokenizer was parsed"):  # a capture parses it before the weights
+        load_weights(load_inputs(cfg, make_plugin_manager()))

@@ -66,8 +66,7 @@ def load_tokenizer(tokenizer_cfg: TokenizerConfig, model_cfg: ModelConfig) -> An
     elif not name:
         raise QkcoreError("tokenizer.name: required when the model is built from model.config")
     else:
-        # The model's name when the tokenizer is the model's: that is the key the user wrote.
-        key = "model.name" if name == model_cfg.name and model_cfg.config is None else "tokenizer.name"
+        key = _name_key(name, model_cfg)
         local = source_kind(name, key) == "local"
         if not local:
             check_hub_repo(name, tokenizer_cfg.revision, key)
@@ -101,7 +100,9 @@ def tokenizer_identity(tokenizer_cfg: TokenizerConfig, model_cfg: ModelConfig, h
         return {"source": "gguf", "file": path.name, "sha256": file_sha256(path, hash_cache)}
     if not name:
         raise QkcoreError("tokenizer.name: required when the model is built from model.config")
-    if source_kind(name, "tokenizer.name") == "hub":
+    key = _name_key(name, model_cfg)
+    if source_kind(name, key) == "hub":
+        check_hub_repo(name, tokenizer_cfg.revision, key)  # the error load_tokenizer gives, before it is ever called
         return {"source": "hub", "repo": name, "commit": hub_commit(name, tokenizer_cfg.revision, "tokenizer.revision")}
     folder = Path(os.path.expanduser(name))
     files = [f for f in _TOKENIZER_FILES if (folder / f).is_file()] + [p.name for p in folder.glob("*.tiktoken")]
@@ -110,3 +111,8 @@ def tokenizer_identity(tokenizer_cfg: TokenizerConfig, model_cfg: ModelConfig, h
     if not files:
         raise QkcoreError(f"tokenizer.name: no tokenizer files in {folder.resolve()} (expected e.g. tokenizer.json)")
     return {"source": "local", "files": files_sha256(folder, files, hash_cache)}
+
+
+def _name_key(name: str, model_cfg: ModelConfig) -> str:
+    """The config key that named the tokenizer: the model's name when the tokenizer is the model's (what the user wrote)."""
+    return "model.name" if name == model_cfg.name and model_cfg.config is None else "tokenizer.name"

@@ -8,6 +8,7 @@ is its own step: only a run that captures loads the model.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,6 @@ class RunInputs:
     device: torch.device
     data: Any
     documents: DocumentCheck
-    tokenizer: Any
     architecture: Any  # the transformers config, overrides applied
     family: Family
     identity: RunIdentity
@@ -48,6 +48,13 @@ class RunInputs:
     @property
     def run_key(self) -> str:
         return self.identity.key
+
+    @functools.cached_property
+    def tokenizer(self) -> Any:
+        """The tokenizer, loaded on first use: the identity needs only its files' hashes, so a run the
+        rule finds complete never parses it (a GGUF's takes seconds). :func:`load_weights` asks for it
+        first, so a broken tokenizer still fails before the slow step."""
+        return load_tokenizer(self.cfg.tokenizer, self.cfg.model)
 
 
 def check_config(cfg: SniffConfig, pm: pluggy.PluginManager) -> Sampler:
@@ -85,7 +92,6 @@ def load_inputs(
     data = open_dataset(cfg.dataset)
     check_columns(data, cfg.dataset)
     documents = check_documents(data, cfg.dataset)
-    tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
     architecture = load_architecture(cfg.model)
     family = resolve_family(pm, architecture.model_type)
     tensor_parallel.check_architecture(cfg, architecture, family.model_type)  # issue 19: before any weights load
@@ -96,7 +102,7 @@ def load_inputs(
         tokenizer=tokenizer_identity(cfg.tokenizer, cfg.model, hash_cache),
         device_type=device.type,
     )
-    return RunInputs(cfg, pm, sampler, device, data, documents, tokenizer, architecture, family, RunIdentity.of(identity))
+    return RunInputs(cfg, pm, sampler, device, data, documents, architecture, family, RunIdentity.of(identity))
 
 
 def load_weights(inputs: RunInputs, ranks: Ranks | None = None) -> torch.nn.Module:
@@ -104,6 +110,7 @@ def load_weights(inputs: RunInputs, ranks: Ranks | None = None) -> torch.nn.Modu
 
     Under tensor parallelism (issue 19) the model is split by heads over ``ranks``' group.
     """
+    inputs.tokenizer  # noqa: B018 - loaded now: a broken tokenizer fails before the weights are read
     model_class = inputs.family.hooks.qkcore_model_class(config=inputs.architecture)
     cfg = inputs.cfg
     dtype = resolve_dtype(cfg.model.dtype)
