@@ -36,7 +36,7 @@ def sweep(pm: pluggy.PluginManager, configs: tuple[str, ...], address: str | Non
 
     reports = run_sweep(configs, SweepOptions(address, shards, max_retries, restart), echo=click.echo)
     click.echo("\n" + table(reports))
-    raise SystemExit(exit_code(reports))
+    click.get_current_context().exit(exit_code(reports))
 
 
 def _dry_run(pm: pluggy.PluginManager, configs: tuple[str, ...], shards: int) -> None:
@@ -57,4 +57,4 @@ def _dry_run(pm: pluggy.PluginManager, configs: tuple[str, ...], shards: int) ->
         tasks = f"{shards} shard tasks, then one finalize task, each" if shards > 1 else "one task"
         click.echo(f"sweep: {tasks} asking for {gpus} GPU(s) (tensor_parallel_size {size_of(run.cfg)}); nothing runs")
         click.echo(format_plan(make_plan(run.cfg, pm)) + "\n")
-    raise SystemExit(2 if failed else 0)
+    click.get_current_context().exit(2 if failed else 0)
