@@ -130,6 +130,22 @@ def test_a_killed_shard_worker_is_retried_from_its_last_commit_and_the_result_is
 
 
 @pytest.mark.slow
+def test_a_tensor_parallel_run_is_a_torchrun_group_inside_its_task_under_the_sweeps_lock(ray_cluster, tmp_path) -> None:
+    """tensor_parallel_size 2 (CPU: the task asks for no GPU): its torchrun ranks run under the sweep's lock token."""
+    from qkcore.testing import tiny_architecture
+    from tests.integration.test_tensor_parallel_torchrun import FP32_TOLERANCE, _checkpoint, assert_rows_match_one_process
+    from tests.integration.test_tensor_parallel_torchrun import _config as tp_config
+
+    checkpoint, _ = _checkpoint(tmp_path / "llama", tiny_architecture("llama"), {})
+    tp = tp_config(tmp_path / "tp", checkpoint, {}, inference={"tensor_parallel_size": 2})
+    one = run_sniff(load_config(tp_config(tmp_path / "one", checkpoint, {}))).data_root
+    code, out = _sweep(str(tp))
+    assert code == 0, out
+    assert "captured under torchrun" in out, out
+    assert_rows_match_one_process(tmp_path / "tp" / "out", Path(one), FP32_TOLERANCE)
+
+
+@pytest.mark.slow
 def test_a_sweep_is_refused_a_root_another_sweep_holds_naming_the_holder(ray_cluster, tmp_path) -> None:
     config = _config(tmp_path / "a", documents=2)
     root = LocalDataRoot(tmp_path / "a" / "out")

@@ -126,7 +126,7 @@ class _Scheduler:
 
     def __init__(self, ray: Any, options: SweepOptions, echo: Callable[[str], None]) -> None:
         self.ray, self.options, self.echo = ray, options, echo
-        self.board = ray.remote(num_cpus=0)(Board).options(name=None).remote()
+        self.board = ray.remote(num_cpus=0)(Board).remote()
         self.cluster_gpus = float(ray.cluster_resources().get("GPU", 0))
         self.inflight: dict[Any, tuple[_Pending, str, int | None]] = {}  # ref -> (run, step, shard)
         self.reports: dict[str, RunReport] = {}
