@@ -44,10 +44,9 @@ def _published(root: Path) -> dict[str, bytes]:
     """Every published file's bytes; the card's creation time (the wall clock of the run) masked."""
     files = {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
              if p.is_file() and ".qkcore" not in p.parts}
-    for name in ("README.md", "qkcore.json"):  # qkcore.json holds the card's sha256
-        files.pop(name, None)
-    card = (root / "README.md").read_text(encoding="utf-8")
-    files["README.md"] = re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", "TIME", card).encode()
+    for name in ("README.md", "qkcore.json"):  # the card's creation time, and in qkcore.json the card's sha256
+        text = re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", "TIME", files[name].decode("utf-8"))
+        files[name] = re.sub(r'"card_sha256": "[0-9a-f]{64}"', '"card_sha256": "SHA"', text).encode()
     return files
 
 
@@ -98,6 +97,27 @@ def test_three_shards_publish_byte_identical_files_to_one_process(ray_cluster, t
         assert f"[shard {shard}]: done" in out, out
     assert _published(tmp_path / "sharded" / "out") == _published(tmp_path / "single" / "out")
     assert single.rows and not LocalDataRoot(tmp_path / "sharded" / "out").ranks_dir.exists()
+
+
+@pytest.mark.slow
+def test_staged_shards_of_another_k_are_refused_unless_restart(ray_cluster, tmp_path) -> None:
+    from qkcore.sniff import run_shard
+
+    sections = dict(inference={"batch_size": 1})
+    run_sniff(load_config(_config(tmp_path / "single", documents=6, **sections)))
+    config = _config(tmp_path / "sharded", documents=6, **sections)
+    root = LocalDataRoot(tmp_path / "sharded" / "out")
+    root.check_usable()
+    with root.locked("qkcore sweep --shards 3") as token:  # a 3-shard sweep that ended after shard 1 committed
+        run_shard(load_config(config), 1, 3, held=token)
+    assert root.staged_ranks() == [1]
+    code, out = _sweep("--shards", "2", str(config))
+    assert code == 2, out
+    assert re.search(r"failed: .*3-shard sweep.*--shards 3.*--restart", out), out
+    assert root.staged_ranks() == [1] and not (root.path / "README.md").exists()  # nothing changed
+    code, out = _sweep("--shards", "2", "--restart", str(config))
+    assert code == 0, out
+    assert _published(root.path) == _published(tmp_path / "single" / "out")
 
 
 @pytest.mark.slow
