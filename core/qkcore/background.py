@@ -21,8 +21,12 @@ from qkcore.writer import CapturedChunk, DatasetWriter
 class BackgroundWriter:
     """Ordered ``add``/``commit`` on a worker thread; errors surface on the next call or :meth:`drain`."""
 
-    def __init__(self, writer: DatasetWriter, max_pending_bytes: int) -> None:
+    def __init__(
+        self, writer: DatasetWriter, max_pending_bytes: int, after_commit: Callable[[dict[str, Any]], None] | None = None
+    ) -> None:
+        """``after_commit(state)`` runs on the worker thread after each commit (a sweep shard uploads its staging there)."""
         self.writer = writer
+        self._after_commit = after_commit
         self._limit = max_pending_bytes
         self._pending = 0
         self._room = threading.Condition()
@@ -42,7 +46,7 @@ class BackgroundWriter:
 
     def commit(self, state: dict[str, Any]) -> None:
         # Snapshot now: the caller keeps mutating its state while the commit waits its turn.
-        self._submit(self.writer.commit, json.loads(json.dumps(state)))
+        self._submit(self._commit, json.loads(json.dumps(state)))
 
     def drain(self) -> None:
         """Wait until every submitted call ran; raise the first error any of them raised."""
@@ -53,6 +57,11 @@ class BackgroundWriter:
         """Finish the queued work and end the thread (errors are kept for :meth:`drain`)."""
         self._queue.put(None)
         self._thread.join()
+
+    def _commit(self, state: dict[str, Any]) -> None:
+        self.writer.commit(state)
+        if self._after_commit is not None:
+            self._after_commit(state)
 
     def _add(self, chunk: CapturedChunk, size: int) -> None:
         try:

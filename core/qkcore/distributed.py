@@ -6,6 +6,10 @@ as one process forms them, see :func:`qkcore.batching.batch_of`) belongs to rank
 single process, so its rows are bit-identical; each rank stages its own parts and rank 0
 merges them (the writer's sort makes the merged files byte-identical to a single-process
 run), finishes, publishes and pushes. Outside torchrun this is a no-op context of one rank.
+
+A ``qkcore sweep --shards K`` shard is the same share without a process group
+(:meth:`Ranks.shard`): shard ``i`` of ``K`` owns exactly the batches torchrun rank ``i``
+of ``K`` would, and its collectives are those of one process.
 """
 
 from __future__ import annotations
@@ -30,6 +34,16 @@ class Ranks:
     #: issue 19: ranks per tensor-parallel group (``inference.tensor_parallel_size``); groups of
     #: consecutive ranks run the same batches, see :mod:`qkcore.tensor_parallel`.
     tensor_parallel_size: int = 1
+    #: ``False`` for a sweep shard (:meth:`shard`): ``rank`` of ``world_size`` owns its batches,
+    #: but there is no process group, so every collective is that of one process.
+    process_group: bool = True
+
+    @classmethod
+    def shard(cls, index: int, count: int) -> Ranks:
+        """Shard ``index`` of ``count`` of a ``qkcore sweep --shards`` run: torchrun rank ``index``'s batches, alone."""
+        if not 0 <= index < count:
+            raise ValueError(f"shard {index} is not one of {count}")
+        return cls(rank=index, world_size=count, process_group=False)
 
     @property
     def group(self) -> int:
@@ -38,7 +52,8 @@ class Ranks:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """Whether this process is one of a torchrun group (collectives talk to the other ranks)."""
+        return self.world_size > 1 and self.process_group
 
     @property
     def is_main(self) -> bool:

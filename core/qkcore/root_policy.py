@@ -45,6 +45,9 @@ class RootView:
     staged: RunState | None  # the staging journal's committed state, if any
     ranks: tuple[int, ...] = ()  # torchrun ranks with staged work
     ranks_run_key: str | None = None  # run key staged by rank 0, if readable
+    #: the world size (torchrun ranks or sweep shards) the first staged rank committed with, if readable;
+    #: a rank that never committed has no staging, so the count of ranks alone can be short
+    ranks_world_size: int | None = None
     problems: tuple[str, ...] = ()  # the published files against the record (see LocalDataRoot.verify)
     unreadable_record: str | None = None  # run.json is there but unreadable: what is wrong with it
 
@@ -154,13 +157,14 @@ def _check_staged(
     if restart:
         return None
     if root.ranks:
-        if world_size != len(root.ranks) or root.ranks_run_key != identity.key:
-            n = len(root.ranks)
+        n = root.ranks_world_size or len(root.ranks)
+        if world_size != n or root.ranks_run_key != identity.key or max(root.ranks) >= n:
             same = root.ranks_run_key == identity.key
             raise QkcoreError(
-                f"{root.path} holds the staged progress of a {n}-process torchrun run"
+                f"{root.path} holds the staged progress of a {n}-process torchrun run (or {n}-shard sweep)"
                 + ("" if same else f" of another config (run {root.ranks_run_key})")
-                + (f": rerun it with `torchrun --nproc-per-node {n}` to resume" if same else ": rerun that config to resume")
+                + (f": rerun it with `torchrun --nproc-per-node {n}` (or `qkcore sweep --shards {n}`) to resume"
+                   if same else ": rerun that config to resume")
                 + ", or add --restart to discard it"
             )
         return "resume", False

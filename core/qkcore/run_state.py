@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 Phase = Literal["capturing", "captured", "finalized"]
-Action = Literal["captured", "already complete", "pulled", "published"]
+#: ``shards to capture``: the prepare step of a ``qkcore sweep --shards K`` run found capture work for its shards.
+Action = Literal["captured", "already complete", "pulled", "published", "shards to capture"]
 
 #: Identity documents are JSON objects: settings and fingerprints (see :mod:`qkcore.identity`).
 IdentityDocument = Mapping[str, Any]

@@ -24,6 +24,7 @@ others). :func:`run_push` is ``qkcore push``.
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import ExitStack
 from typing import Any, Callable, TypeVar
@@ -34,7 +35,7 @@ import structlog
 from qkcore import tensor_parallel
 from qkcore.actions.capture import capture
 from qkcore.actions.complete import already_complete
-from qkcore.actions.context import RunContext
+from qkcore.actions.context import RunContext, ShardedRun
 from qkcore.actions.publish_staged import publish_staged
 from qkcore.actions.pull import pull
 from qkcore.config import ConfigError, SniffConfig
@@ -45,16 +46,21 @@ from qkcore.hub import BranchState, HubSync, hub_sync
 from qkcore.output import DataRoot, Record, command_line, open_output, readable_record
 from qkcore.plugins import make_plugin_manager
 from qkcore.root_policy import Decision, RootView, changed_files_message, check_branch, decide
-from qkcore.run_state import RunState, SniffResult
+from qkcore.run_state import RunState, RunSummary, SniffResult
 from qkcore.samplers import Sampler
-from qkcore.stages.load import HashCache, RunInputs, check_config, load_inputs
+from qkcore.stages.capture import CommitHook, Sniffer, capture_unit
+from qkcore.stages.load import HashCache, RunInputs, check_config, load_inputs, load_weights
 from qkcore.stages.push import branch_view, push
 from qkcore.staging.journal import staged_journal
 from qkcore.writer import read_journal
 
-__all__ = ["SniffResult", "run_push", "run_sniff"]
+__all__ = ["HELD_LOCK_ENV", "ShardedRun", "SniffResult", "run_push", "run_shard", "run_sniff"]
 
 log = structlog.get_logger(__name__)
+
+#: The environment variable that hands a ``qkcore sweep``'s lock token to a ``qkcore sniff`` it
+#: starts in another process (a run with tensor_parallel_size > 1 runs under torchrun).
+HELD_LOCK_ENV = "QKCORE_HELD_LOCK"
 
 T = TypeVar("T")
 
@@ -65,17 +71,31 @@ def run_sniff(
     hub_api: Any = None,
     restart: bool = False,
     replace: bool = False,
+    *,
+    held: str | None = None,
+    shards: ShardedRun | None = None,
+    on_commit: CommitHook | None = None,
 ) -> SniffResult:
     """Run the capture ``cfg`` describes into its data root, by the rule of :mod:`qkcore.root_policy`.
 
     ``restart`` discards staged progress; ``replace`` lets this run replace another run's
     files (and its Hub branch) when it publishes. Under torchrun every rank calls this.
+
+    A ``qkcore sweep`` holds the root's lock itself and runs this in its tasks: ``held``
+    is its lock's token (default: ``$QKCORE_HELD_LOCK``), checked instead of taking the
+    lock; ``shards`` says this call is the prepare or the finalize of a ``--shards K``
+    run (:class:`~qkcore.actions.context.ShardedRun`); ``on_commit`` runs after every
+    commit of the capture.
     """
     started = time.perf_counter()
+    held = held if held is not None else os.environ.get(HELD_LOCK_ENV) or None
     ranks = init_ranks()
     structlog.contextvars.bind_contextvars(rank=ranks.rank)
     try:
         ranks = tensor_parallel.with_groups(ranks, cfg)  # issue 19: K checked before anything else
+        if shards is not None and (ranks.distributed or ranks.tensor_parallel_size > 1):
+            raise QkcoreError(f"{cfg.source or '<config>'}: --shards runs each shard in one process; "
+                              "inference.tensor_parallel_size must be 1 (or run without --shards)")
         pm = pm or make_plugin_manager()
         sampler = check_config(cfg, pm)  # before the data root is touched
         root = open_output(cfg.output)
@@ -85,10 +105,11 @@ def run_sniff(
 
             def lock() -> None:
                 root.check_usable()
-                stack.enter_context(root.locked(command_line()))
+                stack.enter_context(root.locked(command_line(), held=held))
 
             _agree(ranks, lock)
-            ctx = RunContext(cfg, pm, root, ranks, hub_sync(cfg.output, api=hub_api), started)
+            ctx = RunContext(cfg, pm, root, ranks, hub_sync(cfg.output, api=hub_api), started,
+                             shards=shards, on_commit=on_commit)
             return _dispatch(ctx, sampler, restart=restart, replace=replace)
     finally:
         shutdown(ranks)
@@ -126,8 +147,9 @@ def _dispatch(ctx: RunContext, sampler: Sampler, *, restart: bool, replace: bool
         view = read_root(ctx.root, inputs.run_key, restart=restart)
         state = ctx.hub.preflight() if ctx.hub is not None else None
         branch.extend([state] if state is not None else [])
+        world_size = ctx.ranks.world_size if ctx.shards is None else ctx.shards.count
         decision = decide(
-            view, inputs.identity, restart=restart, replace=replace, world_size=ctx.ranks.world_size,
+            view, inputs.identity, restart=restart, replace=replace, world_size=world_size,
             branch=None if ctx.hub is None or state is None else branch_view(ctx.hub, state),
         )
         if decision.discard_staged or restart:
@@ -149,6 +171,8 @@ def _dispatch(ctx: RunContext, sampler: Sampler, *, restart: bool, replace: bool
         return pull(ctx, inputs.identity, branch[0])
     if decision.action == "publish":
         return publish_staged(ctx)
+    if ctx.shards is not None and not ctx.shards.finalize and not merged:  # the shard tasks capture next
+        return SniffResult(ctx.cfg.output.data_root, {}, RunSummary(), "shards to capture", dict(ctx.seconds))
     return capture(ctx, inputs, decision, merged)
 
 
@@ -166,10 +190,13 @@ def read_root(root: DataRoot, run_key: str, *, restart: bool) -> RootView:
     staged = staged_journal(root.staging_dir, restart=restart)
     record, unreadable = readable_record(root)
     staged_ranks = root.staged_ranks()
-    ranks_key = None
+    ranks_key, ranks_world_size = None, None
     if staged_ranks and not restart:  # --restart discards them, readable or not
-        first = read_journal(root.rank_staging(staged_ranks[0]))
-        ranks_key = (first or {}).get("run_key")
+        first = read_journal(root.rank_staging(staged_ranks[0])) or {}
+        ranks_key = first.get("run_key")
+        state = first.get("state")
+        if isinstance(state, dict) and isinstance(state.get("world_size"), int):
+            ranks_world_size = state["world_size"]
     return RootView(
         path=root.location,
         record=record,
@@ -177,6 +204,7 @@ def read_root(root: DataRoot, run_key: str, *, restart: bool) -> RootView:
         staged=None if staged is None or restart else _staged_state(root, staged),
         ranks=tuple(staged_ranks),
         ranks_run_key=ranks_key,
+        ranks_world_size=ranks_world_size,
         problems=tuple(root.verify(record)) if record and record.state == "complete" and record.run_key == run_key else (),
         unreadable_record=None if unreadable is None else unreadable.reason,
     )
@@ -219,3 +247,42 @@ def run_push(cfg: SniffConfig, hub_api: Any = None, replace: bool = False) -> Re
         record = push(root, record, hub, f"qkcore push: {record.summary.model} (run {record.run_key})")
         log.info("pushed", run=record.run_key, target=hub.where, commit=record.hub.pushed_commit if record.hub else None)
         return record
+
+
+def run_shard(
+    cfg: SniffConfig, shard: int, shards: int, *, held: str, pm: pluggy.PluginManager | None = None,
+    on_commit: CommitHook | None = None,
+) -> RunState:
+    """Capture shard ``shard`` of ``shards`` of a ``qkcore sweep --shards`` run into ``root.rank_staging(shard)``.
+
+    The sweep holds the root (``held``: its lock token) and applied the rule before any
+    shard started (:class:`ShardedRun` prepare). The shard resumes from its last commit
+    (:meth:`~qkcore.output.protocol.DataRoot.load_staged` first), makes every commit
+    visible to the finalize (:meth:`~qkcore.output.protocol.DataRoot.save_staged`), and
+    returns its committed state (phase ``captured``).
+    """
+    ranks = Ranks.shard(shard, shards)
+    structlog.contextvars.bind_contextvars(shard=shard)
+    pm = pm or make_plugin_manager()
+    sampler = check_config(cfg, pm)
+    root = open_output(cfg.output)
+    with root.locked(command_line(), held=held):
+        inputs = load_inputs(cfg, pm, ranks, HashCache(root.work_dir / "hashes.json").values, sampler)
+        staging = root.rank_staging(shard)
+        root.load_staged(shard)
+        journal = read_journal(staging)
+        if journal is not None and journal.get("run_key") != inputs.run_key:  # the prepare step refused or discarded these
+            raise QkcoreError(f"{staging}: staged by run {journal.get('run_key')}, not this run ({inputs.run_key}); "
+                              "rerun the sweep with --restart to discard it")
+        sniffer = Sniffer(inputs, load_weights(inputs, ranks), ranks)
+
+        def committed(state: dict[str, Any], share: int | None) -> None:
+            root.save_staged(shard)
+            if on_commit is not None:
+                on_commit(state, share)
+
+        writer, state = capture_unit(sniffer, staging, RunState(inputs.identity, shards), whole_run=False,
+                                     on_commit=committed)
+        writer.abort()  # the state is committed; release the writer's buffers
+        root.save_staged(shard)
+        return state

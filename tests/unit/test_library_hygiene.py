@@ -145,3 +145,19 @@ def test_logs_switches_library_bars_with_the_libraries_own_switches(monkeypatch)
     with logs.library_bars_off():
         assert not transformers_logging.is_progress_bar_enabled()
     assert transformers_logging.is_progress_bar_enabled()
+
+
+def test_only_the_sweep_imports_ray_and_only_when_it_runs() -> None:
+    """Ray is the extra ``qkcore[ray]``: no module outside ``qkcore.sweep`` imports it, and none at module level."""
+    offenders = []
+    for path in CORE.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if not any(name == "ray" or name.startswith("ray.") for name in names):
+                continue
+            at_top = node in tree.body
+            if at_top or path.parent.name != "sweep":
+                offenders.append(f"{path.relative_to(CORE)}:{node.lineno}")
+    assert offenders == []

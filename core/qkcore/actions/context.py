@@ -11,6 +11,7 @@ import structlog
 from qkcore.config import SniffConfig
 from qkcore.distributed import Ranks
 from qkcore.hub import HubSync
+from qkcore.stages.capture import CommitHook
 from qkcore.output import DataRoot, Record
 from qkcore.run_state import Action, RunState, RunSummary, SniffResult
 from qkcore.stages.publish import publish
@@ -18,6 +19,14 @@ from qkcore.stages.push import hub_target, push
 from qkcore.writer import DatasetWriter
 
 log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardedRun:
+    """The part of a ``qkcore sweep --shards K`` run that one ``run_sniff`` call does."""
+
+    count: int  # K: shard i owns batch b when b % K == i (:meth:`qkcore.distributed.Ranks.shard`)
+    finalize: bool  # False: apply the rule only (the shards capture next); True: merge the shards and publish
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,11 @@ class RunContext:
     started: float = field(default_factory=time.perf_counter)
     #: Seconds from ``started`` to the end of named steps, for the result (see :attr:`SniffResult.seconds`).
     seconds: dict[str, float] = field(default_factory=dict)
+    #: ``qkcore sweep --shards K``: the run's documents are captured by K shard tasks; this
+    #: process prepares (the rule) or finalizes (merge, finish, publish, push) it.
+    shards: ShardedRun | None = None
+    #: Called after each commit of the capture (a sweep reports progress with it).
+    on_commit: CommitHook | None = None
 
     def mark(self, step: str) -> None:
         """Note that ``step`` ended now."""

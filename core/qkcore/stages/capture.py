@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pluggy
 import structlog
@@ -39,6 +39,10 @@ from qkcore.stages.plan import plan_capture
 from qkcore.writer import CapturedChunk, DatasetWriter, StagingConflict
 
 log = structlog.get_logger(__name__)
+
+#: Called after each commit of a capture with the committed state (JSON) and the documents this
+#: unit captures in all (``None`` when unknown): a sweep shard uploads its staging and reports progress.
+CommitHook = Callable[[dict[str, Any], "int | None"], None]
 
 
 class Sniffer:
@@ -140,11 +144,15 @@ class Sniffer:
             self.backbone(input_ids=input_ids, use_cache=False)
         return self.session.end_batch()
 
-    def capture_documents(self, writer: DatasetWriter, progress: CaptureProgress, start: int | None = None) -> None:
+    def capture_documents(
+        self, writer: DatasetWriter, progress: CaptureProgress, start: int | None = None,
+        on_commit: CommitHook | None = None,
+    ) -> None:
         """Capture this rank's documents from ``progress.next_index`` on, committing progress as it goes.
 
         ``start`` (tensor parallelism, issue 19): run the forwards from there, writing only the
         batches from ``progress.next_index`` on (the group's ranks run every forward together).
+        ``on_commit``: see :data:`CommitHook` (runs on the writer thread, after the commit).
 
         ``progress`` is updated batch by batch (after an error it says how far the capture
         got); the caller commits the last of it with its phase. On a terminal one progress
@@ -161,7 +169,8 @@ class Sniffer:
         )
         started, tokens_before, last_commit = time.perf_counter(), progress.tokens, time.monotonic()
         # Rows are handed to a writer thread: spills and commits overlap the next forward.
-        background = BackgroundWriter(writer, max_pending_bytes=int(self.cfg.output.flush_threshold_mb * 2**20))
+        after = None if on_commit is None else (lambda state: on_commit(state, share))
+        background = BackgroundWriter(writer, int(self.cfg.output.flush_threshold_mb * 2**20), after)
         debug_every = self.cfg.inference.debug_log_every_n_batches or 1
         warned: set[str] = set()
         try:
@@ -243,11 +252,14 @@ def resumed_state(writer: DatasetWriter) -> RunState | None:
                           "rerun with --restart to discard the staged progress") from None
 
 
-def capture_unit(sniffer: Sniffer, staging: Path, fresh: RunState, *, whole_run: bool) -> tuple[DatasetWriter, RunState]:
+def capture_unit(
+    sniffer: Sniffer, staging: Path, fresh: RunState, *, whole_run: bool, on_commit: CommitHook | None = None
+) -> tuple[DatasetWriter, RunState]:
     """Capture (or resume capturing) into ``staging`` until every document is done; commit that.
 
     ``whole_run``: this process captures the whole run (not one torchrun rank's share,
     which may hold no document), so a run without a single token is refused here.
+    ``on_commit`` runs after every commit, the last (phase ``captured``) included.
     """
     writer = open_writer(sniffer.cfg, staging, fresh.run_key)
     state = resumed_state(writer) or fresh
@@ -259,12 +271,14 @@ def capture_unit(sniffer: Sniffer, staging: Path, fresh: RunState, *, whole_run:
         return writer, state
     progress = CaptureProgress(state)
     try:
-        sniffer.capture_documents(writer, progress, start)
+        sniffer.capture_documents(writer, progress, start, on_commit)
         state = progress.state()
         if whole_run:
             require_tokens(state)
         state = replace(state, phase="captured")
         writer.commit(state.to_json())
+        if on_commit is not None:
+            on_commit(state.to_json(), state.documents + state.skipped)
     except BaseException:
         # Nothing captured at all (every text empty): leave nothing behind; else keep the last commit.
         writer.discard() if progress.documents == 0 and whole_run else writer.abort()
