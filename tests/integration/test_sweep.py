@@ -134,7 +134,8 @@ def test_a_killed_shard_worker_is_retried_from_its_last_commit_and_the_result_is
     def echo(text: str) -> None:  # the driver's console: kill shard 1's worker half-way through
         lines.append(text)
         match = progress.search(text)
-        if match and not killed and 3 <= int(match[1]) <= int(match[2]) // 2:
+        # The first line after shard 1's first commit (a shard takes seconds here; the driver polls every 0.5 s).
+        if match and not killed and 1 <= int(match[1]) < int(match[2]):
             killed["pid"], killed["at"] = int(match[3]), int(match[1])
             os.kill(killed["pid"], signal.SIGKILL)
 
