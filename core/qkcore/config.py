@@ -581,8 +581,9 @@ def _set_items(overrides: Sequence[str]) -> list[_Item]:
     """``--set key.path=value`` strings as items, in the order given."""
     items = []
     for item in overrides:
-        origin = f"--set {item}"
         key, sep, text = item.partition("=")
+        # storage_options is refused when it holds a secret: its message must not repeat the value
+        origin = f"--set {key}=..." if key.strip().startswith("output.storage_options") else f"--set {item}"
         path = tuple(part.strip() for part in key.split("."))
         if not sep or not all(path):
             raise ConfigError(f"{origin}: expected key.path=value")

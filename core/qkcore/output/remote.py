@@ -214,6 +214,11 @@ class RemoteDataRoot:
             return
         if any(p.name not in _NOT_STATE for p in self._work.iterdir()):
             return
+        try:
+            if self.read_record() is not None:  # a published run: keep its verified digests
+                return
+        except Exception:  # noqa: BLE001 - cleanup must not mask the run's own error; keep the folder
+            return
         remove_tree(self._work)
 
     @contextmanager
