@@ -298,6 +298,8 @@ def test_no_secret_reaches_any_output(s3_root: S3Root, tmp_path) -> None:
     assert qkcore("sniff", "--config", str(config(tmp_path / "a", s3_root.url))) == 0  # no-op
     assert qkcore("inspect", s3_root.url, "--out", str(tmp_path / "i.png")) == 0
     assert qkcore("sniff", "--config", str(config(tmp_path / "b", "s3://no-such-bucket-qk/root"))) == 2
+    line = error_line(outputs[-1])
+    assert "the store s3://no-such-bucket-qk/root failed" in line and "bucket does not exist" in line, line
     bad_endpoint = config(tmp_path / "c", s3_root.url)
     assert qkcore("sniff", "--config", str(bad_endpoint), "--set",
                   "output.storage_options={endpoint_url: 'http://127.0.0.1:9'}") == 2

@@ -112,3 +112,43 @@ def test_the_lease_refuses_a_second_holder_and_checks_a_held_token(url, tmp_path
             pass
     with other.locked("qkcore sniff --config b.yaml"):  # released: free again
         pass
+
+
+def test_an_unreadable_record_names_the_url_and_every_run_s_files_count(url, tmp_path) -> None:
+    from qkcore.output import UnreadableRecord
+
+    fs = fsspec.filesystem("memory")
+    path = url.removeprefix("memory://")
+    fs.pipe_file(f"{path}/.qkcore/run.json", b"{not json")
+    fs.pipe_file(f"{path}/runs/aaaa/README.md", b"card")
+    fs.pipe_file(f"{path}/runs/aaaa/l00h00q/data.parquet", b"rows")
+    fs.pipe_file(f"{path}/runs/aaaa/notes.txt", b"not a dataset file")
+    root = RemoteDataRoot(url, work_dir=tmp_path / "w")
+    with pytest.raises(UnreadableRecord, match=rf"{url}/.qkcore/run.json is unreadable.*--replace"):
+        root.read_record()
+    assert root.dataset_files() == ["README.md", "l00h00q/data.parquet"]
+    fs.rm_file(f"{path}/.qkcore/run.json")
+    assert root.read_record() is None and root.dataset_files() == []  # unrecorded leftovers are not the root's run
+
+
+def test_a_task_under_a_sweep_s_lease_publishes_only_while_the_sweep_holds_it(url, tmp_path) -> None:
+    from qkcore.output import Record
+    from qkcore.run_state import PublishedFile, RunIdentity
+
+    sweep = RemoteDataRoot(url, work_dir=tmp_path / "driver")
+    task = RemoteDataRoot(url, work_dir=tmp_path / "worker")
+    (task.final_dir / "l00h00q").mkdir(parents=True)
+    (task.final_dir / "l00h00q" / "data.parquet").write_bytes(b"rows")
+    record = Record("publishing", RunIdentity("k" * 16, {}),
+                    {"l00h00q/data.parquet": PublishedFile(4, hashlib.sha256(b"rows").hexdigest())})
+    fs = fsspec.filesystem("memory")
+    lease = f"{url.removeprefix('memory://')}/.qkcore/lease.json"
+    with sweep.locked("qkcore sweep") as token, task.locked("task", held=token):
+        held = fs.cat_file(lease)
+        fs.pipe_file(lease, held.replace(token.encode(), b"f" * 32))  # someone else's lease now
+        with pytest.raises(QkcoreError, match="not by the sweep that started this task"):
+            task.publish(record)
+        assert task.read_record() is None  # nothing was published
+        fs.pipe_file(lease, held)
+        assert task.publish(record).state == "complete"
+    assert task.verify(task.read_record()) == []

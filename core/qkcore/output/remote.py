@@ -85,6 +85,7 @@ class RemoteDataRoot:
         self.ranks_dir = self._work / "ranks"
         self._created_work = False
         self._lease: Lease | None = None
+        self._held: str | None = None  # the sweep's token this process runs under (locked(held=...))
 
     # -- the store ---------------------------------------------------------------
     @property
@@ -231,7 +232,11 @@ class RemoteDataRoot:
         if held is not None:
             with answering(self.url, "reading its lease"):
                 token = check_held(store, self._state(LEASE_FILE), self.url, held)
-            yield token
+            self._held = token
+            try:
+                yield token
+            finally:
+                self._held = None
             return
         lease = Lease(store, self._state(LEASE_FILE), self.url)
         with answering(self.url, "taking its lease"):
@@ -328,8 +333,10 @@ class RemoteDataRoot:
                     )
             cache.keep({self._run(key, name) for name in record.files})
             cache.save()
-            if self._lease is not None:
-                self._lease.check()  # a run whose lease was taken over must not publish
+            if self._lease is not None:  # a run whose lease was taken over must not publish
+                self._lease.check()
+            elif self._held is not None:
+                check_held(Conditional(self.fs), self._state(LEASE_FILE), self.url, self._held)
             files = {name: PublishedFile(e.size, e.sha256, 0) for name, e in record.files.items()}
             complete = replace(record, state="complete", files=files)
             self.write_record(complete)
