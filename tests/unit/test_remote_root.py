@@ -152,3 +152,17 @@ def test_a_task_under_a_sweep_s_lease_publishes_only_while_the_sweep_holds_it(ur
         fs.pipe_file(lease, held)
         assert task.publish(record).state == "complete"
     assert task.verify(task.read_record()) == []
+
+
+def test_a_store_error_is_one_line_naming_the_url_and_never_the_secret(monkeypatch) -> None:
+    from qkcore.output.store import answering
+
+    secret = f"s-{uuid.uuid4().hex}"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    with pytest.raises(QkcoreError) as error:
+        with answering("s3://bucket/root", "writing its record"):
+            raise OSError(f"signature mismatch for {secret}\nsecond line")
+    message = str(error.value)
+    assert "\n" not in message and secret not in message and "***" in message
+    assert message.startswith("output.data_root: the store s3://bucket/root failed while writing its record (OSError")
+    assert "rerun the same command" in message
