@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -107,7 +108,7 @@ def test_sniff_to_s3_is_byte_identical_to_a_local_root_and_reads_back(s3_root: S
     # A no-op rerun: "already complete" from the listing's ETags, without downloading a byte.
     before = s3_root.objects()
 
-    def no_download(self, path):
+    def no_download(self, path, size):
         raise AssertionError(f"downloaded {path}")
 
     with monkeypatch.context() as patch:
@@ -266,6 +267,17 @@ def test_the_store_going_down_mid_run_is_one_error_and_a_rerun_after_it_is_back_
         prefix = f"root/runs/{record.run_key}/"
         assert {k[len(prefix):]: v for k, v in server.objects("down").items() if k.startswith(prefix)} == \
             local_files(local)
+
+        # A store that accepts connections and never answers (the process stopped): an error within seconds too.
+        monkeypatch.setenv("QKCORE_STORE_TIMEOUT_S", "1")
+        os.kill(server._proc.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            code, err = sniff(cfg)
+            assert code == 2 and f"the store {url} failed" in error_line(err)
+            assert time.monotonic() - started < 30
+        finally:
+            os.kill(server._proc.pid, signal.SIGCONT)
     finally:
         server.close()
 

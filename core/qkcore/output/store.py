@@ -45,11 +45,11 @@ def check_storage_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def timeout_s() -> float:
-    """Seconds one store request may wait (``QKCORE_STORE_TIMEOUT_S``, default 20)."""
+    """Seconds a store connection may take (``QKCORE_STORE_TIMEOUT_S``, default 10); a response may take 3x that."""
     try:
-        return max(0.5, float(os.environ.get("QKCORE_STORE_TIMEOUT_S", "20")))
+        return max(0.5, float(os.environ.get("QKCORE_STORE_TIMEOUT_S", "10")))
     except ValueError:
-        return 20.0
+        return 10.0
 
 
 def open_store(url: str, options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
@@ -62,7 +62,7 @@ def open_store(url: str, options: Mapping[str, Any] | None = None) -> tuple[Any,
         timeout = timeout_s()
         config = dict(kwargs.pop("config_kwargs", {}) or {})
         config.setdefault("connect_timeout", timeout)
-        config.setdefault("read_timeout", max(timeout, 60.0))
+        config.setdefault("read_timeout", 3 * timeout)
         config.setdefault("retries", {"max_attempts": 2, "mode": "standard"})
         kwargs["config_kwargs"] = config
         kwargs.setdefault("skip_instance_cache", True)  # credentials and endpoint read afresh
@@ -75,7 +75,46 @@ def open_store(url: str, options: Mapping[str, Any] | None = None) -> tuple[Any,
         ) from None
     except (ValueError, TypeError) as exc:
         raise QkcoreError(f"output.data_root: {url} cannot be opened: {scrub(str(exc))}") from None
+    if scheme in ("s3", "s3a"):
+        # s3fs retries timeouts 5 times on top of botocore's attempts: a hung store would take many minutes
+        fs.retries = 1
+    if getattr(fs, "async_impl", False):
+        fs = Deadlines(fs, timeout_s())
     return fs, path.rstrip("/")
+
+
+#: Transfer rate below which an upload or download counts as hung (bytes per second).
+_SLOWEST_TRANSFER = 1 << 20
+
+
+class Deadlines:
+    """An async fsspec filesystem whose every call has a deadline (fsspec's ``sync(timeout=...)``).
+
+    The client's own timeouts do not bound every path (a server that accepts connections
+    and never answers held a call for minutes in tests), so each call gets one: requests
+    ``6 x QKCORE_STORE_TIMEOUT_S``, transfers that plus one second per MiB.
+    """
+
+    _TIMED = frozenset({"pipe_file", "cat_file", "find", "info", "exists", "ls", "rm", "rm_file", "call_s3"})
+
+    def __init__(self, fs: Any, timeout: float) -> None:
+        self.raw = fs
+        self._deadline = 6 * timeout
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.raw, name)
+        if name in self._TIMED:
+            return lambda *args, **kwargs: attr(*args, timeout=self._deadline, **kwargs)
+        return attr
+
+    def put_file(self, lpath: str, rpath: str) -> None:
+        size = os.path.getsize(lpath)
+        self.raw.put_file(lpath, rpath, timeout=self._deadline + size / _SLOWEST_TRANSFER)
+
+    def get_file(self, rpath: str, lpath: str, size: int | None = None) -> None:
+        if size is None:
+            size = int(self.info(rpath)["size"])
+        self.raw.get_file(rpath, lpath, timeout=self._deadline + size / _SLOWEST_TRANSFER)
 
 
 def scrub(text: str) -> str:
@@ -130,7 +169,7 @@ class Conditional:
 
     def __init__(self, fs: Any) -> None:
         self.fs = fs
-        self.atomic = type(fs).__name__ == "S3FileSystem"
+        self.atomic = type(getattr(fs, "raw", fs)).__name__ == "S3FileSystem"
 
     def read(self, path: str) -> tuple[bytes, str] | None:
         """The object's bytes and tag (ETag, or its sha256 elsewhere); ``None`` if it is absent."""
