@@ -79,6 +79,13 @@ def test_staged_shards_travel_through_the_store_checked_against_their_journal(ur
     there.load_staged(2)
     assert (there.rank_staging(2) / "part-000002.arrow").read_bytes() == b"c" * 3
 
+    # A resume from an earlier commit reuses a part's name for other rows of the same size: uploaded again.
+    _stage(here.rank_staging(2), {"part-000000.arrow": b"a" * 10, "part-000001.arrow": b"b" * 7,
+                                  "part-000002.arrow": b"d" * 3})
+    here.save_staged(2)
+    there.load_staged(2)
+    assert (there.rank_staging(2) / "part-000002.arrow").read_bytes() == b"d" * 3
+
     # A part damaged on the store: refused, naming the way out; nothing half-downloaded stays.
     fs = fsspec.filesystem("memory")
     remote_part = f"{url.removeprefix('memory://')}/.qkcore/ranks/rank-002/part-000001.arrow"

@@ -141,11 +141,16 @@ class RemoteDataRoot:
         if journal is None:
             return
         remote = self._state("ranks", local.name)
+        sums = journal.get("part_sums") or {}
         with answering(self.url, f"saving the staging of shard {rank}"):
             there = self._sizes(remote)
+            try:  # what the store's journal says of its parts: a resume may reuse a part's name for new rows
+                saved = json.loads(self.fs.cat_file(f"{remote}/{JOURNAL_FILE}")).get("part_sums") or {}
+            except (FileNotFoundError, ValueError, AttributeError):
+                saved = {}
             for name in journal.get("parts", []):
                 size = (local / name).stat().st_size
-                if there.get(name) != size:
+                if there.get(name) != size or not sums.get(name) or saved.get(name) != sums.get(name):
                     self.fs.put_file(str(local / name), f"{remote}/{name}")
             self.fs.put_file(str(local / JOURNAL_FILE), f"{remote}/{JOURNAL_FILE}")  # last: the commit point
             stale = set(there) - set(journal.get("parts", [])) - {JOURNAL_FILE}
