@@ -231,6 +231,33 @@ def test_a_held_lease_refuses_a_second_sniff_and_an_expired_one_is_taken_over(s3
     assert code == 0 and "already complete" in err and "some-other-host" in err, err
 
 
+def test_a_second_sniff_is_refused_while_a_running_sniff_holds_the_lease(s3_root: S3Root, tmp_path) -> None:
+    cfg = config(tmp_path / "a", s3_root.url, capture=ALL_SEED_0)
+    first = subprocess.Popen([sys.executable, "-m", "qkcore", "sniff", "--config", str(cfg)], env=dict(os.environ),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        root = RemoteDataRoot(s3_root.url)
+        deadline = time.monotonic() + 120
+        while not root.fs.exists(root._state(LEASE_FILE)):
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.02)
+        os.kill(first.pid, signal.SIGSTOP)  # holds the lease, mid-run, for as long as the test needs
+        try:
+            code, err = sniff(config(tmp_path / "b", s3_root.url, capture=ALL_SEED_0))
+            line = error_line(err)
+            assert code == 2 and f"is in use by process {first.pid} on {socket.gethostname()}" in line, line
+            assert f"sniff --config {cfg}" in line and "expires at" in line
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
+        out, err = first.communicate(timeout=300)
+        assert first.returncode == 0, err
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert RemoteDataRoot(s3_root.url).verify(RemoteDataRoot(s3_root.url).read_record()) == []
+    assert not any(key.endswith(LEASE_FILE) for key in s3_root.objects())  # released at the end
+
+
 def test_the_store_going_down_mid_run_is_one_error_and_a_rerun_after_it_is_back_is_identical(tmp_path, monkeypatch,
                                                                                               frozen_clock) -> None:
     server = S3Server(secret="qkcore-down-secret").start()
