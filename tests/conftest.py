@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,3 +41,51 @@ def tiny_config(tmp_path: Path):
         return make_config(tmp_path, architecture, **sections)
 
     return factory
+
+
+@dataclass
+class S3Root:
+    """What the ``s3_root`` fixture gives: the data root URL, its bucket, the server, and the secret in the environment."""
+
+    url: str
+    bucket: str
+    server: Any  # tests.s3_server.S3Server
+    secret: str
+    work_dir: Path
+
+    def objects(self) -> dict[str, bytes]:
+        """Every object in the bucket: key -> bytes."""
+        return self.server.objects(self.bucket)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One moto S3 server (``.venv/bin/moto_server``) on a free port of 127.0.0.1 for the session; stopped at the end."""
+    import uuid
+
+    from tests.s3_server import S3Server
+
+    server = S3Server(secret=f"qkcore-secret-{uuid.uuid4().hex}").start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def s3_root(s3_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> S3Root:
+    """A fresh bucket on the session's S3 server and ``s3://BUCKET/root`` as a data root.
+
+    Sets the standard environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` (a unique
+    string, ``S3Root.secret``: search outputs for it), ``AWS_ENDPOINT_URL``), a short store
+    timeout, and ``QKCORE_WORK_DIR`` under ``tmp_path``; subprocesses inherit them.
+    """
+    import uuid
+
+    bucket = f"qk-{uuid.uuid4().hex[:12]}"
+    s3_server.create_bucket(bucket)
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("QKCORE_STORE_TIMEOUT_S", "3")
+    monkeypatch.setenv("QKCORE_WORK_DIR", str(tmp_path / "work"))
+    return S3Root(f"s3://{bucket}/root", bucket, s3_server, s3_server.secret, tmp_path / "work")

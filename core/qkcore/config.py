@@ -25,9 +25,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 from pydantic_settings.sources.utils import parse_env_vars
+
+from qkcore.output.store import check_storage_options, url_scheme
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -378,7 +381,11 @@ class CaptureConfig(_Section):
 class OutputConfig(_Section):
     """Where the dataset goes (locally and on the Hub)."""
 
-    data_root: Path = Field(default=Path("data"), validate_default=True)  # resolved like a given value
+    #: A local folder (a ``Path``, made absolute) or a URL on object storage (a ``str``:
+    #: ``s3://bucket/prefix``, ``gs://``, ``hf://``; see ``output/remote.py``).
+    data_root: Path | str = Field(default=Path("data"), validate_default=True)  # resolved like a given value
+    #: Options of the store's fsspec filesystem (``endpoint_url``, ``region_name``...); never credentials.
+    storage_options: dict[str, Any] | None = None
     #: Kept for sniff-qk configs; the card is always DATA_ROOT/README.md (as in sniff-qk), so
     #: ``load_dataset(data_root, config)`` finds its configs.
     readme_path: Path = Path("README.md")
@@ -400,10 +407,21 @@ class OutputConfig(_Section):
     #: The dataset's licence for the card's metadata, when known (e.g. the model's licence).
     license: str | None = None
 
-    @field_validator("data_root")
+    @field_validator("data_root", mode="before")
     @classmethod
-    def _data_root(cls, value: Path) -> Path:
+    def _data_root(cls, value: Any) -> Path | str:
+        if isinstance(value, str) and url_scheme(value) is not None:
+            return value.rstrip("/")  # a URL: Path() would fold its "//"
+        if isinstance(value, str) and value.lower().startswith("file://"):
+            value = value[len("file://"):]
+        if not isinstance(value, (str, Path)):
+            raise ValueError(f"expected a folder or a URL, got {type(value).__name__}")
         return _abspath(value)  # cwd-relative, like sniff-qk (not config-file-relative)
+
+    @field_validator("storage_options")
+    @classmethod
+    def _storage_options(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if value is None else check_storage_options(value)
 
     @field_validator("readme_path")
     @classmethod
@@ -563,8 +581,9 @@ def _set_items(overrides: Sequence[str]) -> list[_Item]:
     """``--set key.path=value`` strings as items, in the order given."""
     items = []
     for item in overrides:
-        origin = f"--set {item}"
         key, sep, text = item.partition("=")
+        # storage_options is refused when it holds a secret: its message must not repeat the value
+        origin = f"--set {key}=..." if key.strip().startswith("output.storage_options") else f"--set {item}"
         path = tuple(part.strip() for part in key.split("."))
         if not sep or not all(path):
             raise ConfigError(f"{origin}: expected key.path=value")

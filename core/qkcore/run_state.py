@@ -257,7 +257,7 @@ class RunState:
 class SniffResult:
     """What a ``qkcore sniff`` did and what the data root now publishes (on torchrun ranks > 0: their share)."""
 
-    data_root: Path
+    data_root: Path | str  # a local folder, or the URL of a data root on object storage
     rows: Mapping[str, int]  # config -> rows published
     summary: RunSummary
     action: Action = "captured"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import click
 
@@ -15,23 +17,45 @@ def _inspect_options() -> list[click.Parameter]:
     from qkcore.inspect_data import DEFAULT_PLOT
 
     return [click.Option(["--out"], type=click.Path(path_type=Path), default=None, metavar="PNG",
-                         help=f"plot file (default: DATA_ROOT/{DEFAULT_PLOT})")]
+                         help=f"plot file (default: DATA_ROOT/{DEFAULT_PLOT}, or ./{DEFAULT_PLOT} for a URL)")]
+
+
+def _is_url(data_root: str) -> bool:
+    from qkcore.output.store import url_scheme
+
+    return url_scheme(data_root) is not None
+
+
+@contextmanager
+def _local(data_root: str) -> Iterator[Path]:
+    """A local folder holding the data root's published files: the folder itself, or a verified download of a URL's."""
+    if not _is_url(data_root):
+        yield Path(data_root)
+        return
+    from qkcore.output import open_root
+
+    with open_root(data_root).local_copy() as folder:
+        yield folder
 
 
 @click.command(cls=DeferredOptions, declare=_inspect_options)
-@click.argument("data_root", metavar="DATA_ROOT", type=click.Path(path_type=Path))
-def inspect(data_root: Path, out: Path | None) -> None:
+@click.argument("data_root", metavar="DATA_ROOT")
+def inspect(data_root: str, out: Path | None) -> None:
     """Summarise a captured data folder (rows, coverage, plot).
 
     Rows per config and bucket, coverage of layers, heads and examples (checked
     against the manifest), and a plot of rows per bucket. DATA_ROOT is a folder
-    written by qkcore sniff.
+    written by qkcore sniff, or its URL (s3://bucket/prefix: the files are downloaded
+    into the local work folder first, and the plot goes to the current folder).
     """
     from qkcore.inspect_data import DEFAULT_PLOT, format_inspection, inspect_data, plot_rows_per_bucket
 
-    inspection = inspect_data(data_root)
-    plot = plot_rows_per_bucket(inspection, out or data_root / DEFAULT_PLOT)
-    click.echo(format_inspection(inspection))
+    with _local(data_root) as folder:
+        inspection = inspect_data(folder)
+        default = Path(DEFAULT_PLOT).resolve() if _is_url(data_root) else folder / DEFAULT_PLOT
+        plot = plot_rows_per_bucket(inspection, out or default)
+        text = format_inspection(inspection).replace(str(folder), data_root)  # name the URL, not the download
+    click.echo(text)
     click.echo(f"\nplot: {plot}")
 
 
@@ -66,7 +90,7 @@ def _plasticity_options() -> list[click.Parameter]:
     return [
         click.Option(["--revision"], default=None, help="Hub branch/revision (one model per branch)"),
         click.Option(["--out"], type=click.Path(path_type=Path), default=None,
-                     help="output folder (default: DATA_ROOT/plasticity, or ./plasticity for a Hub repo)"),
+                     help="output folder (default: DATA_ROOT/plasticity, or ./plasticity for a Hub repo or a URL)"),
         *_estimator_options(),
         click.Option(["--num-q-heads"], type=positive, default=None, help="query heads per layer (overrides the card)"),
         click.Option(["--num-kv-heads"], type=positive, default=None,
@@ -83,22 +107,27 @@ def plasticity(data: str, revision: str | None, out: Path | None, seed: int, pai
                num_kv_heads: int | None, model_index: int, no_progress: bool) -> None:
     """Attention plasticity per query head and position bucket.
 
-    DATA_ROOT_OR_HUB_REPO is a dataset folder, or a Hub dataset repo id. Writes the
-    per-bucket and per-head CSVs, a plot and a README to the output folder and prints
-    a one-line summary.
+    DATA_ROOT_OR_HUB_REPO is a dataset folder, its URL (s3://bucket/prefix: its files are
+    downloaded and checked first), or a Hub dataset repo id. Writes the per-bucket and
+    per-head CSVs, a plot and a README to the output folder and prints a one-line summary.
     """
     from qkcore.analysis.data import LocalSource, open_source
     from qkcore.analysis.plasticity import PlasticityConfig, run_plasticity, summary_line
 
-    source = open_source(data, revision)
-    if out is None:
-        out = source.root / "plasticity" if isinstance(source, LocalSource) else Path("plasticity")
-    title = source.root.name if isinstance(source, LocalSource) else f"{source.repo}@{source.revision or 'main'}"
-    config = PlasticityConfig(seed, pairs_per_bucket, max(min_queries, 2), locality, keep_small_buckets)
-    rows, heads = run_plasticity(
-        source, out, config, workers=workers, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
-        model_index=model_index, progress=not no_progress, title=f"attention plasticity: {title}",
-    )
+    url = _is_url(data)
+    with _local(data) as folder:
+        source = LocalSource(folder) if url else open_source(data, revision)
+        if out is None:
+            out = source.root / "plasticity" if isinstance(source, LocalSource) and not url else Path("plasticity")
+        if url:
+            title = data
+        else:
+            title = source.root.name if isinstance(source, LocalSource) else f"{source.repo}@{source.revision or 'main'}"
+        config = PlasticityConfig(seed, pairs_per_bucket, max(min_queries, 2), locality, keep_small_buckets)
+        rows, heads = run_plasticity(
+            source, out, config, workers=workers, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+            model_index=model_index, progress=not no_progress, title=f"attention plasticity: {title}",
+        )
     click.echo(summary_line(rows, heads, config.keep_small_buckets, out))
 
 

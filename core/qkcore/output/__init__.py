@@ -6,27 +6,32 @@ module              job
 ``protocol.py``     :class:`DataRoot`: what the run and the rule need of a data root
 ``record.py``       ``run.json``: which run the published files belong to, and those files
 ``local.py``        :class:`LocalDataRoot`: a local folder, published by rename
+``remote.py``       :class:`RemoteDataRoot`: a URL on object storage (fsspec), the record as commit point
+``lease.py``        the lock of a remote root: a lease object with holder, token and expiry
+``store.py``        the fsspec filesystem of a URL: bounded retries, conditional writes, one error line
 ==================  ==================================================================
 
-The run builds its data root with :func:`open_output` and nothing else; a new backend
-(object storage through fsspec) is one module implementing :class:`DataRoot`, chosen in
-:func:`open_output`.
+The run builds its data root with :func:`open_output` and nothing else: a local path is a
+:class:`LocalDataRoot`, a URL (``s3://``, ``gs://``, ``hf://``, ``memory://``) a :class:`RemoteDataRoot`.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
 
 from qkcore.output.local import LocalDataRoot
 from qkcore.output.protocol import DataRoot
+from qkcore.output.store import url_scheme
+from qkcore.output.remote import RemoteDataRoot
 from qkcore.output.record import FileEntry, Record, UnreadableRecord, file_entry, readable_record
 
 if TYPE_CHECKING:
     from qkcore.config import OutputConfig
 
 __all__ = [
-    "DataRoot", "FileEntry", "LocalDataRoot", "Record", "UnreadableRecord", "command_line", "file_entry", "open_output",
+    "DataRoot", "FileEntry", "LocalDataRoot", "Record", "RemoteDataRoot", "UnreadableRecord", "command_line", "file_entry", "open_output", "open_root",
     "readable_record",
 ]
 
@@ -34,9 +39,17 @@ __all__ = [
 def open_output(output_cfg: OutputConfig) -> DataRoot:
     """The data root ``output_cfg`` (the config's ``output`` section) names.
 
-    ``output.data_root`` is a local folder today, so this is always a :class:`LocalDataRoot`.
+    A URL (a ``str`` with a scheme, see :func:`qkcore.output.store.url_scheme`) is a
+    :class:`RemoteDataRoot`; a local folder a :class:`LocalDataRoot`.
     """
-    return LocalDataRoot(output_cfg.data_root)
+    return open_root(output_cfg.data_root, output_cfg.storage_options)
+
+
+def open_root(data_root: Path | str, storage_options: Mapping[str, Any] | None = None) -> DataRoot:
+    """The data root at a local path or URL (for commands that take one on the command line)."""
+    if isinstance(data_root, str) and url_scheme(data_root) is not None:
+        return RemoteDataRoot(data_root, storage_options)
+    return LocalDataRoot(data_root)
 
 
 def command_line() -> str:
