@@ -262,7 +262,14 @@ def run_shard(
     returns its committed state (phase ``captured``).
     """
     ranks = Ranks.shard(shard, shards)
-    structlog.contextvars.bind_contextvars(shard=shard)
+    with structlog.contextvars.bound_contextvars(shard=shard):  # unbound after: a worker runs other tasks next
+        return _capture_shard(cfg, ranks, held=held, pm=pm, on_commit=on_commit)
+
+
+def _capture_shard(
+    cfg: SniffConfig, ranks: Ranks, *, held: str, pm: pluggy.PluginManager | None, on_commit: CommitHook | None,
+) -> RunState:
+    shard, shards = ranks.rank, ranks.world_size
     pm = pm or make_plugin_manager()
     sampler = check_config(cfg, pm)
     root = open_output(cfg.output)

@@ -6,55 +6,22 @@ and join it. Tests that need no Ray (the dry run, Ray missing) are in the fast t
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import re
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from qkcore.cli import main
 from qkcore.config import load_config
 from qkcore.output.local import LocalDataRoot
 from qkcore.sniff import run_sniff
-from qkcore.testing import TINY_LLAMA, write_run_config
+from tests.sweep_runs import published, sweep_cli, sweep_config
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _texts(documents: int) -> list[tuple[str, str]]:
-    """Documents of uneven lengths (so a batch formed differently would pad differently)."""
-    return [(f"doc{i}", " ".join(f"w{i}x{j}" for j in range(8 + (i * 7) % 23))) for i in range(documents)]
-
-
-def _config(folder: Path, documents: int = 9, **sections: Any) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    sections.setdefault("inference", {"batch_size": 2})
-    sections.setdefault("output", {})["commit_every_s"] = 0  # a commit per batch: a kill loses at most one
-    return write_run_config(folder, TINY_LLAMA, texts=_texts(documents), **sections)
-
-
-def _published(root: Path) -> dict[str, bytes]:
-    """Every published file's bytes; the card's creation time (the wall clock of the run) masked."""
-    files = {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-             if p.is_file() and ".qkcore" not in p.parts}
-    for name in ("README.md", "qkcore.json"):  # the card's creation time, and in qkcore.json the card's sha256
-        text = re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", "TIME", files[name].decode("utf-8"))
-        files[name] = re.sub(r'"card_sha256": "[0-9a-f]{64}"', '"card_sha256": "SHA"', text).encode()
-    return files
-
-
-def _sweep(*argv: str) -> tuple[int, str]:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-        code = main(["sweep", *argv])
-    return code, out.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -70,32 +37,32 @@ def ray_cluster() -> Iterator[Any]:
 
 @pytest.mark.slow
 def test_a_sweep_names_the_bad_config_completes_the_others_and_a_second_sweep_does_nothing(ray_cluster, tmp_path) -> None:
-    good = [_config(tmp_path / name, documents=4) for name in ("a", "b")]
+    good = [sweep_config(tmp_path / name, documents=4) for name in ("a", "b")]
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {name: test/tiny}\nbogus_key: 1\n", encoding="utf-8")
-    code, out = _sweep(*map(str, good), str(bad))
+    code, out = sweep_cli(*map(str, good), str(bad))
     assert code == 2, out
     assert re.search(rf"{re.escape(str(bad))}: failed: .*bogus_key", out), out
     assert out.count("captured") >= 2 and "2 of 3 runs complete" in out, out
-    published = {path: _published(path.parent / "out") for path in good}
-    assert all(files["README.md"] for files in published.values())
+    before = {path: published(path.parent / "out") for path in good}
+    assert all(files["README.md"] for files in before.values())
 
-    code, out = _sweep(*map(str, good))  # the bad config fixed by leaving it out: nothing left to do
+    code, out = sweep_cli(*map(str, good))  # the bad config fixed by leaving it out: nothing left to do
     assert code == 0, out
     assert out.count("already complete") >= 2 and "2 of 2 runs complete" in out, out
-    assert {path: _published(path.parent / "out") for path in good} == published
+    assert {path: published(path.parent / "out") for path in good} == before
 
 
 @pytest.mark.slow
 def test_three_shards_publish_byte_identical_files_to_one_process(ray_cluster, tmp_path) -> None:
     sections = dict(inference={"batch_size": 3}, capture={"sampler": {"type": "uniform", "base_rate": 4}})
-    single = run_sniff(load_config(_config(tmp_path / "single", documents=11, **sections)))
-    sharded = _config(tmp_path / "sharded", documents=11, **sections)
-    code, out = _sweep("--shards", "3", str(sharded))
+    single = run_sniff(load_config(sweep_config(tmp_path / "single", documents=11, **sections)))
+    sharded = sweep_config(tmp_path / "sharded", documents=11, **sections)
+    code, out = sweep_cli("--shards", "3", str(sharded))
     assert code == 0, out
     for shard in range(3):
         assert f"[shard {shard}]: done" in out, out
-    assert _published(tmp_path / "sharded" / "out") == _published(tmp_path / "single" / "out")
+    assert published(tmp_path / "sharded" / "out") == published(tmp_path / "single" / "out")
     assert single.rows and not LocalDataRoot(tmp_path / "sharded" / "out").ranks_dir.exists()
 
 
@@ -104,20 +71,20 @@ def test_staged_shards_of_another_k_are_refused_unless_restart(ray_cluster, tmp_
     from qkcore.sniff import run_shard
 
     sections = dict(inference={"batch_size": 1})
-    run_sniff(load_config(_config(tmp_path / "single", documents=6, **sections)))
-    config = _config(tmp_path / "sharded", documents=6, **sections)
+    run_sniff(load_config(sweep_config(tmp_path / "single", documents=6, **sections)))
+    config = sweep_config(tmp_path / "sharded", documents=6, **sections)
     root = LocalDataRoot(tmp_path / "sharded" / "out")
     root.check_usable()
     with root.locked("qkcore sweep --shards 3") as token:  # a 3-shard sweep that ended after shard 1 committed
         run_shard(load_config(config), 1, 3, held=token)
     assert root.staged_ranks() == [1]
-    code, out = _sweep("--shards", "2", str(config))
+    code, out = sweep_cli("--shards", "2", str(config))
     assert code == 2, out
     assert re.search(r"failed: .*3-shard sweep.*--shards 3.*--restart", out), out
     assert root.staged_ranks() == [1] and not (root.path / "README.md").exists()  # nothing changed
-    code, out = _sweep("--shards", "2", "--restart", str(config))
+    code, out = sweep_cli("--shards", "2", "--restart", str(config))
     assert code == 0, out
-    assert _published(root.path) == _published(tmp_path / "single" / "out")
+    assert published(root.path) == published(tmp_path / "single" / "out")
 
 
 @pytest.mark.slow
@@ -125,8 +92,8 @@ def test_a_killed_shard_worker_is_retried_from_its_last_commit_and_the_result_is
     from qkcore.sweep.driver import SweepOptions, run_sweep
 
     sections = dict(inference={"batch_size": 1})
-    run_sniff(load_config(_config(tmp_path / "single", documents=90, **sections)))
-    config = _config(tmp_path / "sharded", documents=90, **sections)
+    run_sniff(load_config(sweep_config(tmp_path / "single", documents=90, **sections)))
+    config = sweep_config(tmp_path / "sharded", documents=90, **sections)
     lines: list[str] = []
     killed: dict[str, int] = {}
     progress = re.compile(r"\[shard 1\]: capturing (\d+)/(\d+) documents \(pid (\d+)\)")
@@ -147,7 +114,7 @@ def test_a_killed_shard_worker_is_retried_from_its_last_commit_and_the_result_is
     assert any(pid != killed["pid"] for pid in after), "\n".join(lines)  # another worker ran the shard again
     resumed = [int(m[1]) for m in map(progress.search, lines) if m and int(m[3]) != killed["pid"]]
     assert resumed and min(resumed) > 1, "\n".join(lines)  # from its last commit, not from the first document
-    assert _published(tmp_path / "sharded" / "out") == _published(tmp_path / "single" / "out")
+    assert published(tmp_path / "sharded" / "out") == published(tmp_path / "single" / "out")
 
 
 @pytest.mark.slow
@@ -160,7 +127,7 @@ def test_a_tensor_parallel_run_is_a_torchrun_group_inside_its_task_under_the_swe
     checkpoint, _ = _checkpoint(tmp_path / "llama", tiny_architecture("llama"), {})
     tp = tp_config(tmp_path / "tp", checkpoint, {}, inference={"tensor_parallel_size": 2})
     one = run_sniff(load_config(tp_config(tmp_path / "one", checkpoint, {}))).data_root
-    code, out = _sweep(str(tp))
+    code, out = sweep_cli(str(tp))
     assert code == 0, out
     assert "captured under torchrun" in out, out
     assert_rows_match_one_process(tmp_path / "tp" / "out", Path(one), FP32_TOLERANCE)
@@ -168,11 +135,11 @@ def test_a_tensor_parallel_run_is_a_torchrun_group_inside_its_task_under_the_swe
 
 @pytest.mark.slow
 def test_a_sweep_is_refused_a_root_another_sweep_holds_naming_the_holder(ray_cluster, tmp_path) -> None:
-    config = _config(tmp_path / "a", documents=2)
+    config = sweep_config(tmp_path / "a", documents=2)
     root = LocalDataRoot(tmp_path / "a" / "out")
     root.check_usable()
     with root.locked("qkcore sweep other.yaml"):
-        code, out = _sweep(str(config))
+        code, out = sweep_cli(str(config))
     assert code == 2, out
     assert re.search(r"run\.yaml: failed: .*in use by process \d+ .*qkcore sweep other\.yaml", out), out
     assert not (tmp_path / "a" / "out" / "README.md").exists()
@@ -182,7 +149,7 @@ def test_a_task_runs_only_under_the_lock_of_its_sweep(tmp_path) -> None:
     """A task handed a token is refused when the root is not held under it (the sweep ended), naming what to do."""
     from qkcore.errors import QkcoreError
 
-    cfg = load_config(_config(tmp_path / "a", documents=2))
+    cfg = load_config(sweep_config(tmp_path / "a", documents=2))
     with pytest.raises(QkcoreError, match="no longer held by the sweep"):
         run_sniff(cfg, held="0" * 32)
     root = LocalDataRoot(cfg.output.data_root)
@@ -192,8 +159,8 @@ def test_a_task_runs_only_under_the_lock_of_its_sweep(tmp_path) -> None:
 
 
 def test_dry_run_prints_every_plan_and_runs_nothing(tmp_path) -> None:
-    configs = [_config(tmp_path / name, documents=3) for name in ("a", "b")]
-    code, out = _sweep("--dry-run", "--shards", "2", str(tmp_path))  # a folder: every *.yaml below it
+    configs = [sweep_config(tmp_path / name, documents=3) for name in ("a", "b")]
+    code, out = sweep_cli("--dry-run", "--shards", "2", str(tmp_path))  # a folder: every *.yaml below it
     assert code == 0, out
     for config in configs:
         assert f"== {config}" in out
@@ -202,7 +169,7 @@ def test_dry_run_prints_every_plan_and_runs_nothing(tmp_path) -> None:
 
 
 def test_without_ray_the_sweep_is_one_line_naming_the_pip_command(tmp_path) -> None:
-    config = _config(tmp_path / "a", documents=2)
+    config = sweep_config(tmp_path / "a", documents=2)
     script = "import sys; sys.modules['ray'] = None; from qkcore.cli import main; raise SystemExit(main(sys.argv[1:]))"
     done = subprocess.run([sys.executable, "-c", script, "sweep", str(config)], capture_output=True, text=True,
                           timeout=120, cwd=tmp_path)

@@ -346,6 +346,8 @@ class RemoteDataRoot:
             complete = replace(record, state="complete", files=files)
             self.write_record(complete)
             self._remove_other_runs(complete)
+            if self.fs.exists(self._state("ranks")):  # a --shards run's staged shards: merged into what was published
+                self.fs.rm(self._state("ranks"), recursive=True)
         remove_tree(self.final_dir)
         return complete
 
