@@ -33,6 +33,27 @@ def make_config(tmp_path: Path, architecture: dict[str, Any] | None = None, **se
     return write_run_config(tmp_path, architecture or TINY_LLAMA, **sections)
 
 
+def sniff(config: Path, *args: str) -> tuple[int, str]:
+    """``qkcore sniff --config CONFIG ARGS`` in this process: (exit status, stderr)."""
+    import contextlib
+    import io
+
+    from qkcore.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["sniff", "--config", str(config), *args])
+    return code, err.getvalue()
+
+
+def error_line(stderr: str) -> str:
+    """The one ``qkcore: error:`` line (asserting there is exactly one and no traceback)."""
+    lines = [line for line in stderr.splitlines() if line.startswith("qkcore: error:")]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    return lines[0]
+
+
 @pytest.fixture
 def tiny_config(tmp_path: Path):
     """Factory: ``tiny_config(**sections)`` -> path of a config for a tiny random Llama."""

