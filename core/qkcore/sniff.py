@@ -291,5 +291,7 @@ def _capture_shard(
         writer, state = capture_unit(sniffer, staging, RunState(inputs.identity, shards), whole_run=False,
                                      on_commit=committed)
         writer.abort()  # the state is committed; release the writer's buffers
+        # Not a repeat of the last commit's hook: a shard killed between a commit and its upload resumes
+        # here as captured, with no commit (and no hook) left to upload it.
         root.save_staged(shard)
         return state
